@@ -1,0 +1,1 @@
+"""Baseline adapters, one file each; each registers itself with harness.registry.register."""

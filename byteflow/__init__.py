@@ -1,0 +1,1 @@
+"""ByteFlow Net adapter and its coding-rate chunker."""

@@ -1,0 +1,105 @@
+"""`harness`: run suites, report results, list adapters.
+
+Errors a user can fix print one line (`harness: error: ...`) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+EPILOG = """examples:
+  harness run suites/smoke.yaml            train + evaluate every run of a suite
+  harness report results/smoke             markdown table to stdout, plots in results/smoke/plots
+  harness report results/smoke -o results/smoke/report.md
+  harness list                             adapters, their descriptions and config fields
+"""
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from harness.runner import run_suite
+
+    out = run_suite(args.suite, Path(args.results), args.device, show_progress=not args.quiet)
+    print(f"records in {out}/runs; next: harness report {out}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from harness.report import build_report
+
+    results = Path(args.results_dir)
+    if not results.is_dir():
+        raise HarnessError(f"{results}: no such results directory")
+    report_dir = Path(args.output).parent if args.output else results
+    markdown = build_report(results, report_dir)
+    if args.output:
+        Path(args.output).write_text(markdown)
+        print(f"wrote {args.output} and plots in {report_dir / 'plots'}")
+    else:
+        print(markdown)
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    from harness import registry
+
+    for name, cls in registry.available().items():
+        print(f"{name}: {cls.description}")
+        for field, info in cls.Config.model_fields.items():
+            kind = getattr(info.annotation, "__name__", str(info.annotation))
+            help_text = f"  {info.description}" if info.description else ""
+            print(f"    {field} ({kind}, default {info.default!r}){help_text}")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="harness",
+        description="Benchmark tokenizers and tokenizer-free byte models under matched FLOP budgets, in bits per byte.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="train and evaluate every run of a suite (resumes where it stopped)",
+                         description="Train and evaluate every (model, budget, seed) of a suite file. Runs whose "
+                                     "record exists with the same config are skipped, so an interrupted suite "
+                                     "finishes when started again.")
+    run.add_argument("suite", help="suite YAML file, e.g. suites/smoke.yaml")
+    run.add_argument("--results", default="results", help="root folder for results (default: results); "
+                                                         "records go to RESULTS/SUITE_NAME/runs/RUN_ID/")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                     help="auto takes CUDA when present (bf16 autocast), else CPU")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+
+    report = sub.add_parser("report", help="markdown tables and plots from a results directory",
+                            description="Build the markdown report of a suite's records: a table of runs, reference "
+                                        "rows for classical compressors, and PNG plots (bpb against training FLOPs, "
+                                        "learning curves) in a plots/ folder beside the markdown.")
+    report.add_argument("results_dir", help="e.g. results/smoke")
+    report.add_argument("-o", "--output", help="write the markdown here instead of stdout")
+    report.set_defaults(func=cmd_report)
+
+    listing = sub.add_parser("list", help="list adapters with their config fields",
+                             description="List the registered adapters (built-in and from the harness.adapters "
+                                         "entry-point group) with a one-line description and their config fields.")
+    listing.set_defaults(func=cmd_list)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except HarnessError as e:
+        print(f"harness: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("harness: interrupted; finished runs are kept, run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Corpora, splits and windows. Bytes in, bytes out: nothing is decoded or normalised.
+
+Corpus sources:
+- embedded: text that ships with every Python installation, no download.
+    `pydoc-topics`: the pydoc topic help texts (English prose, about 460 kB),
+    `stdlib-code`: the standard library's .py files (Python source, tens of MB);
+- local files: a path or glob of `.txt` (raw bytes) or `.jsonl` (one JSON object
+  per line; the `field` string of each, UTF-8 encoded) files, documents joined
+  by a blank line, in sorted path order;
+- a URL with a pinned sha256, cached in a directory (optionally one member of a
+  zip archive); `enwik8` and `text8` are presets of this kind.
+
+A corpus is identified by its name plus the sha256 of the bytes used. The split is
+contiguous and by bytes: train = the first train_bytes, then val, then test.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import sysconfig
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from harness.errors import HarnessError
+
+EMBEDDED = ("pydoc-topics", "stdlib-code")
+DOCUMENT_SEPARATOR = b"\n\n"
+
+# Preset downloads: the sha256 pins the extracted member, which is what is used.
+PRESETS = {
+    "enwik8": {"url": "http://mattmahoney.net/dc/enwik8.zip", "member": "enwik8", "sha256": "2b49720ec4d78c3c9fabaee6e4179a5e997302b3a70029f30f2d582218c024a8"},
+    "text8": {"url": "http://mattmahoney.net/dc/text8.zip", "member": "text8", "sha256": "6e890197040d37d85beb962ae1f041ff1d9a9ca8d20c7d99c85027eebf51dca7"},
+}
+
+
+@dataclass(frozen=True)
+class Splits:
+    corpus_id: str
+    sha256: str  # of train + val + test, in that order
+    train: bytes
+    val: bytes
+    test: bytes
+
+
+def embedded_corpus(name: str, limit: int) -> bytes:
+    """The first `limit` bytes of an embedded corpus (all of it if shorter)."""
+    if name == "pydoc-topics":
+        from pydoc_data.topics import topics
+
+        text = DOCUMENT_SEPARATOR.join(topics[key].encode("utf-8") for key in sorted(topics))
+        return text[:limit]
+    if name == "stdlib-code":
+        root = Path(sysconfig.get_paths()["stdlib"])
+        pieces, size = [], 0
+        for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+            if "site-packages" in path.parts or "test" in path.relative_to(root).parts[:1]:
+                continue
+            data = path.read_bytes()
+            pieces.append(data)
+            size += len(data) + len(DOCUMENT_SEPARATOR)
+            if size >= limit:
+                break
+        return DOCUMENT_SEPARATOR.join(pieces)[:limit]
+    raise HarnessError(f"unknown embedded corpus {name!r} (known: {', '.join(EMBEDDED)})")
+
+
+def files_corpus(pattern: str, field: str, limit: int) -> bytes:
+    paths = sorted(glob.glob(pattern, recursive=True))
+    if not paths:
+        raise HarnessError(f"corpus files {pattern!r}: no file matches")
+    documents, size = [], 0
+    for path in paths:
+        for doc in _read_documents(Path(path), field):
+            documents.append(doc)
+            size += len(doc) + len(DOCUMENT_SEPARATOR)
+        if size >= limit:
+            break
+    return DOCUMENT_SEPARATOR.join(documents)[:limit]
+
+
+def _read_documents(path: Path, field: str) -> list[bytes]:
+    if path.suffix == ".jsonl":
+        docs = []
+        for number, line in enumerate(path.read_bytes().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise HarnessError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+                raise HarnessError(f"{path}:{number}: no string field {field!r}")
+            docs.append(obj[field].encode("utf-8"))
+        return docs
+    return [path.read_bytes()]
+
+
+def url_corpus(url: str, sha256: str, member: str | None, cache_dir: Path, limit: int) -> bytes:
+    """Download once into cache_dir, check the pinned sha256 (of the member if given), return bytes."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / f"{sha256}.bin"
+    if not target.exists():
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                payload = response.read()
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise HarnessError(f"corpus url {url}: download failed ({e})") from None
+        if member is not None:
+            try:
+                payload = zipfile.ZipFile(io.BytesIO(payload)).read(member)
+            except (zipfile.BadZipFile, KeyError) as e:
+                raise HarnessError(f"corpus url {url}: cannot read member {member!r} ({e})") from None
+        digest = hashlib.sha256(payload).hexdigest()
+        if digest != sha256:
+            raise HarnessError(f"corpus url {url}: sha256 is {digest}, expected {sha256}")
+        temporary = target.with_suffix(f".tmp{os.getpid()}")
+        temporary.write_bytes(payload)
+        os.replace(temporary, target)
+    with open(target, "rb") as f:
+        return f.read(limit)
+
+
+def split(corpus_id: str, data: bytes, train_bytes: int, val_bytes: int, test_bytes: int) -> Splits:
+    need = train_bytes + val_bytes + test_bytes
+    if len(data) < need:
+        raise HarnessError(f"corpus {corpus_id} has {len(data)} bytes; the split asks for {need}")
+    data = data[:need]
+    return Splits(
+        corpus_id=corpus_id,
+        sha256=hashlib.sha256(data).hexdigest(),
+        train=data[:train_bytes],
+        val=data[train_bytes : train_bytes + val_bytes],
+        test=data[train_bytes + val_bytes :],
+    )
+
+
+def to_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+
+
+def windows(data: bytes, window: int, max_windows: int | None = None) -> torch.Tensor:
+    """Consecutive, non-overlapping windows of `window` bytes: (N, window); the tail
+    shorter than a window is not used."""
+    n = len(data) // window
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return to_tensor(data[: n * window]).view(n, window)
+
+
+class TrainStream:
+    """Training batches: the train split cut into windows, shuffled anew each epoch
+    with the seed. The order depends only on (split, window, seed), so every model
+    of a suite sees the same bytes in the same order."""
+
+    def __init__(self, train: bytes, window: int, batch_windows: int, seed: int):
+        self.data = windows(train, window)
+        if len(self.data) < batch_windows:
+            raise HarnessError(f"the train split holds {len(self.data)} windows of {window} bytes; a batch needs {batch_windows}")
+        self.batch_windows = batch_windows
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch = 0
+        self._order = torch.randperm(len(self.data), generator=self.generator)
+        self._cursor = 0
+
+    @property
+    def windows_per_epoch(self) -> int:
+        return len(self.data)
+
+    def next_batch(self) -> torch.Tensor:
+        if self._cursor + self.batch_windows > len(self._order):
+            self.epoch += 1
+            self._order = torch.randperm(len(self.data), generator=self.generator)
+            self._cursor = 0
+        index = self._order[self._cursor : self._cursor + self.batch_windows]
+        self._cursor += self.batch_windows
+        return self.data[index]

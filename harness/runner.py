@@ -1,0 +1,151 @@
+"""Run a suite: every (model, budget, seed) through the one trainer and evaluator,
+one record per run. Resumable: a run whose record exists with the same config
+hash is skipped; a record is written last and atomically, so an interrupted run
+leaves no record and is simply run again."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from harness import RECORD_FORMAT_VERSION, data, registry
+from harness.compressors import reference_rows
+from harness.errors import HarnessError
+from harness.evaluate import evaluate
+from harness.flops import TRAIN_MULTIPLIER, measure_forward, measure_matmul_peak
+from harness.records import read_record, save_checkpoint_atomic, versions, write_json_atomic
+from harness.suite import Run, Suite, expand, load_corpus, load_suite
+from harness.train import train
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise HarnessError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def log(message: str) -> None:
+    tqdm.write(message)
+
+
+def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "auto", show_progress: bool = True) -> Path:
+    suite = load_suite(suite_path)
+    device = pick_device(device_name)
+    out = results_root / suite.name
+    splits = load_corpus(suite)
+    log(f"suite {suite.name}: corpus {splits.corpus_id} sha256 {splits.sha256[:12]}, "
+        f"train/val/test {len(splits.train)}/{len(splits.val)}/{len(splits.test)} bytes, device {device}")
+    peak = measure_matmul_peak(device)
+    test_windows = data.windows(splits.test, suite.eval.window, suite.eval.max_windows)
+    val_windows = data.windows(splits.val, suite.eval.window, suite.eval.max_windows)
+    if len(test_windows) == 0 or len(val_windows) == 0:
+        raise HarnessError(f"eval.window {suite.eval.window} is longer than the val or test split")
+    write_json_atomic(out / "suite.json", {
+        "format_version": RECORD_FORMAT_VERSION,
+        "suite": suite.model_dump(mode="json"),
+        "corpus": {"id": splits.corpus_id, "sha256": splits.sha256},
+        "device": str(device),
+        "matmul_peak_flops_per_s": peak,
+        "references": {"test": reference_rows(test_windows), "windows": len(test_windows), "window": suite.eval.window},
+        "versions": versions(),
+    })
+    runs = expand(suite)
+    for index, run in enumerate(runs, 1):
+        run_dir = out / "runs" / run.run_id
+        config_hash = run.config_hash(suite)
+        record_path = run_dir / "record.json"
+        if record_path.exists():
+            if read_record(record_path).get("config_hash") == config_hash:
+                log(f"[{index}/{len(runs)}] {run.run_id}: done already, skipped")
+                continue
+            log(f"[{index}/{len(runs)}] {run.run_id}: the suite changed since this record; running again")
+        log(f"[{index}/{len(runs)}] {run.run_id}: training")
+        record = execute(run, suite, splits, val_windows, test_windows, device, peak, config_hash, run_dir, show_progress)
+        log(f"[{index}/{len(runs)}] {run.run_id}: val {record['val']['bpb']:.4f} bpb, test {record['test']['bpb']:.4f} bpb, "
+            f"{record['wall_seconds']:.1f}s, {record['achieved_flops_per_s'] / 1e9:.2f} GFLOP/s")
+    return out
+
+
+def execute(run: Run, suite: Suite, splits: data.Splits, val_windows, test_windows, device: torch.device,
+            peak: float, config_hash: str, run_dir: Path, show_progress: bool) -> dict:
+    started = time.perf_counter()
+    torch.manual_seed(run.seed)
+    model = registry.build(run.model.adapter, run.model.config)
+    prepare_started = time.perf_counter()
+    preparation = model.prepare(splits.train, run.seed)
+    preparation.setdefault("seconds", time.perf_counter() - prepare_started)
+    model.to(device)
+
+    window = suite.eval.window
+    flops = model.flops_per_byte(window)
+    fpb = flops["total"]
+    measured = (measure_forward(model.eval(), test_windows[:2].to(device)) / test_windows[:2].numel()
+                + model.uncounted_flops_per_byte(window))
+    batch_bytes = run.trainer.batch_windows * window
+    train_bytes = run.budget / (TRAIN_MULTIPLIER * fpb)
+    steps = int(train_bytes // batch_bytes)
+    if steps < 1:
+        raise HarnessError(f"{run.run_id}: budget {run.budget:.3g} FLOPs is less than one optimizer step "
+                           f"({TRAIN_MULTIPLIER * fpb * batch_bytes:.3g} FLOPs)")
+    stream = data.TrainStream(splits.train, window, run.trainer.batch_windows, run.seed)
+    training = train(model, stream, run.trainer, steps, device, description=run.run_id, show_progress=show_progress)
+    warnings = []
+    if training["epochs"] > 1:
+        warnings.append(f"trained for {training['epochs']:.2f} epochs over the training split (data repeats)")
+        log(f"warning: {run.run_id}: {warnings[-1]}")
+
+    val = evaluate(model, val_windows, suite.eval.batch_windows, device)
+    test = evaluate(model, test_windows, suite.eval.batch_windows, device)
+    variants = {}
+    for name, label in model.eval_variants().items():
+        model.set_eval_variant(name)
+        variants[name] = {"label": label, **evaluate(model, test_windows, suite.eval.batch_windows, device)}
+        model.set_eval_variant(None)
+
+    training_flops = TRAIN_MULTIPLIER * fpb * training["bytes_seen"]
+    achieved = training_flops / training["seconds"]
+    record = {
+        "format_version": RECORD_FORMAT_VERSION,
+        "suite": suite.name,
+        "run_id": run.run_id,
+        "config_hash": config_hash,
+        "model": run.model.model_dump(mode="json") | {"config": model.config.model_dump(mode="json")},
+        "trainer": run.trainer.model_dump(mode="json"),
+        "trainer_overrides": run.model.trainer.model_dump(exclude_none=True),
+        "budget_flops": run.budget,
+        "seed": run.seed,
+        "corpus": {"id": splits.corpus_id, "sha256": splits.sha256,
+                   "train_bytes": len(splits.train), "val_bytes": len(splits.val), "test_bytes": len(splits.test)},
+        "eval": suite.eval.model_dump(mode="json"),
+        "parameters": model.parameter_counts(),
+        "flops_per_byte": {"analytic": flops, "measured": measured},
+        "units_per_byte": model.units_per_byte(),
+        "bytes_per_unit": 1.0 / model.units_per_byte(),
+        "preparation": preparation,
+        "steps": steps,
+        "batch_bytes": batch_bytes,
+        "bytes_seen": training["bytes_seen"],
+        "epochs": training["epochs"],
+        "training_flops": training_flops,
+        "loss_curve": training["curve"],
+        "val": val,
+        "test": test,
+        "test_variants": variants,
+        "train_seconds": training["seconds"],
+        "wall_seconds": time.perf_counter() - started,
+        "achieved_flops_per_s": achieved,
+        "matmul_peak_flops_per_s": peak,
+        "mfu": achieved / peak,
+        "device": str(device),
+        "warnings": warnings,
+        "versions": versions(),
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint_atomic(run_dir / "model.pt", model.state_dict())
+    write_json_atomic(run_dir / "record.json", record)
+    return record

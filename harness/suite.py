@@ -1,0 +1,240 @@
+"""Suite files: validated YAML that expands into runs (models x budgets x seeds).
+
+Every error names the file and the key and fits on one line, e.g.
+`suites/x.yaml: models[1].config.d_model: Input should be a valid integer`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from harness import data, registry
+from harness.errors import HarnessError
+
+SUITE_FORMAT_VERSION = 1
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EmbeddedCorpus(Strict):
+    embedded: Literal["pydoc-topics", "stdlib-code"] = Field(description="corpus that ships with Python")
+
+
+class FilesCorpus(Strict):
+    files: str = Field(description="path or glob of .txt / .jsonl files, relative to the suite file")
+    field: str = Field("text", description="JSON field holding the text of a .jsonl line")
+
+
+class UrlCorpus(Strict):
+    url: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="of the downloaded file, or of `member` if given")
+    member: str | None = Field(None, description="file inside a zip archive")
+    cache_dir: str = Field(".cache/harness", description="download cache, relative to the working directory")
+
+
+class PresetCorpus(Strict):
+    preset: Literal["enwik8", "text8"]
+    cache_dir: str = ".cache/harness"
+
+
+Corpus = Union[EmbeddedCorpus, FilesCorpus, UrlCorpus, PresetCorpus]
+
+
+class SplitSizes(Strict):
+    train_bytes: int = Field(gt=0)
+    val_bytes: int = Field(gt=0)
+    test_bytes: int = Field(gt=0)
+
+
+class EvalSettings(Strict):
+    window: int = Field(gt=1, description="bytes per evaluation (and training) window")
+    max_windows: int | None = Field(None, gt=0, description="cap on windows scored per split")
+    batch_windows: int = Field(16, gt=0)
+
+
+class TrainerSettings(Strict):
+    batch_windows: int = Field(16, gt=0, description="windows per optimizer step")
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr / peak lr of the cosine")
+    warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, gt=0)
+    log_every: int = Field(10, gt=0, description="steps between loss-curve points")
+
+
+class TrainerOverrides(Strict):
+    """Per-model changes to the suite's trainer settings (recorded as overrides)."""
+
+    batch_windows: int | None = Field(None, gt=0)
+    lr: float | None = Field(None, gt=0)
+    min_lr_ratio: float | None = Field(None, ge=0, le=1)
+    warmup_fraction: float | None = Field(None, ge=0, lt=1)
+    weight_decay: float | None = Field(None, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+
+
+class ModelEntry(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="label used in run ids and tables")
+    adapter: str
+    config: dict = Field(default_factory=dict)
+    trainer: TrainerOverrides = Field(default_factory=TrainerOverrides)
+
+
+class Suite(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    version: int = Field(SUITE_FORMAT_VERSION, description="suite format version")
+    description: str = ""
+    corpus: Annotated[Corpus, Field(union_mode="left_to_right")]
+    split: SplitSizes
+    eval: EvalSettings
+    budgets: list[Annotated[float, Field(gt=0)]] = Field(min_length=1, description="training FLOPs per run")
+    seeds: list[int] = Field([0], min_length=1)
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+    models: list[ModelEntry] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+
+class Run(BaseModel):
+    """One (model, budget, seed) of a suite, with everything resolved."""
+
+    suite: str
+    model: ModelEntry
+    budget: float
+    seed: int
+    trainer: TrainerSettings
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.model.name}__C{self.budget:.2e}__s{self.seed}".replace("+", "")
+
+    def config_hash(self, suite: Suite) -> str:
+        """Hash of everything that determines the run's result."""
+        payload = {
+            "corpus": suite.corpus.model_dump(),
+            "split": suite.split.model_dump(),
+            "eval": suite.eval.model_dump(),
+            "model": self.model.model_dump(),
+            "budget": self.budget,
+            "seed": self.seed,
+            "trainer": self.trainer.model_dump(),
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _location(loc: tuple) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part in ("EmbeddedCorpus", "FilesCorpus", "UrlCorpus", "PresetCorpus", "function-after[_unique_names()]"):
+            continue
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "(top level)"
+
+
+def _first_error(path: Path, error: ValidationError, prefix: str = "") -> HarnessError:
+    errors = error.errors()
+    if prefix == "" and any(e["loc"][:1] == ("corpus",) for e in errors):
+        # a corpus matches none of its forms: say which keys each form takes
+        return HarnessError(
+            f"{path}: corpus: expected one of {{embedded: pydoc-topics|stdlib-code}}, "
+            "{files: GLOB, field: NAME}, {url: URL, sha256: HEX, member: NAME}, {preset: enwik8|text8}"
+        )
+    first = errors[0]
+    key = _location(first["loc"])
+    key = f"{prefix}.{key}" if prefix and key != "(top level)" else (prefix or key)
+    return HarnessError(f"{path}: {key}: {first['msg']}")
+
+
+def load_suite(path: str | Path) -> Suite:
+    path = Path(path)
+    if not path.is_file():
+        raise HarnessError(f"{path}: no such suite file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise HarnessError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise HarnessError(f"{path}: a suite is a mapping of keys (name, corpus, split, eval, budgets, models, ...)")
+    try:
+        suite = Suite(**raw)
+    except ValidationError as e:
+        raise _first_error(path, e) from None
+    if suite.version != SUITE_FORMAT_VERSION:
+        raise HarnessError(f"{path}: version: this harness reads suite format {SUITE_FORMAT_VERSION}, not {suite.version}")
+    if isinstance(suite.corpus, FilesCorpus):
+        pattern = suite.corpus.files
+        if not Path(pattern).is_absolute():
+            pattern = str(path.parent / pattern)
+        suite = suite.model_copy(update={"corpus": suite.corpus.model_copy(update={"files": pattern})})
+    _check_models(path, suite)
+    return suite
+
+
+def _check_models(path: Path, suite: Suite) -> None:
+    from harness.flops import TRAIN_MULTIPLIER
+
+    for i, entry in enumerate(suite.models):
+        try:
+            cls = registry.get(entry.adapter)
+        except HarnessError as e:
+            raise HarnessError(f"{path}: models[{i}].adapter: {e}") from None
+        try:
+            model = cls(cls.Config(**entry.config))
+        except ValidationError as e:
+            raise _first_error(path, e, prefix=f"models[{i}].config") from None
+        except (ValueError, HarnessError) as e:
+            raise HarnessError(f"{path}: models[{i}].config: {e}") from None
+        batch = (entry.trainer.batch_windows or suite.trainer.batch_windows) * suite.eval.window
+        step_flops = TRAIN_MULTIPLIER * model.flops_per_byte(suite.eval.window)["total"] * batch
+        for budget in suite.budgets:
+            if budget < step_flops:
+                raise HarnessError(
+                    f"{path}: budgets: {budget:.3g} FLOPs is less than one optimizer step of "
+                    f"model {entry.name!r} ({step_flops:.3g} FLOPs)"
+                )
+
+
+def expand(suite: Suite) -> list[Run]:
+    runs = []
+    for entry in suite.models:
+        overrides = entry.trainer.model_dump(exclude_none=True)
+        trainer = suite.trainer.model_copy(update=overrides)
+        for budget in suite.budgets:
+            for seed in suite.seeds:
+                runs.append(Run(suite=suite.name, model=entry, budget=budget, seed=seed, trainer=trainer))
+    return runs
+
+
+def load_corpus(suite: Suite) -> data.Splits:
+    c, s = suite.corpus, suite.split
+    need = s.train_bytes + s.val_bytes + s.test_bytes
+    if isinstance(c, EmbeddedCorpus):
+        name, raw = c.embedded, data.embedded_corpus(c.embedded, need)
+    elif isinstance(c, FilesCorpus):
+        name, raw = f"files:{c.files}", data.files_corpus(c.files, c.field, need)
+    elif isinstance(c, PresetCorpus):
+        preset = data.PRESETS[c.preset]
+        name, raw = c.preset, data.url_corpus(preset["url"], preset["sha256"], preset["member"], Path(c.cache_dir), need)
+    else:
+        name, raw = f"url:{c.url}", data.url_corpus(c.url, c.sha256, c.member, Path(c.cache_dir), need)
+    return data.split(name, raw, s.train_bytes, s.val_bytes, s.test_bytes)

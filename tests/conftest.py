@@ -1,0 +1,39 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def tiny_suite(**overrides) -> dict:
+    """A suite small enough to train in about a second."""
+    suite = {
+        "name": "tiny",
+        "corpus": {"embedded": "pydoc-topics"},
+        "split": {"train_bytes": 40000, "val_bytes": 4096, "test_bytes": 4096},
+        "eval": {"window": 64, "max_windows": 16, "batch_windows": 16},
+        "budgets": [2e9],
+        "seeds": [0],
+        "trainer": {"batch_windows": 8, "log_every": 2},
+        "models": [{"name": "bytes", "adapter": "bytes", "config": {"d_model": 32, "n_layers": 1, "n_heads": 2}}],
+    }
+    suite.update(overrides)
+    return suite
+
+
+@pytest.fixture
+def write_suite(tmp_path):
+    def write(suite: dict, name: str = "suite.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(suite, sort_keys=False))
+        return path
+
+    return write

@@ -1,0 +1,120 @@
+"""End to end: the smoke suite, determinism, resume after kill -9, the report."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from harness.cli import main
+from harness.records import read_suite_records
+from harness.registry import load_checkpoint
+from harness.runner import run_suite
+from tests.conftest import ROOT, tiny_suite
+
+
+def test_smoke_suite_beats_order0_entropy_and_reports(tmp_path, capsys):
+    assert main(["run", str(ROOT / "suites" / "smoke.yaml"), "--results", str(tmp_path), "--quiet", "--device", "cpu"]) == 0
+    out = tmp_path / "smoke"
+    records = read_suite_records(out)
+    suite = json.loads((out / "suite.json").read_text())
+    order0 = suite["references"]["test"]["order0_entropy_bpb"]
+    bytes_run = next(r for r in records if r["model"]["adapter"] == "bytes")
+    assert bytes_run["test"]["bpb"] < order0
+    # the record holds what DESIGN.md section 5 lists
+    for key in ("suite", "run_id", "config_hash", "corpus", "parameters", "flops_per_byte", "budget_flops",
+                "bytes_seen", "epochs", "loss_curve", "val", "test", "bytes_per_unit", "wall_seconds",
+                "achieved_flops_per_s", "mfu", "versions"):
+        assert key in bytes_run, key
+    assert bytes_run["flops_per_byte"]["measured"] == bytes_run["flops_per_byte"]["analytic"]["total"]
+    assert bytes_run["achieved_flops_per_s"] > 0 and bytes_run["epochs"] <= 1
+
+    capsys.readouterr()
+    assert main(["report", str(out), "-o", str(out / "report.md")]) == 0
+    report = (out / "report.md").read_text()
+    assert "| bytes" in report and "order-0 entropy" in report and "gzip -9" in report
+    assert (out / "plots" / "bpb_vs_flops.png").stat().st_size > 1000
+    assert (out / "plots" / "learning_curves.png").stat().st_size > 1000
+    # the checkpoint reloads to the same test score
+    model = load_checkpoint(out / "runs" / bytes_run["run_id"])
+    from harness import data
+    from harness.evaluate import evaluate
+    from harness.suite import load_corpus, load_suite
+
+    loaded = load_suite(ROOT / "suites" / "smoke.yaml")
+    windows = data.windows(load_corpus(loaded).test, loaded.eval.window, loaded.eval.max_windows)
+    import torch
+
+    again = evaluate(model, windows, 32, torch.device("cpu"))["bpb"]
+    assert abs(again - bytes_run["test"]["bpb"]) < 1e-6
+
+
+def test_same_seed_same_bpb(write_suite, tmp_path):
+    path = write_suite(tiny_suite())
+    first = read_suite_records(run_suite(path, tmp_path / "a", "cpu", show_progress=False))[0]
+    second = read_suite_records(run_suite(path, tmp_path / "b", "cpu", show_progress=False))[0]
+    assert first["test"]["bpb"] == second["test"]["bpb"]
+    assert first["loss_curve"] == second["loss_curve"]
+    path2 = write_suite(tiny_suite(seeds=[1]), "other.yaml")
+    third = read_suite_records(run_suite(path2, tmp_path / "c", "cpu", show_progress=False))[0]
+    assert third["test"]["bpb"] != first["test"]["bpb"]
+
+
+def test_resume_after_kill_minus_nine(write_suite, tmp_path):
+    suite = tiny_suite(seeds=[0, 1, 2, 3], budgets=[6e9])
+    path = write_suite(suite)
+    results = tmp_path / "results"
+    runs_dir = results / "tiny" / "runs"
+    command = [sys.executable, "-m", "harness.cli", "run", str(path), "--results", str(results), "--quiet", "--device", "cpu"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(runs_dir.glob("*/record.json")):
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # mid-way through the second run
+    process.wait()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in runs_dir.glob("*/record.json")}
+    assert 1 <= len(finished) < 4
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    records = list(runs_dir.glob("*/record.json"))
+    assert len(records) == 4 and len({p.parent.name for p in records}) == 4
+    for run_id, mtime in finished.items():  # finished runs were not redone
+        assert (runs_dir / run_id / "record.json").stat().st_mtime_ns == mtime
+        assert f"{run_id}: done already, skipped" in done.stdout + done.stderr
+    assert not [p for p in runs_dir.rglob("*") if ".tmp" in p.name]  # no half-written files left behind
+    assert [json.loads(p.read_text())["seed"] for p in sorted(records)] == [0, 1, 2, 3]
+
+
+def test_report_on_an_empty_directory_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no suite.json" in capsys.readouterr().err
+
+
+def test_list_shows_the_byte_transformer(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "bytes: decoder-only Transformer over raw bytes" in out and "d_model" in out
+
+
+def test_third_party_adapter_through_an_entry_point(tmp_path, monkeypatch):
+    package = tmp_path / "thirdparty_adapter.py"
+    package.write_text(
+        "from baselines.bytes import ByteTransformer\n"
+        "class Tiny(ByteTransformer):\n"
+        "    name = 'third-party-bytes'\n"
+        "    description = 'a byte Transformer from another package'\n"
+    )
+    dist = tmp_path / "thirdparty_adapter-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-adapter\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[harness.adapters]\ntiny = thirdparty_adapter:Tiny\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from harness import registry
+
+    monkeypatch.setattr(registry, "_discovered", False)
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    assert "third-party-bytes" in registry.available()
+    assert registry.build("third-party-bytes", {"d_model": 16, "n_layers": 1, "n_heads": 2}).name == "third-party-bytes"
