@@ -52,9 +52,16 @@ class Adapter(nn.Module, metaclass=ABCMeta):
     def prepare(self, train: bytes, seed: int) -> dict:
         """Fit whatever the model needs from the training split before training
         (a tokenizer, an entropy model, a threshold). Returns facts for the record,
-        e.g. {"seconds": ..., "flops": ...}. Whatever is learned must be kept in
+        e.g. {"seconds": ..., "flops": ...}; "flops" (training FLOPs of an auxiliary
+        model) is charged to the run's budget unless the suite sets
+        count_auxiliary_flops: false. Whatever is learned must be kept in
         the module's state (buffers, submodules or extra state) so a checkpoint
         restores it."""
+        return {}
+
+    def finish_training(self, train: bytes) -> dict:
+        """Called after training and before evaluation, e.g. to calibrate a threshold of
+        the trained model on the training split. Returns facts for the record."""
         return {}
 
     def units_per_byte(self) -> float:
@@ -64,7 +71,9 @@ class Adapter(nn.Module, metaclass=ABCMeta):
     @abstractmethod
     def flops_per_byte(self, window: int) -> dict[str, float]:
         """Analytic forward FLOPs per byte for windows of `window` bytes, as a breakdown
-        whose "total" entry is what budgets use. Must match harness.flops conventions."""
+        whose "total" entry is what budgets use. An "auxiliary" entry (e.g. an entropy
+        model's inference) is part of "total" and is dropped from it when the suite sets
+        count_auxiliary_flops: false. Must match harness.flops conventions."""
 
     def uncounted_flops_per_byte(self, window: int) -> float:
         """Part of flops_per_byte that FlopCounterMode cannot see (e.g. a Cholesky factorisation)."""

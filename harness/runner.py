@@ -83,15 +83,19 @@ def execute(run: Run, suite: Suite, splits: data.Splits, val_windows, test_windo
 
     window = suite.eval.window
     flops = model.flops_per_byte(window)
-    fpb = flops["total"]
+    auxiliary_training = float(preparation.get("flops", 0.0))
+    if suite.count_auxiliary_flops:
+        fpb, budget_left = flops["total"], run.budget - auxiliary_training
+    else:
+        fpb, budget_left = flops["total"] - flops.get("auxiliary", 0.0), run.budget
     measured = (measure_forward(model.eval(), test_windows[:2].to(device)) / test_windows[:2].numel()
                 + model.uncounted_flops_per_byte(window))
     batch_bytes = run.trainer.batch_windows * window
-    train_bytes = run.budget / (TRAIN_MULTIPLIER * fpb)
+    train_bytes = max(0.0, budget_left) / (TRAIN_MULTIPLIER * fpb)
     steps = int(train_bytes // batch_bytes)
     if steps < 1:
-        raise HarnessError(f"{run.run_id}: budget {run.budget:.3g} FLOPs is less than one optimizer step "
-                           f"({TRAIN_MULTIPLIER * fpb * batch_bytes:.3g} FLOPs)")
+        raise HarnessError(f"{run.run_id}: budget {run.budget:.3g} FLOPs leaves {budget_left:.3g} after preparation, "
+                           f"less than one optimizer step ({TRAIN_MULTIPLIER * fpb * batch_bytes:.3g} FLOPs)")
     stream = data.TrainStream(splits.train, window, run.trainer.batch_windows, run.seed)
     training = train(model, stream, run.trainer, steps, device, description=run.run_id, show_progress=show_progress)
     warnings = []
@@ -99,6 +103,7 @@ def execute(run: Run, suite: Suite, splits: data.Splits, val_windows, test_windo
         warnings.append(f"trained for {training['epochs']:.2f} epochs over the training split (data repeats)")
         log(f"warning: {run.run_id}: {warnings[-1]}")
 
+    calibration = model.finish_training(splits.train)
     val = evaluate(model, val_windows, suite.eval.batch_windows, device)
     test = evaluate(model, test_windows, suite.eval.batch_windows, device)
     variants = {}
@@ -109,6 +114,7 @@ def execute(run: Run, suite: Suite, splits: data.Splits, val_windows, test_windo
 
     training_flops = TRAIN_MULTIPLIER * fpb * training["bytes_seen"]
     achieved = training_flops / training["seconds"]
+    total_flops = training_flops + (auxiliary_training if suite.count_auxiliary_flops else 0.0)
     record = {
         "format_version": RECORD_FORMAT_VERSION,
         "suite": suite.name,
@@ -132,6 +138,11 @@ def execute(run: Run, suite: Suite, splits: data.Splits, val_windows, test_windo
         "bytes_seen": training["bytes_seen"],
         "epochs": training["epochs"],
         "training_flops": training_flops,
+        "auxiliary_training_flops": auxiliary_training,
+        "count_auxiliary_flops": suite.count_auxiliary_flops,
+        "total_flops": total_flops,
+        "budget_flops_per_byte": fpb,
+        "calibration": calibration,
         "loss_curve": training["curve"],
         "val": val,
         "test": test,

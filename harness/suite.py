@@ -99,6 +99,8 @@ class Suite(Strict):
     budgets: list[Annotated[float, Field(gt=0)]] = Field(min_length=1, description="training FLOPs per run")
     seeds: list[int] = Field([0], min_length=1)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+    count_auxiliary_flops: bool = Field(
+        True, description="charge auxiliary models (e.g. BLT's entropy model) to the budget; the BLT paper does not")
     models: list[ModelEntry] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -133,6 +135,7 @@ class Run(BaseModel):
             "budget": self.budget,
             "seed": self.seed,
             "trainer": self.trainer.model_dump(),
+            "count_auxiliary_flops": suite.count_auxiliary_flops,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
