@@ -22,7 +22,8 @@ EPILOG = """examples:
 def cmd_run(args: argparse.Namespace) -> None:
     from harness.runner import run_suite
 
-    out = run_suite(args.suite, Path(args.results), args.device, show_progress=not args.quiet)
+    out = run_suite(args.suite, Path(args.results), args.device, show_progress=not args.quiet,
+                    save_every_s=args.save_every)
     print(f"records in {out}/runs; next: harness report {out}")
 
 
@@ -71,6 +72,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                      help="auto takes CUDA when present (bf16 autocast), else CPU")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--save-every", type=float, default=60.0, metavar="SECONDS",
+                     help="save a resumable training state this often (default 60); an interrupted run "
+                          "continues from it")
     run.set_defaults(func=cmd_run)
 
     report = sub.add_parser("report", help="markdown tables and plots from a results directory",

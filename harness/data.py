@@ -171,6 +171,13 @@ class TrainStream:
         self._order = torch.randperm(len(self.data), generator=self.generator)
         self._cursor = 0
 
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self._order, "cursor": self._cursor, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self._order, self._cursor, self.epoch = state["order"], state["cursor"], state["epoch"]
+
     @property
     def windows_per_epoch(self) -> int:
         return len(self.data)

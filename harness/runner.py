@@ -33,7 +33,8 @@ def log(message: str) -> None:
     tqdm.write(message)
 
 
-def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "auto", show_progress: bool = True) -> Path:
+def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "auto", show_progress: bool = True,
+              save_every_s: float = 60.0) -> Path:
     suite = load_suite(suite_path)
     device = pick_device(device_name)
     out = results_root / suite.name
@@ -65,14 +66,15 @@ def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "au
                 continue
             log(f"[{index}/{len(runs)}] {run.run_id}: the suite changed since this record; running again")
         log(f"[{index}/{len(runs)}] {run.run_id}: training")
-        record = execute(run, suite, splits, val_windows, test_windows, device, peak, config_hash, run_dir, show_progress)
+        record = execute(run, suite, splits, val_windows, test_windows, device, peak, config_hash, run_dir,
+                         show_progress, save_every_s)
         log(f"[{index}/{len(runs)}] {run.run_id}: val {record['val']['bpb']:.4f} bpb, test {record['test']['bpb']:.4f} bpb, "
             f"{record['wall_seconds']:.1f}s, {record['achieved_flops_per_s'] / 1e9:.2f} GFLOP/s")
     return out
 
 
 def execute(run: Run, suite: Suite, splits: data.Splits, val_windows, test_windows, device: torch.device,
-            peak: float, config_hash: str, run_dir: Path, show_progress: bool) -> dict:
+            peak: float, config_hash: str, run_dir: Path, show_progress: bool, save_every_s: float) -> dict:
     started = time.perf_counter()
     torch.manual_seed(run.seed)
     model = registry.build(run.model.adapter, run.model.config)
@@ -97,7 +99,10 @@ def execute(run: Run, suite: Suite, splits: data.Splits, val_windows, test_windo
         raise HarnessError(f"{run.run_id}: budget {run.budget:.3g} FLOPs leaves {budget_left:.3g} after preparation, "
                            f"less than one optimizer step ({TRAIN_MULTIPLIER * fpb * batch_bytes:.3g} FLOPs)")
     stream = data.TrainStream(splits.train, window, run.trainer.batch_windows, run.seed)
-    training = train(model, stream, run.trainer, steps, device, description=run.run_id, show_progress=show_progress)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    partial = run_dir / "partial.pt"
+    training = train(model, stream, run.trainer, steps, device, description=run.run_id, show_progress=show_progress,
+                     resume_path=partial, resume_key=config_hash, save_every_s=save_every_s)
     warnings = []
     if training["epochs"] > 1:
         warnings.append(f"trained for {training['epochs']:.2f} epochs over the training split (data repeats)")
@@ -148,6 +153,7 @@ def execute(run: Run, suite: Suite, splits: data.Splits, val_windows, test_windo
         "test": test,
         "test_variants": variants,
         "train_seconds": training["seconds"],
+        "resumed_at_step": training["resumed_at_step"],
         "wall_seconds": time.perf_counter() - started,
         "achieved_flops_per_s": achieved,
         "matmul_peak_flops_per_s": peak,
@@ -156,7 +162,7 @@ def execute(run: Run, suite: Suite, splits: data.Splits, val_windows, test_windo
         "warnings": warnings,
         "versions": versions(),
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint_atomic(run_dir / "model.pt", model.state_dict())
     write_json_atomic(run_dir / "record.json", record)
+    partial.unlink(missing_ok=True)
     return record

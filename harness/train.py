@@ -1,17 +1,24 @@
 """The one trainer: AdamW (weight decay on matrices only), linear warmup then cosine
 decay, gradient clipping, a fixed batch of windows per step, and a seed. Every
-adapter trains through this loop (DESIGN.md section 5)."""
+adapter trains through this loop (DESIGN.md section 5).
+
+Long runs save a resumable state (model, optimizer, schedule, data position, RNG)
+every `save_every_s` seconds; a run started again from that state continues
+exactly where it stopped, so an interruption loses at most that much work.
+"""
 
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from harness.data import TrainStream
 from harness.evaluate import autocast
+from harness.records import save_checkpoint_atomic
 from harness.registry import Adapter
 from harness.suite import TrainerSettings
 
@@ -40,18 +47,43 @@ def train(
     device: torch.device,
     description: str = "train",
     show_progress: bool = True,
+    resume_path: Path | None = None,
+    resume_key: str = "",
+    save_every_s: float = 60.0,
 ) -> dict:
     """Train for `steps` optimizer steps. Returns the loss curve (bits per byte of the
-    training batches), wall time and the number of epochs over the training split."""
+    training batches), training seconds and the epochs over the training split.
+    With `resume_path`, a saved state whose `resume_key` matches is continued."""
     model.train()
     optimizer = make_optimizer(model, settings)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, steps, settings.warmup_fraction, settings.min_lr_ratio)
     )
-    curve, window_sum, window_count = [], 0.0, 0
-    bytes_seen = 0
-    start = time.perf_counter()
-    bar = tqdm(range(steps), desc=description, unit="step", disable=not show_progress, leave=False, dynamic_ncols=True)
+    state = {"step": 0, "curve": [], "window_sum": 0.0, "window_count": 0, "bytes_seen": 0, "seconds": 0.0}
+    resumed_at = None
+    if resume_path is not None and resume_path.exists():
+        saved = torch.load(resume_path, map_location=device, weights_only=False)
+        if saved.get("key") == resume_key and saved["state"]["step"] <= steps:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            schedule.load_state_dict(saved["schedule"])
+            stream.load_state_dict(saved["stream"])
+            torch.set_rng_state(saved["rng"])
+            state = saved["state"]
+            resumed_at = state["step"]
+            tqdm.write(f"{description}: resuming at step {state['step']} of {steps}")
+
+    def save() -> None:
+        save_checkpoint_atomic(resume_path, {
+            "key": resume_key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(), "stream": stream.state_dict(), "rng": torch.get_rng_state(),
+            "state": state,
+        })
+
+    start = time.perf_counter() - state["seconds"]
+    last_save = time.perf_counter()
+    bar = tqdm(range(state["step"], steps), initial=state["step"], total=steps, desc=description, unit="step",
+               disable=not show_progress, leave=False, dynamic_ncols=True)
     for step in bar:
         batch = stream.next_batch().to(device, non_blocking=True)
         with autocast(device):
@@ -62,23 +94,28 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
         schedule.step()
-        bytes_seen += batch.numel()
         value = loss.item()
         if not math.isfinite(value):
             raise FloatingPointError(f"training loss became {value} at step {step + 1}")
-        window_sum += value
-        window_count += 1
+        state["step"] = step + 1
+        state["bytes_seen"] += batch.numel()
+        state["window_sum"] += value
+        state["window_count"] += 1
         if (step + 1) % settings.log_every == 0 or step + 1 == steps:
-            bpb = window_sum / window_count / math.log(2)
-            curve.append({"step": step + 1, "bytes": bytes_seen, "train_bpb": round(bpb, 5)})
-            bar.set_postfix(bpb=f"{bpb:.3f}", MB=f"{bytes_seen / 1e6:.2f}")
-            window_sum, window_count = 0.0, 0
+            bpb = state["window_sum"] / state["window_count"] / math.log(2)
+            state["curve"].append({"step": step + 1, "bytes": state["bytes_seen"], "train_bpb": round(bpb, 5)})
+            bar.set_postfix(bpb=f"{bpb:.3f}", MB=f"{state['bytes_seen'] / 1e6:.2f}")
+            state["window_sum"], state["window_count"] = 0.0, 0
+        if resume_path is not None and time.perf_counter() - last_save >= save_every_s and step + 1 < steps:
+            state["seconds"] = time.perf_counter() - start
+            save()
+            last_save = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
     return {
-        "curve": curve,
-        "seconds": seconds,
-        "bytes_seen": bytes_seen,
-        "epochs": bytes_seen / (stream.windows_per_epoch * batch.shape[1]),
+        "curve": state["curve"],
+        "seconds": time.perf_counter() - start,
+        "bytes_seen": state["bytes_seen"],
+        "epochs": state["bytes_seen"] / (stream.windows_per_epoch * stream.data.shape[1]),
+        "resumed_at_step": resumed_at,
     }

@@ -118,3 +118,28 @@ def test_third_party_adapter_through_an_entry_point(tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     assert "third-party-bytes" in registry.available()
     assert registry.build("third-party-bytes", {"d_model": 16, "n_layers": 1, "n_heads": 2}).name == "third-party-bytes"
+
+
+def test_a_killed_run_continues_from_its_saved_state(write_suite, tmp_path):
+    path = write_suite(tiny_suite(budgets=[2e10]))
+    results = tmp_path / "killed"
+    run_dir = results / "tiny" / "runs"
+    command = [sys.executable, "-m", "harness.cli", "run", str(path), "--results", str(results), "--quiet",
+               "--device", "cpu", "--save-every", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(run_dir.glob("*/partial.pt")):
+        time.sleep(0.02)
+    time.sleep(0.3)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not list(run_dir.glob("*/record.json")), "the run finished before it could be killed"
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    resumed = read_suite_records(results / "tiny")[0]
+    assert resumed["resumed_at_step"] > 0
+    assert not list(run_dir.glob("*/partial.pt"))
+    uninterrupted = read_suite_records(run_suite(path, tmp_path / "straight", "cpu", show_progress=False))[0]
+    assert resumed["loss_curve"] == uninterrupted["loss_curve"]
+    assert resumed["test"]["bpb"] == uninterrupted["test"]["bpb"]
