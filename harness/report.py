@@ -12,8 +12,72 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from harness import stats  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
 from harness.records import read_suite_records  # noqa: E402
+
+
+def _groups(records: list[dict]) -> dict[tuple[float, str], list[dict]]:
+    """Runs keyed by (budget, model name)."""
+    groups: dict[tuple[float, str], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["budget_flops"], r["model"]["name"]), []).append(r)
+    return groups
+
+
+def summary_table(records: list[dict]) -> pd.DataFrame:
+    """Per model and budget: mean test bpb over seeds with a 95% interval (t over seeds,
+    or bootstrap over windows for a single run)."""
+    rows = []
+    for (budget, model), runs in sorted(_groups(records).items()):
+        if len(runs) >= 2:
+            mean, low, high = stats.seed_interval([r["test"]["bpb"] for r in runs])
+            method = f"t, {len(runs)} seeds"
+        else:
+            mean, low, high = stats.bootstrap_interval(stats.window_bpb(runs[0]))
+            method = f"bootstrap, {runs[0]['test']['windows']} windows"
+        rows.append({
+            "budget": budget, "model": model, "adapter": runs[0]["model"]["adapter"], "seeds": len(runs),
+            "test bpb": mean, "95% CI": f"[{low:.4f}, {high:.4f}]", "interval": method,
+            "fwd FLOPs/byte": runs[0]["flops_per_byte"]["analytic"]["total"], "bytes/unit": runs[0]["bytes_per_unit"],
+            "_low": low, "_high": high,
+        })
+    return pd.DataFrame(rows)
+
+
+def ranking_table(records: list[dict]) -> pd.DataFrame:
+    """Per budget, models ranked by mean test bpb, each compared with the best."""
+    groups = _groups(records)
+    rows = []
+    for budget in sorted({b for b, _ in groups}):
+        models = sorted(((m, runs) for (b, m), runs in groups.items() if b == budget),
+                        key=lambda item: sum(r["test"]["bpb"] for r in item[1]) / len(item[1]))
+        best_name, best_runs = models[0]
+        best_bpb = sum(r["test"]["bpb"] for r in best_runs) / len(best_runs)
+        for rank, (name, runs) in enumerate(models, 1):
+            bpb = sum(r["test"]["bpb"] for r in runs) / len(runs)
+            if rank == 1:
+                p, test, verdict = float("nan"), "", "best"
+            else:
+                p, test = stats.difference_p_value(runs, best_runs)
+                verdict = "significant" if p < stats.ALPHA else "not significant"
+            rows.append({"budget": budget, "rank": rank, "model": name, "test bpb": bpb, "Δ vs best": bpb - best_bpb,
+                         "p": p, "test": test, "vs best": verdict})
+    return pd.DataFrame(rows)
+
+
+def leader_summary(ranking: pd.DataFrame) -> list[str]:
+    """One generated sentence per budget: who leads and by how much."""
+    lines = []
+    for budget, group in ranking.groupby("budget"):
+        best = group.iloc[0]
+        sentence = f"- At {budget:.3g} training FLOPs, **{best['model']}** leads with {best['test bpb']:.4f} bpb"
+        if len(group) > 1:
+            second = group.iloc[1]
+            sentence += (f", {second['Δ vs best']:.4f} bpb ahead of {second['model']} "
+                         f"({second['vs best']}, p = {second['p']:.3g}, {second['test']})")
+        lines.append(sentence + ".")
+    return lines
 
 
 def runs_table(records: list[dict]) -> pd.DataFrame:
@@ -42,23 +106,23 @@ def _markdown(frame: pd.DataFrame) -> str:
     formats = {
         "params": "{:,.0f}", "fwd FLOPs/byte": "{:.3g}", "train FLOPs": "{:.3g}", "bytes seen": "{:,.0f}",
         "epochs": "{:.2f}", "val bpb": "{:.4f}", "test bpb": "{:.4f}", "bytes/unit": "{:.2f}", "wall s": "{:.1f}",
-        "FLOP/s": "{:.3g}", "MFU": "{:.1%}", "bpb": "{:.4f}",
+        "FLOP/s": "{:.3g}", "MFU": "{:.1%}", "bpb": "{:.4f}", "budget": "{:.3g}", "Δ vs best": "{:+.4f}", "p": "{:.3g}",
     }
     shown = frame.copy()
     for column, fmt in formats.items():
         if column in shown:
             shown[column] = shown[column].map(lambda v, fmt=fmt: fmt.format(v) if pd.notna(v) else "")
-    return shown.to_markdown(index=False)
+    return shown.to_markdown(index=False, disable_numparse=True)
 
 
-def plot_bpb_vs_flops(records: list[dict], path: Path) -> None:
+def plot_bpb_vs_flops(summary: pd.DataFrame, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
-    frame = pd.DataFrame([{"model": r["model"]["name"], "flops": r["budget_flops"], "bpb": r["test"]["bpb"]} for r in records])
-    for model, group in frame.groupby("model"):
-        mean = group.groupby("flops")["bpb"].mean()
-        ax.plot(mean.index, mean.values, marker="o", label=model)
+    for model, group in summary.groupby("model"):
+        group = group.sort_values("budget")
+        errors = [group["test bpb"] - group["_low"], group["_high"] - group["test bpb"]]
+        ax.errorbar(group["budget"], group["test bpb"], yerr=errors, marker="o", capsize=3, label=model)
     ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs")
+    ax.set_xlabel("training FLOPs (budget)")
     ax.set_ylabel("test bits per byte")
     ax.set_title("test bpb against training compute")
     ax.grid(alpha=0.3)
@@ -95,7 +159,9 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
         raise HarnessError(f"{results_dir}: no finished runs yet")
     plot_dir = report_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
-    plot_bpb_vs_flops(records, plot_dir / "bpb_vs_flops.png")
+    summary = summary_table(records)
+    ranking = ranking_table(records)
+    plot_bpb_vs_flops(summary, plot_dir / "bpb_vs_flops.png")
     plot_learning_curves(records, plot_dir / "learning_curves.png")
 
     refs = suite["references"]
@@ -120,6 +186,21 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
         "",
         "FLOPs: a multiply-add is 2; every matrix product counts (head and both attention products); "
         "training = 3 x forward. bpb = summed NLL in nats / (ln 2 x scored bytes).",
+        "",
+        "## Summary",
+        "",
+        *leader_summary(ranking),
+        "",
+        "## Test bpb per model and budget (95% intervals)",
+        "",
+        _markdown(summary.drop(columns=["_low", "_high"])),
+        "",
+        "## Ranking per budget",
+        "",
+        "Each model against the best of its budget: Welch's t-test over seeds where both have two or more, "
+        "else a paired t-test over the shared test windows; p >= 0.05 is not significant.",
+        "",
+        _markdown(ranking),
         "",
         "## Runs",
         "",
