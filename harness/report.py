@@ -14,6 +14,7 @@ import pandas as pd  # noqa: E402
 
 from harness import stats  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
+from harness.patch_plots import plot_patch_sizes  # noqa: E402
 from harness.records import read_suite_records  # noqa: E402
 
 
@@ -89,7 +90,7 @@ def runs_table(records: list[dict]) -> pd.DataFrame:
             "seed": r["seed"],
             "params": r["parameters"]["total"],
             "fwd FLOPs/byte": r["flops_per_byte"]["analytic"]["total"],
-            "train FLOPs": r["training_flops"],
+            "train FLOPs": r["total_flops"],
             "bytes seen": r["bytes_seen"],
             "epochs": r["epochs"],
             "val bpb": r["val"]["bpb"],
@@ -185,7 +186,11 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
         f"Device `{suite['device']}`, measured fp32 matmul peak {suite['matmul_peak_flops_per_s']:.3g} FLOP/s (MFU is relative to it).",
         "",
         "FLOPs: a multiply-add is 2; every matrix product counts (head and both attention products); "
-        "training = 3 x forward. bpb = summed NLL in nats / (ln 2 x scored bytes).",
+        "training = 3 x forward. bpb = summed NLL in nats / (ln 2 x scored bytes). "
+        + ("Auxiliary models (the BLT entropy model: its training, and its forward pass per byte) are **included** "
+           "in the training FLOPs and budgets." if spec.get("count_auxiliary_flops", True) else
+           "Auxiliary models (the BLT entropy model) are **excluded** from the training FLOPs and budgets, "
+           "as in the BLT paper."),
         "",
         "## Summary",
         "",
@@ -221,4 +226,6 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
         "![learning curves](plots/learning_curves.png)",
         "",
     ]
+    if plot_patch_sizes(records, plot_dir / "patch_sizes.png"):
+        lines += ["![patch sizes per patcher, training split](plots/patch_sizes.png)", ""]
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from harness import RECORD_FORMAT_VERSION, data, registry
 from harness.compressors import reference_rows
 from harness.errors import HarnessError
 from harness.evaluate import evaluate
-from harness.flops import TRAIN_MULTIPLIER, measure_forward, measure_matmul_peak
+from harness.flops import measure_forward, measure_matmul_peak, training_flops_per_byte
 from harness.records import read_record, save_checkpoint_atomic, versions, write_json_atomic
 from harness.suite import Run, Suite, expand, load_corpus, load_suite
 from harness.train import train
@@ -77,27 +77,25 @@ def execute(run: Run, suite: Suite, splits: data.Splits, val_windows, test_windo
             peak: float, config_hash: str, run_dir: Path, show_progress: bool, save_every_s: float) -> dict:
     started = time.perf_counter()
     torch.manual_seed(run.seed)
-    model = registry.build(run.model.adapter, run.model.config)
+    model = registry.build(run.model.adapter, run.model.config).to(device)
     prepare_started = time.perf_counter()
     preparation = model.prepare(splits.train, run.seed)
     preparation.setdefault("seconds", time.perf_counter() - prepare_started)
-    model.to(device)
 
     window = suite.eval.window
     flops = model.flops_per_byte(window)
-    auxiliary_training = float(preparation.get("flops", 0.0))
-    if suite.count_auxiliary_flops:
-        fpb, budget_left = flops["total"], run.budget - auxiliary_training
-    else:
-        fpb, budget_left = flops["total"] - flops.get("auxiliary", 0.0), run.budget
+    # an auxiliary model's preparation (e.g. training BLT's entropy model) is charged to the budget
+    auxiliary_training = float(preparation.get("flops", 0.0)) if suite.count_auxiliary_flops else 0.0
+    budget_left = run.budget - auxiliary_training
+    train_fpb = training_flops_per_byte(flops, suite.count_auxiliary_flops)
     measured = (measure_forward(model.eval(), test_windows[:2].to(device)) / test_windows[:2].numel()
                 + model.uncounted_flops_per_byte(window))
     batch_bytes = run.trainer.batch_windows * window
-    train_bytes = max(0.0, budget_left) / (TRAIN_MULTIPLIER * fpb)
+    train_bytes = max(0.0, budget_left) / train_fpb
     steps = int(train_bytes // batch_bytes)
     if steps < 1:
         raise HarnessError(f"{run.run_id}: budget {run.budget:.3g} FLOPs leaves {budget_left:.3g} after preparation, "
-                           f"less than one optimizer step ({TRAIN_MULTIPLIER * fpb * batch_bytes:.3g} FLOPs)")
+                           f"less than one optimizer step ({train_fpb * batch_bytes:.3g} FLOPs)")
     stream = data.TrainStream(splits.train, window, run.trainer.batch_windows, run.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     partial = run_dir / "partial.pt"
@@ -117,9 +115,9 @@ def execute(run: Run, suite: Suite, splits: data.Splits, val_windows, test_windo
         variants[name] = {"label": label, **evaluate(model, test_windows, suite.eval.batch_windows, device)}
         model.set_eval_variant(None)
 
-    training_flops = TRAIN_MULTIPLIER * fpb * training["bytes_seen"]
+    training_flops = train_fpb * training["bytes_seen"]
     achieved = training_flops / training["seconds"]
-    total_flops = training_flops + (auxiliary_training if suite.count_auxiliary_flops else 0.0)
+    total_flops = training_flops + auxiliary_training
     record = {
         "format_version": RECORD_FORMAT_VERSION,
         "suite": suite.name,
@@ -146,7 +144,7 @@ def execute(run: Run, suite: Suite, splits: data.Splits, val_windows, test_windo
         "auxiliary_training_flops": auxiliary_training,
         "count_auxiliary_flops": suite.count_auxiliary_flops,
         "total_flops": total_flops,
-        "budget_flops_per_byte": fpb,
+        "training_flops_per_byte": train_fpb,
         "calibration": calibration,
         "loss_curve": training["curve"],
         "val": val,

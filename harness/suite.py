@@ -194,7 +194,7 @@ def load_suite(path: str | Path) -> Suite:
 
 
 def _check_models(path: Path, suite: Suite) -> None:
-    from harness.flops import TRAIN_MULTIPLIER
+    from harness.flops import training_flops_per_byte
 
     for i, entry in enumerate(suite.models):
         try:
@@ -208,7 +208,7 @@ def _check_models(path: Path, suite: Suite) -> None:
         except (ValueError, HarnessError) as e:
             raise HarnessError(f"{path}: models[{i}].config: {e}") from None
         batch = (entry.trainer.batch_windows or suite.trainer.batch_windows) * suite.eval.window
-        step_flops = TRAIN_MULTIPLIER * model.flops_per_byte(suite.eval.window)["total"] * batch
+        step_flops = training_flops_per_byte(model.flops_per_byte(suite.eval.window), suite.count_auxiliary_flops) * batch
         for budget in suite.budgets:
             if budget < step_flops:
                 raise HarnessError(

@@ -1,0 +1,304 @@
+"""Hierarchical patcher (after BLT, Pagnoni et al. 2024, and SpaceByte, Slagle 2024):
+bytes are grouped into variable-length patches by a rule (entropy, space-like or
+static, see baselines/patching.py), a small local encoder turns the bytes of each
+patch into one vector, a large global Transformer runs over the patches, and a small
+local decoder predicts every byte from the bytes before it plus the global outputs of
+the patches that lie wholly before it.
+
+Causality, position by position (byte t is predicted from bytes < t only):
+- patch starts: the start at t depends on bytes < t (patching.py), so patch_id[t]
+  (the patch holding byte t) and the extents of patches 0..patch_id[t]-1 do too;
+- encoder: causal over the raw bytes, so encoder state t has seen bytes <= t; a
+  patch is pooled from the states of its own bytes only (mask), so patch k has seen
+  bytes <= end of k; the global model is causal over patches;
+- decoder: position t starts from encoder state t-1 (a learned BOS vector at t = 0)
+  and reads, by cross-attention, only patches k < patch_id[t], i.e. patches whose
+  last byte is < t; its layers are causal over positions.
+
+A window has a variable number of patches; a batch pads them to the largest count.
+Padding slots come after every real patch (so causal global attention never reads
+them), pool no bytes and are never read by the decoder; nothing is scored but bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from baselines import patching
+from baselines.bytes import ByteTransformer, ByteTransformerConfig
+from harness import data, flops
+from harness.errors import HarnessError
+from harness.nn import CrossAttention, Transformer, init_weights
+from harness.registry import BYTE_VOCAB, Adapter, AdapterConfig, register
+from harness.suite import TrainerSettings
+from harness.train import train
+
+HASH_PRIME = 2_147_483_647  # 2^31 - 1: rolling-hash modulus (no int64 overflow)
+
+
+class PatcherConfig(AdapterConfig):
+    patcher: Literal["entropy", "space", "static"] = Field("entropy", description="patch boundary rule")
+    d_local: int = Field(64, ge=8, description="width of the local encoder and decoder")
+    d_global: int = Field(128, ge=8, description="width of the global model over patches")
+    n_heads_local: int = Field(4, ge=1, description="attention heads of local layers and cross-attention")
+    n_heads_global: int = Field(4, ge=1, description="attention heads of the global model")
+    encoder_layers: int = Field(1, ge=1, description="local encoder blocks (causal, over bytes)")
+    global_layers: int = Field(2, ge=1, description="global blocks (causal, over patches)")
+    decoder_layers: int = Field(1, ge=1, description="local decoder blocks (causal, over bytes)")
+    local_window: int = Field(64, ge=0, description="sliding attention window of local blocks in bytes (0 = full)")
+    mlp_ratio: float = Field(8 / 3, gt=0, description="SwiGLU hidden width / width")
+    pool: Literal["mean", "max"] = Field("mean", description="initial patch query: mean or max of its bytes' encoder states")
+    hash_ngrams: tuple[Annotated[int, Field(ge=3, le=8)], ...] = Field(
+        (), description="n of the hashed byte n-gram embeddings added to the byte embedding (BLT; none by default)")
+    hash_buckets: int = Field(4096, ge=1, description="buckets per hashed n-gram table")
+    patch_size: int = Field(4, ge=1, description="static: bytes per patch")
+    max_patch: int = Field(16, ge=1, description="entropy, space: maximum patch length in bytes")
+    entropy_rule: Literal["global", "monotonic"] = Field(
+        "global", description="entropy: a patch starts where H_t > theta (global) or H_t - H_{t-1} > theta (monotonic)")
+    theta: float | None = Field(None, description="entropy: threshold in nats; None = calibrate to target_patch_size")
+    target_patch_size: float = Field(4.5, ge=1, description="entropy: average patch size (bytes) theta is calibrated to; "
+                                                            "space, entropy: the assumed size before prepare()")
+    entropy_model: ByteTransformerConfig = Field(
+        ByteTransformerConfig(d_model=32, n_layers=1, n_heads=2), description="entropy: the byte LM's config")
+    entropy_steps: int = Field(200, ge=1, description="entropy: optimizer steps of the entropy model")
+    entropy_flops: float | None = Field(None, gt=0, description="entropy: training FLOPs of the entropy model (overrides entropy_steps)")
+    entropy_batch_windows: int = Field(16, ge=1, description="entropy: windows per entropy-model step")
+    entropy_lr: float = Field(3e-3, gt=0, description="entropy: peak learning rate of the entropy model")
+    calibration_window: int = Field(256, ge=2, description="window (bytes) for training the entropy model and measuring "
+                                                           "patch sizes on the training split; set it to the suite's eval.window")
+    calibration_bytes: int = Field(262144, ge=2, description="bytes of the training split (evenly spaced windows) used to "
+                                                             "calibrate theta and measure patch sizes")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.patcher == "entropy" and self.theta is None and self.target_patch_size > self.max_patch:
+            raise ValueError(f"target_patch_size {self.target_patch_size} exceeds max_patch {self.max_patch}")
+        if len(set(self.hash_ngrams)) != len(self.hash_ngrams):
+            raise ValueError("hash_ngrams lists an n twice")
+        if self.calibration_bytes < self.calibration_window:
+            raise ValueError("calibration_bytes is smaller than one calibration_window")
+        return self
+
+
+@register
+class Patcher(Adapter):
+    name = "patcher"
+    description = "hierarchical byte model over patches (BLT/SpaceByte): entropy, space-like or static patch rule"
+    Config = PatcherConfig
+
+    def __init__(self, config: PatcherConfig):
+        super().__init__(config)
+        c = config
+        self.embed = nn.Embedding(BYTE_VOCAB, c.d_local)
+        self.hash_embeds = nn.ModuleList(nn.Embedding(c.hash_buckets, c.d_local) for _ in c.hash_ngrams)
+        self.encoder = Transformer(c.d_local, c.encoder_layers, c.n_heads_local, c.mlp_ratio, c.local_window)
+        self.pool_attn = CrossAttention(c.d_local, c.n_heads_local)  # patch query -> its own bytes
+        self.up = nn.Linear(c.d_local, c.d_global, bias=False)
+        self.global_model = Transformer(c.d_global, c.global_layers, c.n_heads_global, c.mlp_ratio)
+        self.down = nn.Linear(c.d_global, c.d_local, bias=False)
+        self.bos = nn.Parameter(torch.zeros(c.d_local))  # decoder input at t = 0 (no byte before it)
+        self.read_attn = CrossAttention(c.d_local, c.n_heads_local)  # byte t -> patches ending before t
+        self.decoder = Transformer(c.d_local, c.decoder_layers, c.n_heads_local, c.mlp_ratio, c.local_window)
+        self.head = nn.Linear(c.d_local, BYTE_VOCAB, bias=False)
+        init_weights(self)
+        nn.init.normal_(self.bos, std=0.02)
+        self.entropy_model = ByteTransformer(c.entropy_model) if c.patcher == "entropy" else None
+        if self.entropy_model is not None:
+            self.entropy_model.requires_grad_(False)  # trained in prepare(), frozen afterwards
+        # learned in prepare() and kept in checkpoints: theta, and how often a patch starts
+        # at each position of a calibration window (its sum over W positions = patches per window)
+        self.register_buffer("theta", torch.tensor(c.theta if c.theta is not None else 0.0))
+        self.register_buffer("start_rate", self._prior_start_rate())
+        self.register_buffer("prepared", torch.tensor(False))
+
+    # ---- patches -----------------------------------------------------------------------
+    @property
+    def patch_limit(self) -> int:
+        c = self.config
+        return c.patch_size if c.patcher == "static" else c.max_patch
+
+    def _prior_start_rate(self) -> torch.Tensor:
+        """Start frequency per position before prepare(): exact for static, else one
+        start every target_patch_size bytes (what budgets assume until measured)."""
+        c = self.config
+        if c.patcher == "static":
+            return patching.static_starts(1, c.calibration_window, c.patch_size)[0].float()
+        rate = torch.full((c.calibration_window,), 1.0 / c.target_patch_size)
+        rate[0] = 1.0
+        return rate
+
+    def entropies(self, windows: torch.Tensor) -> torch.Tensor:
+        """(B, W) next-byte entropy in nats: H[:, t] is computed from bytes < t."""
+        return patching.next_byte_entropy(self.entropy_model, windows)
+
+    def starts_from_entropy(self, entropy: torch.Tensor) -> torch.Tensor:
+        score = patching.entropy_score(entropy, self.config.entropy_rule)
+        return patching.cap_patch_length(score > self.theta, self.patch_limit)
+
+    def patch_starts(self, windows: torch.Tensor) -> torch.Tensor:
+        """(B, W) bool: byte t begins a patch. Depends on bytes < t only."""
+        c = self.config
+        B, W = windows.shape
+        if c.patcher == "static":
+            return patching.static_starts(B, W, c.patch_size, windows.device)
+        if c.patcher == "space":
+            return patching.cap_patch_length(patching.space_starts(windows), c.max_patch)
+        if not bool(self.prepared):
+            raise HarnessError("patcher 'entropy': the entropy model is untrained; run prepare(train_bytes, seed) first")
+        return self.starts_from_entropy(self.entropies(windows))
+
+    def decoder_mask(self, patch_id: torch.Tensor, slots: int) -> torch.Tensor:
+        """(B, W, P) bool: byte t may read patch k iff k < patch_id[t], i.e. patch k ends before t."""
+        return torch.arange(slots, device=patch_id.device) < patch_id[:, :, None]
+
+    # ---- model -------------------------------------------------------------------------
+    def embed_bytes(self, windows: torch.Tensor) -> torch.Tensor:
+        """Byte embedding plus hashed n-gram embeddings of the n bytes ending at t (bytes <= t)."""
+        x = self.embed(windows)
+        if not self.config.hash_ngrams:
+            return x
+        W = windows.shape[1]
+        longest = max(self.config.hash_ngrams)
+        padded = F.pad(windows + 1, (longest - 1, 0), value=0)  # 0 = before the window start
+        for n, table in zip(self.config.hash_ngrams, self.hash_embeds):
+            h = torch.zeros_like(windows)
+            for i in range(longest - n, longest):  # the n bytes t-n+1 .. t
+                h = (h * 257 + padded[:, i : i + W]) % HASH_PRIME
+            x = x + table(h % self.config.hash_buckets)
+        return x
+
+    def next_byte_logits(self, windows: torch.Tensor) -> torch.Tensor:
+        B, W = windows.shape
+        patch_id = self.patch_starts(windows).long().cumsum(1) - 1  # (B, W) patch holding byte t
+        slots = int(patch_id[:, -1].max()) + 1  # P: patches of the most-patched window
+        enc = self.encoder(self.embed_bytes(windows))  # (B, W, dl); state t has seen bytes <= t
+
+        # pool: each patch's query starts as the mean (or max) of its bytes, then attends to them
+        index = patch_id[:, :, None].expand(-1, -1, enc.shape[-1])
+        reduce = "mean" if self.config.pool == "mean" else "amax"
+        query = enc.new_zeros(B, slots, enc.shape[-1]).scatter_reduce(1, index, enc, reduce, include_self=False)
+        own = patch_id[:, None, :] == torch.arange(slots, device=windows.device)[:, None]  # (B, P, W)
+        patches = query + self.pool_attn(query, enc, own[:, None])  # (B, P, dl); padding slots are 0
+
+        glob = self.down(self.global_model(self.up(patches)))  # (B, P, dl), causal over patches
+
+        # decoder position t: encoder state t-1 (bytes < t) plus the patches that end before t
+        dec = torch.cat((self.bos.expand(B, 1, -1).to(enc.dtype), enc[:, :-1]), dim=1)  # (B, W, dl)
+        dec = dec + self.read_attn(dec, glob, self.decoder_mask(patch_id, slots)[:, None])
+        return self.head(self.decoder(dec))  # (B, W, 256)
+
+    # ---- preparation on the training split -----------------------------------------------
+    def prepare(self, train_bytes: bytes, seed: int) -> dict:
+        c = self.config
+        cal = data.windows(train_bytes, c.calibration_window)
+        if len(cal) == 0:
+            raise HarnessError(f"patcher: the training split ({len(train_bytes)} bytes) is shorter than "
+                               f"calibration_window {c.calibration_window}")
+        keep = min(len(cal), c.calibration_bytes // c.calibration_window)
+        cal = cal[torch.linspace(0, len(cal) - 1, keep).round().long()]  # evenly spaced windows
+        facts: dict = {"patcher": c.patcher, "calibration_window": c.calibration_window, "calibration_bytes": cal.numel()}
+        if c.patcher == "entropy":
+            facts["entropy_model"] = self._train_entropy_model(train_bytes, seed)
+            device = next(self.entropy_model.parameters()).device
+            entropy = torch.cat([self.entropies(chunk.to(device)).cpu() for chunk in cal.split(64)])
+            inference = self.entropy_model.flops_per_byte(c.calibration_window)["total"] * cal.numel()
+            if c.theta is None:
+                score = patching.entropy_score(entropy, c.entropy_rule)
+                self.theta.fill_(patching.calibrate_threshold(score, c.target_patch_size, c.max_patch))
+            starts = self.starts_from_entropy(entropy.to(self.theta.device)).cpu()
+            facts.update({
+                "theta": float(self.theta), "theta_calibrated": c.theta is None, "entropy_rule": c.entropy_rule,
+                "target_patch_size": c.target_patch_size, "mean_entropy_nats": float(entropy[:, 1:].mean()),
+                "calibration_flops": inference, "flops": facts["entropy_model"]["training_flops"] + inference,
+            })
+        else:
+            starts = self.patch_starts(cal)
+        self.start_rate.copy_(starts.float().mean(0))
+        self.prepared.fill_(True)
+        facts.update(patching.patch_statistics(starts, self.patch_limit))
+        facts["patch_size_limit"] = self.patch_limit
+        return facts
+
+    def _train_entropy_model(self, train_bytes: bytes, seed: int) -> dict:
+        """Train the entropy model through the one trainer; its FLOPs are charged to the run."""
+        c, model = self.config, self.entropy_model
+        fpb = model.flops_per_byte(c.calibration_window)["total"]
+        batch_bytes = c.entropy_batch_windows * c.calibration_window
+        steps = c.entropy_steps
+        if c.entropy_flops is not None:
+            steps = int(c.entropy_flops // (flops.TRAIN_MULTIPLIER * fpb * batch_bytes))
+            if steps < 1:
+                raise HarnessError(f"patcher: entropy_flops {c.entropy_flops:.3g} is less than one entropy-model step")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the same entropy model for a seed, however this module was built
+            init_weights(model)
+        settings = TrainerSettings(batch_windows=c.entropy_batch_windows, lr=c.entropy_lr, log_every=max(1, steps // 10))
+        stream = data.TrainStream(train_bytes, c.calibration_window, c.entropy_batch_windows, seed)
+        device = next(model.parameters()).device
+        model.requires_grad_(True)
+        try:
+            result = train(model, stream, settings, steps, device, description="entropy model", show_progress=False)
+        finally:
+            model.requires_grad_(False)
+            model.eval()
+        return {
+            "config": c.entropy_model.model_dump(), "parameters": model.parameter_counts()["total"], "steps": steps,
+            "bytes_seen": result["bytes_seen"], "epochs": result["epochs"], "seconds": result["seconds"],
+            "final_train_bpb": result["curve"][-1]["train_bpb"], "flops_per_byte": fpb,
+            "training_flops": flops.TRAIN_MULTIPLIER * fpb * result["bytes_seen"],
+        }
+
+    # ---- accounting ------------------------------------------------------------------------
+    def expected_patches(self, window: int) -> float:
+        """Average patches per window of `window` bytes on the training split: the sum of the
+        per-position start rates (exact for window <= calibration_window, since starts are
+        causal; beyond it, the rate of the calibration window's second half continues)."""
+        rate = self.start_rate.double().cpu()
+        if window <= len(rate):
+            return float(rate[:window].sum())
+        return float(rate.sum() + (window - len(rate)) * rate[len(rate) // 2 :].mean())
+
+    def units_per_byte(self) -> float:
+        return self.expected_patches(self.config.calibration_window) / self.config.calibration_window
+
+    def forward_flops(self, window: int, patches: float) -> dict[str, float]:
+        """Forward FLOPs of one window of `window` bytes processed with `patches` patch slots.
+        With the actual padded slot count of a batch this is what the implementation computes
+        (the FlopCounterMode check); flops_per_byte uses the training-split average."""
+        c, W, P = self.config, window, patches
+        dl, dg = c.d_local, c.d_global
+        parts = {
+            "local_encoder": flops.transformer(W, dl, c.encoder_layers, c.mlp_ratio, c.local_window),
+            # masked full products: P x W for pooling, W x P for the decoder's read
+            "cross_attention": flops.cross_attention(P, W, dl) + flops.cross_attention(W, P, dl),
+            "global": flops.linear(P, dl, dg) + flops.transformer(P, dg, c.global_layers, c.mlp_ratio) + flops.linear(P, dg, dl),
+            "local_decoder": flops.transformer(W, dl, c.decoder_layers, c.mlp_ratio, c.local_window) + flops.linear(W, dl, BYTE_VOCAB),
+        }
+        if self.entropy_model is not None:
+            parts["auxiliary"] = self.entropy_model.flops_per_byte(W)["total"] * W  # entropy model inference
+        parts["total"] = sum(parts.values())
+        return parts
+
+    def flops_per_byte(self, window: int) -> dict[str, float]:
+        per_window = self.forward_flops(window, self.expected_patches(window))
+        return {name: value / window for name, value in per_window.items()}
+
+    def parameter_counts(self) -> dict[str, int]:
+        """The patcher's own parameters; the entropy model's are listed as "auxiliary"."""
+        counts = {"total": 0, "embedding": 0}
+        for name, module in self.named_children():
+            if name == "entropy_model":
+                continue
+            for m in module.modules():
+                for p in m.parameters(recurse=False):
+                    counts["total"] += p.numel()
+                    counts["embedding"] += p.numel() if isinstance(m, nn.Embedding) else 0
+        counts["total"] += self.bos.numel()
+        counts["non_embedding"] = counts["total"] - counts["embedding"]
+        counts["auxiliary"] = sum(p.numel() for p in self.entropy_model.parameters()) if self.entropy_model is not None else 0
+        return counts
