@@ -10,12 +10,15 @@ import sys
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.lm_eval_cli import add_parser as add_lm_eval_parser
 
 EPILOG = """examples:
   harness run suites/smoke.yaml            train + evaluate every run of a suite
   harness report results/smoke             markdown table to stdout, plots in results/smoke/plots
   harness report results/smoke -o results/smoke/report.md
   harness list                             adapters, their descriptions and config fields
+  harness lm-eval --model harness --model_args pretrained=results/smoke/runs/RUN_ID --tasks harness_bpb
+                                           lm-evaluation-harness on a checkpoint (every option is lm-eval's)
 """
 
 
@@ -89,6 +92,7 @@ def parser() -> argparse.ArgumentParser:
                              description="List the registered adapters (built-in and from the harness.adapters "
                                          "entry-point group) with a one-line description and their config fields.")
     listing.set_defaults(func=cmd_list)
+    add_lm_eval_parser(sub)
     return top
 
 
