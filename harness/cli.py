@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.export import add_parser as add_export_parser
 from harness.lm_eval_cli import add_parser as add_lm_eval_parser
 
 EPILOG = """examples:
@@ -17,6 +18,8 @@ EPILOG = """examples:
   harness report results/smoke             markdown table to stdout, plots in results/smoke/plots
   harness report results/smoke -o results/smoke/report.md
   harness list                             adapters, their descriptions and config fields
+  harness export results/smoke/runs/bpe__C2.50e11__s0 exported/bpe
+                                           a bpe run as a transformers model + tokenizer
   harness lm-eval --model harness --model_args pretrained=results/smoke/runs/RUN_ID --tasks harness_bpb
                                            lm-evaluation-harness on a checkpoint (every option is lm-eval's)
 """
@@ -92,6 +95,7 @@ def parser() -> argparse.ArgumentParser:
                              description="List the registered adapters (built-in and from the harness.adapters "
                                          "entry-point group) with a one-line description and their config fields.")
     listing.set_defaults(func=cmd_list)
+    add_export_parser(sub)
     add_lm_eval_parser(sub)
     return top
 

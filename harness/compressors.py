@@ -47,3 +47,9 @@ def reference_rows(windows: torch.Tensor) -> dict:
     total = sum(len(c) for c in chunks)
     rows = {name: 8.0 * sum(len(fn(c)) for c in chunks) / total for name, fn in compressors().items()}
     return {"compressors_bpb": rows, "order0_entropy_bpb": order0_entropy(b"".join(chunks))}
+
+
+def raw_byte_metrics(test: bytes) -> dict:
+    """The raw-bytes row of the report's tokenizer table: one token per byte, no training."""
+    return {"tokenizer": "raw bytes", "vocab_size": 256, "bytes_per_token_test": 1.0,
+            "vocab_used_test": len(set(test)) / 256, "tokenizer_train_seconds": 0.0}

@@ -64,6 +64,12 @@ class Adapter(nn.Module, metaclass=ABCMeta):
         the trained model on the training split. Returns facts for the record."""
         return {}
 
+    def tokenizer_metrics(self, test: bytes, window: int) -> dict:
+        """Figures for the report's tokenizer table on the test split (tokenizer, vocab_size,
+        bytes_per_token_test, bytes_per_token_test_windows, vocab_used_test,
+        tokenizer_train_seconds, encode_mb_per_s); empty for models without a tokenizer."""
+        return {}
+
     def units_per_byte(self) -> float:
         """Model positions per byte (tokens or patches per byte); 1 for byte models."""
         return 1.0

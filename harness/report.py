@@ -108,12 +108,36 @@ def _markdown(frame: pd.DataFrame) -> str:
         "params": "{:,.0f}", "fwd FLOPs/byte": "{:.3g}", "train FLOPs": "{:.3g}", "bytes seen": "{:,.0f}",
         "epochs": "{:.2f}", "val bpb": "{:.4f}", "test bpb": "{:.4f}", "bytes/unit": "{:.2f}", "wall s": "{:.1f}",
         "FLOP/s": "{:.3g}", "MFU": "{:.1%}", "bpb": "{:.4f}", "budget": "{:.3g}", "Δ vs best": "{:+.4f}", "p": "{:.3g}",
+        "bytes/token (test)": "{:.3f}", "bytes/token (test windows)": "{:.3f}", "vocab used (test)": "{:.1%}",
+        "tokenizer train s": "{:.2f}", "encode MB/s": "{:.2f}",
     }
     shown = frame.copy()
     for column, fmt in formats.items():
         if column in shown:
             shown[column] = shown[column].map(lambda v, fmt=fmt: fmt.format(v) if pd.notna(v) else "")
     return shown.to_markdown(index=False, disable_numparse=True)
+
+
+def tokenizer_table(records: list[dict], suite: dict) -> pd.DataFrame | None:
+    """One row per tokenizer model (first run of each), plus raw bytes for comparison."""
+    rows, seen = [], set()
+    for r in records:
+        t = r.get("tokenizer") or {}
+        if not t or r["model"]["name"] in seen:
+            continue
+        seen.add(r["model"]["name"])
+        rows.append({"model": r["model"]["name"], "tokenizer": t["tokenizer"], "vocab": t["vocab_size"],
+                     "bytes/token (test)": t["bytes_per_token_test"],
+                     "bytes/token (test windows)": t.get("bytes_per_token_test_windows"),
+                     "vocab used (test)": t["vocab_used_test"], "tokenizer train s": t["tokenizer_train_seconds"],
+                     "encode MB/s": t.get("encode_mb_per_s")})
+    if not rows:
+        return None
+    raw = suite["raw_bytes_tokenizer"]
+    rows.append({"model": "(raw bytes)", "tokenizer": raw["tokenizer"], "vocab": raw["vocab_size"],
+                 "bytes/token (test)": 1.0, "bytes/token (test windows)": 1.0,
+                 "vocab used (test)": raw["vocab_used_test"], "tokenizer train s": 0.0, "encode MB/s": None})
+    return pd.DataFrame(rows)
 
 
 def plot_bpb_vs_flops(summary: pd.DataFrame, path: Path) -> None:
@@ -211,6 +235,12 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
         "",
         _markdown(runs_table(records)),
         "",
+    ]
+    tokenizers = tokenizer_table(records, suite)
+    if tokenizers is not None:
+        lines += ["## Tokenizers (test split)", "", _markdown(tokenizers), "",
+                  "Training time is that of the run that trained the tokenizer; later runs load it from the cache.", ""]
+    lines += [
         "## Reference rows (same test windows, each compressed on its own)",
         "",
         _markdown(reference),

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from harness import RECORD_FORMAT_VERSION, data, registry
-from harness.compressors import reference_rows
+from harness.compressors import raw_byte_metrics, reference_rows
 from harness.errors import HarnessError
 from harness.evaluate import evaluate
 from harness.flops import measure_forward, measure_matmul_peak, training_flops_per_byte
@@ -53,6 +53,7 @@ def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "au
         "device": str(device),
         "matmul_peak_flops_per_s": peak,
         "references": {"test": reference_rows(test_windows), "windows": len(test_windows), "window": suite.eval.window},
+        "raw_bytes_tokenizer": raw_byte_metrics(splits.test),
         "versions": versions(),
     })
     runs = expand(suite)
@@ -88,7 +89,8 @@ def execute(run: Run, suite: Suite, splits: data.Splits, val_windows, test_windo
     auxiliary_training = float(preparation.get("flops", 0.0)) if suite.count_auxiliary_flops else 0.0
     budget_left = run.budget - auxiliary_training
     train_fpb = training_flops_per_byte(flops, suite.count_auxiliary_flops)
-    measured = (measure_forward(model.eval(), test_windows[:2].to(device)) / test_windows[:2].numel()
+    # window by window, so that no padding between windows of a batch is counted
+    measured = (sum(measure_forward(model.eval(), w[None].to(device)) for w in test_windows[:2]) / test_windows[:2].numel()
                 + model.uncounted_flops_per_byte(window))
     batch_bytes = run.trainer.batch_windows * window
     train_bytes = max(0.0, budget_left) / train_fpb
@@ -150,6 +152,7 @@ def execute(run: Run, suite: Suite, splits: data.Splits, val_windows, test_windo
         "val": val,
         "test": test,
         "test_variants": variants,
+        "tokenizer": model.tokenizer_metrics(splits.test, window),
         "train_seconds": training["seconds"],
         "resumed_at_step": training["resumed_at_step"],
         "wall_seconds": time.perf_counter() - started,
