@@ -152,6 +152,13 @@ class Patcher(Adapter):
             raise HarnessError("patcher 'entropy': the entropy model is untrained; run prepare(train_bytes, seed) first")
         return self.starts_from_entropy(self.entropies(windows))
 
+    @torch.no_grad()
+    def segment(self, windows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The hook of `harness segment`: (entropy H_t from bytes < t, or None for rules
+        without a score; patch starts), both (B, W)."""
+        scores = self.entropies(windows) if self.config.patcher == "entropy" else None
+        return scores, self.patch_starts(windows)
+
     def decoder_mask(self, patch_id: torch.Tensor, slots: int) -> torch.Tensor:
         """(B, W, P) bool: byte t may read patch k iff k < patch_id[t], i.e. patch k ends before t."""
         return torch.arange(slots, device=patch_id.device) < patch_id[:, :, None]

@@ -12,6 +12,7 @@ from pathlib import Path
 from harness.errors import HarnessError
 from harness.export import add_parser as add_export_parser
 from harness.lm_eval_cli import add_parser as add_lm_eval_parser
+from harness.segment import add_parser as add_segment_parser
 
 EPILOG = """examples:
   harness run suites/smoke.yaml            train + evaluate every run of a suite
@@ -20,6 +21,8 @@ EPILOG = """examples:
   harness list                             adapters, their descriptions and config fields
   harness export results/smoke/runs/bpe__C2.50e11__s0 exported/bpe
                                            a bpe run as a transformers model + tokenizer
+  harness segment results/smoke/runs/byteflow-l2__C2.50e11__s0 --split test
+                                           chunk boundaries of a ByteFlow or patcher run, printed and as PNG
   harness lm-eval --model harness --model_args pretrained=results/smoke/runs/RUN_ID --tasks harness_bpb
                                            lm-evaluation-harness on a checkpoint (every option is lm-eval's)
 """
@@ -96,6 +99,7 @@ def parser() -> argparse.ArgumentParser:
                                          "entry-point group) with a one-line description and their config fields.")
     listing.set_defaults(func=cmd_list)
     add_export_parser(sub)
+    add_segment_parser(sub)
     add_lm_eval_parser(sub)
     return top
 

@@ -10,11 +10,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from harness import stats  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
 from harness.patch_plots import plot_patch_sizes  # noqa: E402
+from harness.segment import Segmentation, plot_segmentation  # noqa: E402
 from harness.records import read_suite_records  # noqa: E402
 
 
@@ -107,7 +109,7 @@ def _markdown(frame: pd.DataFrame) -> str:
     formats = {
         "params": "{:,.0f}", "fwd FLOPs/byte": "{:.3g}", "train FLOPs": "{:.3g}", "bytes seen": "{:,.0f}",
         "epochs": "{:.2f}", "val bpb": "{:.4f}", "test bpb": "{:.4f}", "bytes/unit": "{:.2f}", "wall s": "{:.1f}",
-        "FLOP/s": "{:.3g}", "MFU": "{:.1%}", "bpb": "{:.4f}", "budget": "{:.3g}", "Δ vs best": "{:+.4f}", "p": "{:.3g}",
+        "FLOP/s": "{:.3g}", "MFU": "{:.1%}", "bpb": "{:.4f}", "budget": "{:.3g}", "Δ vs best": "{:+.4f}", "causal test bpb": "{:.4f}", "causal - rule": "{:+.4f}", "p": "{:.3g}",
         "bytes/token (test)": "{:.3f}", "bytes/token (test windows)": "{:.3f}", "vocab used (test)": "{:.1%}",
         "tokenizer train s": "{:.2f}", "encode MB/s": "{:.2f}",
     }
@@ -138,6 +140,61 @@ def tokenizer_table(records: list[dict], suite: dict) -> pd.DataFrame | None:
                  "bytes/token (test)": 1.0, "bytes/token (test windows)": 1.0,
                  "vocab used (test)": raw["vocab_used_test"], "tokenizer train s": 0.0, "encode MB/s": None})
     return pd.DataFrame(rows)
+
+
+def representative_runs(records: list[dict], key: str) -> dict[str, dict]:
+    """Per model that has `key` in its records: the run at its largest budget, lowest seed."""
+    chosen: dict[str, dict] = {}
+    for r in sorted(records, key=lambda r: (r["budget_flops"], -r["seed"])):
+        if r.get(key):
+            chosen[r["model"]["name"]] = r
+    return chosen
+
+
+def plot_segmentation_examples(records: list[dict], plot_dir: Path) -> list[str]:
+    """One picture per chunking model: the start of the test split with its boundaries
+    (and scores), as the evaluation rule cut it. Returns markdown image lines."""
+    lines = []
+    for name, r in representative_runs(records, "segmentation").items():
+        seg = r["segmentation"]
+        starts = np.zeros(len(seg["example_bytes"]), dtype=bool)
+        starts[seg["example_starts"]] = True
+        scores = None if seg["example_scores"] is None else np.asarray(seg["example_scores"])
+        example = Segmentation(text=bytes(seg["example_bytes"]), scores=scores, starts=starts, window=seg["window"])
+        path = plot_dir / f"segment_{name}.png"
+        plot_segmentation(example, path, f"{name} ({r['run_id']}), test split, evaluation rule")
+        lines += [f"![{name}: chunk boundaries on the test split](plots/{path.name})", ""]
+    return lines
+
+
+def plot_chunk_lengths(records: list[dict], path: Path) -> bool:
+    """Fraction of chunks (patches) of each length on the test windows, one line per chunking model."""
+    runs = representative_runs(records, "segmentation")
+    if not runs:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in runs.items():
+        counts = np.asarray(r["segmentation"]["chunk_length_counts"], dtype=float)
+        lengths = np.arange(len(counts))
+        mean = (lengths * counts).sum() / counts.sum()
+        ax.plot(lengths[1:], counts[1:] / counts.sum(), marker="o", markersize=3, linewidth=1,
+                label=f"{name} (mean {mean:.2f} B)")
+    ax.set_xlabel("chunk length (bytes)")
+    ax.set_ylabel("fraction of chunks")
+    ax.set_title("chunk lengths on the test windows (evaluation rule)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def calibration_table(records: list[dict]) -> pd.DataFrame | None:
+    """Scalar facts that adapters computed after training (e.g. ByteFlow's threshold)."""
+    rows = [{"run": r["run_id"], **{k: v for k, v in r["calibration"].items() if isinstance(v, (int, float, str))}}
+            for r in records if r.get("calibration")]
+    return pd.DataFrame(rows) if rows else None
 
 
 def plot_bpb_vs_flops(summary: pd.DataFrame, path: Path) -> None:
@@ -195,7 +252,8 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
         + [{"reference": "order-0 entropy of the test windows", "bpb": refs["test"]["order0_entropy_bpb"]}]
     )
     variants = [
-        {"run": r["run_id"], "rule": name, "test bpb": v["bpb"], "note": v["label"]}
+        {"run": r["run_id"], "rule": name, "test bpb": v["bpb"], "causal test bpb": r["test"]["bpb"],
+         "causal - rule": r["test"]["bpb"] - v["bpb"], "note": v["label"]}
         for r in records for name, v in r.get("test_variants", {}).items()
     ]
     spec = suite["suite"]
@@ -247,7 +305,13 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
         "",
     ]
     if variants:
-        lines += ["## Other evaluation rules", "", _markdown(pd.DataFrame(variants)), ""]
+        lines += ["## Other evaluation rules", "",
+                  "The test bpb above uses each adapter's causal evaluation rule; these rows use other rules "
+                  "for comparison (a non-causal rule is not a valid likelihood).", "",
+                  _markdown(pd.DataFrame(variants)), ""]
+    calibration = calibration_table(records)
+    if calibration is not None:
+        lines += ["## Calibration after training", "", calibration.to_markdown(index=False, floatfmt=".4g"), ""]
     lines += [
         "## Plots",
         "",
@@ -258,4 +322,7 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
     ]
     if plot_patch_sizes(records, plot_dir / "patch_sizes.png"):
         lines += ["![patch sizes per patcher, training split](plots/patch_sizes.png)", ""]
+    if plot_chunk_lengths(records, plot_dir / "chunk_lengths.png"):
+        lines += ["![chunk lengths on the test windows](plots/chunk_lengths.png)", ""]
+    lines += plot_segmentation_examples(records, plot_dir)
     return "\n".join(lines)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -16,6 +17,7 @@ from harness.compressors import raw_byte_metrics, reference_rows
 from harness.errors import HarnessError
 from harness.evaluate import evaluate
 from harness.flops import measure_forward, measure_matmul_peak, training_flops_per_byte
+from harness.segment import segment_bytes
 from harness.records import read_record, save_checkpoint_atomic, versions, write_json_atomic
 from harness.suite import Run, Suite, expand, load_corpus, load_suite
 from harness.train import train
@@ -74,6 +76,23 @@ def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "au
     return out
 
 
+def segmentation_example(model, test: bytes, window: int, example_bytes: int = 384) -> dict | None:
+    """For chunking models (a `segment` hook): how the evaluation rule cuts the start of the
+    test split (bytes, scores, starts) and the chunk-length histogram over the scored windows."""
+    if not hasattr(model, "segment"):
+        return None
+    scored = test[: len(test) // window * window]
+    seg = segment_bytes(model, scored, window)
+    example = slice(0, min(example_bytes, len(scored)))
+    return {
+        "example_bytes": list(scored[example]),
+        "example_starts": np.flatnonzero(seg.starts[example]).tolist(),
+        "example_scores": None if seg.scores is None else np.round(seg.scores[example], 5).tolist(),
+        "chunk_length_counts": np.bincount(seg.lengths()).tolist(),
+        "window": window,
+    }
+
+
 def execute(run: Run, suite: Suite, splits: data.Splits, val_windows, test_windows, device: torch.device,
             peak: float, config_hash: str, run_dir: Path, show_progress: bool, save_every_s: float) -> dict:
     started = time.perf_counter()
@@ -89,8 +108,8 @@ def execute(run: Run, suite: Suite, splits: data.Splits, val_windows, test_windo
     auxiliary_training = float(preparation.get("flops", 0.0)) if suite.count_auxiliary_flops else 0.0
     budget_left = run.budget - auxiliary_training
     train_fpb = training_flops_per_byte(flops, suite.count_auxiliary_flops)
-    # window by window, so that no padding between windows of a batch is counted
-    measured = (sum(measure_forward(model.eval(), w[None].to(device)) for w in test_windows[:2]) / test_windows[:2].numel()
+    # the training forward (what budgets count), window by window so no batch padding is counted
+    measured = (sum(measure_forward(model.train(), w[None].to(device)) for w in test_windows[:2]) / test_windows[:2].numel()
                 + model.uncounted_flops_per_byte(window))
     batch_bytes = run.trainer.batch_windows * window
     train_bytes = max(0.0, budget_left) / train_fpb
@@ -117,6 +136,7 @@ def execute(run: Run, suite: Suite, splits: data.Splits, val_windows, test_windo
         variants[name] = {"label": label, **evaluate(model, test_windows, suite.eval.batch_windows, device)}
         model.set_eval_variant(None)
 
+    segmentation = segmentation_example(model, splits.test, window)
     training_flops = train_fpb * training["bytes_seen"]
     achieved = training_flops / training["seconds"]
     total_flops = training_flops + auxiliary_training
@@ -153,6 +173,7 @@ def execute(run: Run, suite: Suite, splits: data.Splits, val_windows, test_windo
         "test": test,
         "test_variants": variants,
         "tokenizer": model.tokenizer_metrics(splits.test, window),
+        "segmentation": segmentation,
         "train_seconds": training["seconds"],
         "resumed_at_step": training["resumed_at_step"],
         "wall_seconds": time.perf_counter() - started,

@@ -13,7 +13,8 @@ from harness import data, registry
 from harness.audit import assert_causal, causality_audit
 from harness.errors import HarnessError
 from harness.flops import measure_forward
-from harness.patch_plots import example_starts, plot_patch_boundaries, plot_patch_sizes
+from harness.patch_plots import plot_patch_sizes
+from harness.segment import plot_segmentation, segment_bytes
 from harness.records import read_suite_records
 from harness.runner import run_suite
 from tests.checks import assert_flops_match
@@ -272,8 +273,11 @@ def test_three_patchers_train_and_evaluate_through_the_runner(write_suite, tmp_p
     assert plot_patch_sizes(list(records.values()), tmp_path / "sizes.png")
     assert (tmp_path / "sizes.png").stat().st_size > 1000
     assert not plot_patch_sizes([{"model": {"name": "bytes"}, "preparation": {}}], tmp_path / "none.png")
-    text = TEST[:96]
-    starts = example_starts(prepared, text)
-    assert all(s[0] == 0 for s in starts.values())
-    plot_patch_boundaries(text, starts, tmp_path / "boundaries.png", line_bytes=48)
-    assert (tmp_path / "boundaries.png").stat().st_size > 1000
+    text = TEST[:150]
+    for patcher, model in prepared.items():  # the segment hook: boundaries as the model patches
+        seg = segment_bytes(model, text, WINDOW)
+        expected = torch.cat([model.patch_starts(w[None])[0] for w in data.to_tensor(text).split(WINDOW)])
+        assert seg.starts.tolist() == expected.tolist() and seg.starts[0] and seg.starts[WINDOW]
+        assert (seg.scores is not None) == (patcher == "entropy")
+        plot_segmentation(seg, tmp_path / f"{patcher}.png", patcher)
+        assert (tmp_path / f"{patcher}.png").stat().st_size > 1000

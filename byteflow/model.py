@@ -1,0 +1,274 @@
+"""ByteFlow Net (Deng et al., ICLR 2026, arXiv 2603.03583): a byte model that chunks its
+own input by coding rate. No official code exists; this follows the paper's description.
+
+    bytes -> embed -> local encoder (E blocks) -> h_t                        (B, T, d_local)
+          -> coding-rate score per position, no gradient                     (B, T)
+          -> select K = round(r T) chunk starts (static shapes in training)
+          -> z_i = W_proj h_{s_i} -> global Transformer over the K starts    (B, K, d_global)
+          -> byte t adds U[min(t - s, B - 1)] g_s, s the latest start <= t   (B, T, d_local)
+          -> local decoder (D blocks) -> byte head                           (B, T, 256)
+
+Local blocks are harness.nn blocks with a sliding window and Canon convolutions:
+norm -> windowed attention -> residual -> Canon -> norm -> SwiGLU -> residual -> Canon.
+
+Causality. The input is shifted by one (BOS, x_0 .. x_{T-2}), so position t, its encoder
+output, its score and every decision taken at t have seen bytes < t only, and the logits
+at t predict byte t. A chunk may therefore start at t and serve byte t itself. Training
+selects the top K scores of the whole window, as published; that lets later bytes decide
+which earlier positions start chunks, so it is not a valid likelihood. Evaluation uses a
+causal rule (config eval_rule): a threshold calibrated on the training split after
+training (finish_training), or a rolling rule (top fraction r of the last scores). With a
+causal rule the number of chunks varies per window: the global model runs over the batch's
+largest count, shorter rows padded at the end, where the causal global model never
+attends them.
+The top-K rule stays available in evaluation as the variant "topk" (reported, labelled).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from byteflow import coding_rate
+from harness import data, flops
+from harness.errors import HarnessError
+from harness.evaluate import autocast
+from harness.nn import Block, Transformer, init_weights
+from harness.registry import BOS, BYTE_VOCAB, Adapter, AdapterConfig, register
+
+TOPK_LABEL = "global top-K selection (non-causal, not a valid likelihood)"
+
+
+class ByteFlowConfig(AdapterConfig):
+    d_local: int = Field(64, ge=8, description="width of the byte-level encoder and decoder")
+    d_global: int = Field(128, ge=8, description="width of the global Transformer over chunks")
+    encoder_layers: int = Field(1, ge=1, description="E: local encoder blocks")
+    decoder_layers: int = Field(1, ge=1, description="D: local decoder blocks")
+    global_layers: int = Field(2, ge=1, description="global Transformer blocks")
+    n_heads: int = Field(4, ge=1, description="attention heads of the local blocks")
+    global_heads: int = Field(4, ge=1, description="attention heads of the global blocks")
+    mlp_ratio: float = Field(8 / 3, gt=0, description="SwiGLU hidden width / width")
+    window: int = Field(32, ge=1, description="w: sliding attention window of the local blocks, in bytes")
+    rate: float = Field(0.25, gt=0, le=1, description="r: chunks per byte; K = round(r * window length)")
+    score: Literal["logdet", "l2"] = Field("logdet", description="coding-rate gain (logdet) or the ||h||^2 approximation (l2)")
+    eps: float = Field(4.0, gt=0, description="coding-rate distortion; a = d_local / eps^2")
+    score_block: int = Field(64, ge=0, description="positions per Cholesky block of the logdet score (0 = whole window)")
+    eval_rule: Literal["threshold", "rolling"] = Field(
+        "threshold", description="causal rule in evaluation: threshold calibrated after training (rolling until then) or rolling top fraction r")
+    rolling_window: int = Field(64, ge=1, description="scores the rolling rule compares, ending at t")
+    upsample_matrices: int = Field(16, ge=1, description="B: upsampling matrices, picked by the offset from the chunk start")
+    calibration_windows: int = Field(256, ge=1, description="training windows used to calibrate the threshold")
+
+
+@register
+class ByteFlow(Adapter):
+    name = "byteflow"
+    description = "ByteFlow Net: coding-rate chunking (top-K in training, causal rule in evaluation), global model over chunks"
+    Config = ByteFlowConfig
+
+    def __init__(self, config: ByteFlowConfig):
+        super().__init__(config)
+        c = config
+        self.embed = nn.Embedding(BYTE_VOCAB + 1, c.d_local)
+        self.encoder = nn.ModuleList(Block(c.d_local, c.n_heads, c.mlp_ratio, c.window, canon=True) for _ in range(c.encoder_layers))
+        self.down = nn.Linear(c.d_local, c.d_global, bias=False)
+        self.global_model = Transformer(c.d_global, c.global_layers, c.global_heads, c.mlp_ratio)
+        self.up = nn.Parameter(torch.empty(c.upsample_matrices, c.d_global, c.d_local))
+        self.decoder = Transformer(c.d_local, c.decoder_layers, c.n_heads, c.mlp_ratio, c.window, canon=True)
+        self.head = nn.Linear(c.d_local, BYTE_VOCAB, bias=False)
+        init_weights(self)
+        nn.init.normal_(self.up, std=0.02)
+        self.register_buffer("threshold", torch.tensor(math.nan, dtype=torch.float64))  # set by finish_training
+        self.register_buffer("train_window", torch.tensor(0))  # window length seen in training
+        self.variant: str | None = None
+
+    # --- stages -------------------------------------------------------------------------
+
+    def encode(self, windows: torch.Tensor) -> torch.Tensor:
+        """(B, T) bytes -> (B, T, d_local); position t has seen bytes < t only."""
+        x = self.embed(F.pad(windows[:, :-1], (1, 0), value=BOS))  # BOS, x_0 .. x_{T-2}
+        for block in self.encoder:
+            x = block(x)
+        return x
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T, d_local) -> (B, T) coding-rate scores, no gradient."""
+        c = self.config
+        if c.score == "l2":
+            return coding_rate.l2_scores(h)
+        return coding_rate.logdet_gains(h, c.d_local / c.eps**2, c.score_block)
+
+    def rule(self) -> str:
+        if self.training or self.variant == "topk":
+            return "topk"
+        if self.config.eval_rule == "threshold" and not math.isnan(float(self.threshold)):
+            return "threshold"
+        return "rolling"
+
+    @torch.no_grad()
+    def select(self, scores: torch.Tensor, rule: str) -> torch.Tensor:
+        """(B, T) scores -> (B, T) chunk starts under `rule`."""
+        c = self.config
+        if rule == "topk":
+            return coding_rate.select_top_k(scores, coding_rate.selected_count(scores.shape[1], c.rate))
+        if rule == "threshold":
+            return coding_rate.select_threshold(scores, float(self.threshold))
+        return coding_rate.select_rolling(scores, c.rolling_window, c.rate)
+
+    def upsample(self, g: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """(B, T, d_global) chunk outputs per byte, (B, T) offsets -> (B, T, d_local): one
+        matrix product per byte, grouped by matrix (bytes sorted by clamped offset)."""
+        B, T, _ = g.shape
+        which = offset.clamp(max=self.config.upsample_matrices - 1).reshape(-1)
+        order = which.argsort(stable=True)
+        counts = torch.bincount(which, minlength=self.config.upsample_matrices).tolist()
+        pieces = [rows @ matrix for rows, matrix in zip(g.reshape(B * T, -1)[order].split(counts), self.up.unbind(0))]
+        return torch.cat(pieces)[order.argsort()].view(B, T, -1)
+
+    def next_byte_logits(self, windows: torch.Tensor) -> torch.Tensor:
+        B, T = windows.shape
+        if self.training:
+            self.train_window.fill_(T)
+        h = self.encode(windows)  # (B, T, dl)
+        rule = self.rule()
+        starts = self.select(self.scores(h), rule)  # (B, T) bool
+        slots = coding_rate.selected_count(T, self.config.rate) if rule == "topk" else int(starts.sum(1).max())
+        positions, chunk, offset = coding_rate.chunk_layout(starts, slots)
+        z = self.down(h.gather(1, positions.unsqueeze(-1).expand(-1, -1, h.shape[-1])))  # (B, S, dg)
+        g = self.global_model(z)  # (B, S, dg)
+        g_bytes = g.gather(1, chunk.unsqueeze(-1).expand(-1, -1, g.shape[-1]))  # (B, T, dg)
+        return self.head(self.decoder(h + self.upsample(g_bytes, offset)))  # (B, T, 256)
+
+    # --- evaluation variants and the segment hook -----------------------------------------
+
+    def eval_variants(self) -> dict[str, str]:
+        return {"topk": TOPK_LABEL}
+
+    def set_eval_variant(self, name: str | None) -> None:
+        if name not in (None, "topk"):
+            raise HarnessError(f"adapter {self.name!r} has no evaluation variant {name!r} (known: topk)")
+        self.variant = name
+
+    @torch.no_grad()
+    def segment(self, windows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(B, W) bytes -> (scores (B, W) float, starts (B, W) bool): the score computed
+        from bytes < t, and whether byte t starts a chunk, under the current rule."""
+        h = self.encode(windows)
+        scores = self.scores(h)
+        return scores.float(), self.select(scores, self.rule())
+
+    # --- calibration after training -------------------------------------------------------
+
+    @torch.no_grad()
+    def calibrate(self, train: bytes, window: int) -> dict:
+        """Set the threshold so that it selects K = round(r * window) positions per window on
+        average over windows spread across the training split."""
+        c = self.config
+        device = self.threshold.device
+        windows = data.windows(train, window)
+        if len(windows) == 0:
+            raise HarnessError(f"byteflow: the training split is shorter than one {window}-byte window")
+        pick = torch.linspace(0, len(windows) - 1, min(c.calibration_windows, len(windows))).round().long()
+        windows = windows[pick]
+        was_training = self.training
+        self.eval()
+        with autocast(device):  # the numerics of evaluation
+            scores = torch.cat([self.scores(self.encode(w.to(device))) for w in windows.split(32)])
+        self.train(was_training)
+        k = coding_rate.selected_count(window, c.rate)
+        self.threshold.fill_(coding_rate.calibrate_threshold(scores, k))
+        starts = {rule: self.select(scores, rule).double() for rule in ("threshold", "rolling", "topk")}
+        rates = {rule: float(mask.mean()) for rule, mask in starts.items()}
+        position = torch.arange(window, device=scores.device, dtype=torch.float64)
+        return {
+            "threshold": float(self.threshold),
+            "calibration_windows": len(windows),
+            "calibration_bytes": windows.numel(),
+            "target_rate": k / window,
+            "selection_rate": rates,
+            "mean_chunk_bytes": {rule: 1 / rate for rule, rate in rates.items()},
+            # where in the window chunks start (uniform: (window - 1) / 2); the prefix coding rate favours the start
+            "mean_start_position": {rule: float((mask * position).sum() / mask.sum()) for rule, mask in starts.items()},
+        }
+
+    def finish_training(self, train: bytes) -> dict:
+        window = int(self.train_window)
+        if window < 1:
+            raise HarnessError("byteflow: finish_training before any training step (no window length to calibrate on)")
+        started = time.perf_counter()
+        facts = self.calibrate(train, window)
+        facts["seconds"] = time.perf_counter() - started
+        facts["scoring_share_of_step"] = self.scoring_share(train, window)
+        return facts
+
+    def scoring_share(self, train: bytes, window: int, batch_windows: int = 16, repeats: int = 3) -> float:
+        """Fraction of a training step's time (forward + backward) spent computing the
+        scores, the top-K selection and the chunk layout, on a batch of training windows."""
+        device = self.threshold.device
+        batch = data.windows(train, window, batch_windows).to(device)
+        was_training = self.training
+        self.train()
+        parameters = [p for p in self.parameters() if p.requires_grad]
+
+        def step():
+            with autocast(device):  # the numerics of training
+                loss = self(batch).float().mean()
+            torch.autograd.grad(loss, parameters)
+
+        with torch.no_grad(), autocast(device):
+            h = self.encode(batch)
+
+        def scoring():
+            starts = self.select(self.scores(h), "topk")
+            coding_rate.chunk_layout(starts, coding_rate.selected_count(window, self.config.rate))
+
+        share = _median_seconds(scoring, repeats, device) / _median_seconds(step, repeats, device)
+        self.train(was_training)
+        return share
+
+    # --- accounting -------------------------------------------------------------------------
+
+    def forward_flops(self, window: int, slots: int) -> dict[str, float]:
+        """Forward FLOPs per byte with `slots` global positions per window of `window` bytes."""
+        c = self.config
+        counted, uncounted = coding_rate.logdet_flops(window, c.d_local, c.score_block) if c.score == "logdet" else (0.0, 0.0)
+        parts = {
+            "encoder": c.encoder_layers * flops.block(window, c.d_local, c.mlp_ratio, c.window, canon=True) / window,
+            "scoring": counted / window,
+            "scoring_factorisation": uncounted / window,
+            "projection": flops.linear(slots, c.d_local, c.d_global) / window,
+            "global": flops.transformer(slots, c.d_global, c.global_layers, c.mlp_ratio) / window,
+            "upsampling": flops.linear(window, c.d_global, c.d_local) / window,
+            "decoder": flops.transformer(window, c.d_local, c.decoder_layers, c.mlp_ratio, c.window, canon=True) / window,
+            "head": flops.linear(1, c.d_local, BYTE_VOCAB),
+        }
+        parts["total"] = sum(parts.values())
+        return parts
+
+    def flops_per_byte(self, window: int) -> dict[str, float]:
+        """Training forward (top-K, K = round(r * window) chunks). A calibrated causal rule
+        selects the same rate on average."""
+        return self.forward_flops(window, coding_rate.selected_count(window, self.config.rate))
+
+    def uncounted_flops_per_byte(self, window: int) -> float:
+        return self.flops_per_byte(window)["scoring_factorisation"]
+
+
+def _median_seconds(fn, repeats: int, device: torch.device) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
