@@ -15,7 +15,6 @@ import pandas as pd  # noqa: E402
 
 from harness import stats  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
-from harness.patch_plots import plot_patch_sizes  # noqa: E402
 from harness.segment import Segmentation, plot_segmentation  # noqa: E402
 from harness.records import read_suite_records  # noqa: E402
 
@@ -167,27 +166,39 @@ def plot_segmentation_examples(records: list[dict], plot_dir: Path) -> list[str]
     return lines
 
 
-def plot_chunk_lengths(records: list[dict], path: Path) -> bool:
-    """Fraction of chunks (patches) of each length on the test windows, one line per chunking model."""
-    runs = representative_runs(records, "segmentation")
-    if not runs:
+def plot_length_distributions(curves: dict[str, np.ndarray], path: Path, title: str) -> bool:
+    """Fraction of chunks of each length, one line per label; counts[i] = chunks of i bytes.
+    Returns False, drawing nothing, when there is no curve."""
+    if not curves:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, r in runs.items():
-        counts = np.asarray(r["segmentation"]["chunk_length_counts"], dtype=float)
+    for label, counts in curves.items():
+        counts = np.asarray(counts, dtype=float)
         lengths = np.arange(len(counts))
         mean = (lengths * counts).sum() / counts.sum()
-        ax.plot(lengths[1:], counts[1:] / counts.sum(), marker="o", markersize=3, linewidth=1,
-                label=f"{name} (mean {mean:.2f} B)")
+        ax.plot(lengths[1:], counts[1:] / counts.sum(), marker="o", markersize=3, linewidth=1, label=f"{label} (mean {mean:.2f} B)")
     ax.set_xlabel("chunk length (bytes)")
     ax.set_ylabel("fraction of chunks")
-    ax.set_title("chunk lengths on the test windows (evaluation rule)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def plot_patch_sizes(records: list[dict], path: Path) -> bool:
+    """Patch sizes each patcher measured on the training split (record["preparation"])."""
+    curves = {f"{r['model']['name']} ({r['preparation'].get('patcher', '?')})": [0] + r["preparation"]["patch_size_counts"]
+              for r in representative_runs(records, "preparation").values() if r["preparation"].get("patch_size_counts")}
+    return plot_length_distributions(curves, path, "patch sizes on the training split")
+
+
+def plot_chunk_lengths(records: list[dict], path: Path) -> bool:
+    """Chunk (patch) lengths on the test windows under each chunking model's evaluation rule."""
+    curves = {name: r["segmentation"]["chunk_length_counts"] for name, r in representative_runs(records, "segmentation").items()}
+    return plot_length_distributions(curves, path, "chunk lengths on the test windows (evaluation rule)")
 
 
 def calibration_table(records: list[dict]) -> pd.DataFrame | None:

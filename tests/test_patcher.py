@@ -13,7 +13,7 @@ from harness import data, registry
 from harness.audit import assert_causal, causality_audit
 from harness.errors import HarnessError
 from harness.flops import measure_forward
-from harness.patch_plots import plot_patch_sizes
+from harness.report import plot_patch_sizes
 from harness.segment import plot_segmentation, segment_bytes
 from harness.records import read_suite_records
 from harness.runner import run_suite
@@ -272,7 +272,7 @@ def test_three_patchers_train_and_evaluate_through_the_runner(write_suite, tmp_p
 
     assert plot_patch_sizes(list(records.values()), tmp_path / "sizes.png")
     assert (tmp_path / "sizes.png").stat().st_size > 1000
-    assert not plot_patch_sizes([{"model": {"name": "bytes"}, "preparation": {}}], tmp_path / "none.png")
+    assert not plot_patch_sizes([{"model": {"name": "bytes"}, "budget_flops": 1.0, "seed": 0, "preparation": {}}], tmp_path / "none.png")
     text = TEST[:150]
     for patcher, model in prepared.items():  # the segment hook: boundaries as the model patches
         seg = segment_bytes(model, text, WINDOW)
