@@ -121,7 +121,7 @@ def test_third_party_adapter_through_an_entry_point(tmp_path, monkeypatch):
 
 
 def test_a_killed_run_continues_from_its_saved_state(write_suite, tmp_path):
-    path = write_suite(tiny_suite(budgets=[2e10]))
+    path = write_suite(tiny_suite(budgets=[8e9]))
     results = tmp_path / "killed"
     run_dir = results / "tiny" / "runs"
     command = [sys.executable, "-m", "harness.cli", "run", str(path), "--results", str(results), "--quiet",
