@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from pathlib import Path
 
 from harness.errors import HarnessError
@@ -51,15 +52,29 @@ def cmd_report(args: argparse.Namespace) -> None:
         print(markdown)
 
 
+def _type_name(annotation) -> str:
+    """int, float, one of a|b, ... for `harness list`."""
+    args, origin = typing.get_args(annotation), typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return "one of " + "|".join(str(a) for a in args)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin in (tuple, list):
+        return "list of " + _type_name(args[0])
+    if args:
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + (" or null" if type(None) in args else "")
+    return getattr(annotation, "__name__", str(annotation))
+
+
 def cmd_list(args: argparse.Namespace) -> None:
     from harness import registry
 
     for name, cls in registry.available().items():
         print(f"{name}: {cls.description}")
         for field, info in cls.Config.model_fields.items():
-            kind = getattr(info.annotation, "__name__", str(info.annotation))
+            default = f"{info.default:.4g}" if isinstance(info.default, float) else repr(info.default)
             help_text = f"  {info.description}" if info.description else ""
-            print(f"    {field} ({kind}, default {info.default!r}){help_text}")
+            print(f"    {field} ({_type_name(info.annotation)}, default {default}){help_text}")
 
 
 def parser() -> argparse.ArgumentParser:
