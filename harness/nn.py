@@ -78,8 +78,8 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, dim: int, n_heads: int, window: int = 0):
         super().__init__()
-        if dim % n_heads:
-            raise ValueError(f"width {dim} is not divisible by {n_heads} heads")
+        if dim % n_heads or (dim // n_heads) % 2:
+            raise ValueError(f"width {dim} does not split into {n_heads} heads of even width (RoPE rotates pairs)")
         self.n_heads = n_heads
         self.window = window
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)

@@ -22,6 +22,7 @@ BAD = [
     ("unknown adapter", tiny_suite(models=[{"name": "m", "adapter": "bites"}]), "models[0].adapter"),
     ("unknown config key", tiny_suite(models=[{"name": "m", "adapter": "bytes", "config": {"widht": 3}}]), "models[0].config.widht"),
     ("wrong config type", tiny_suite(models=[{"name": "m", "adapter": "bytes", "config": {"d_model": "wide"}}]), "models[0].config.d_model"),
+    ("heads that do not fit the width", tiny_suite(models=[{"name": "m", "adapter": "bytes", "config": {"d_model": 36, "n_heads": 4}}]), "models[0].config"),
     ("budget below one step", tiny_suite(budgets=[1e3]), "budgets"),
     ("missing corpus files", tiny_suite(corpus={"files": "nowhere/*.txt"}), "nowhere"),
     ("bad corpus form", tiny_suite(corpus={"embeded": "pydoc-topics"}), "corpus"),
