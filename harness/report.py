@@ -225,6 +225,24 @@ def plot_bpb_vs_flops(summary: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_bpb_vs_inference_flops(summary: pd.DataFrame, path: Path) -> None:
+    """Test bpb against forward FLOPs per byte (the cost of scoring a byte), one marker per model
+    and budget; a model's budgets share its colour."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model, group in summary.groupby("model"):
+        errors = [group["test bpb"] - group["_low"], group["_high"] - group["test bpb"]]
+        ax.errorbar(group["fwd FLOPs/byte"], group["test bpb"], yerr=errors, marker="o", linestyle="none", capsize=3, label=model)
+    ax.set_xscale("log")
+    ax.set_xlabel("forward FLOPs per byte (inference cost)")
+    ax.set_ylabel("test bits per byte")
+    ax.set_title("test bpb against inference cost")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_learning_curves(records: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in records:
@@ -255,6 +273,7 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
     summary = summary_table(records)
     ranking = ranking_table(records)
     plot_bpb_vs_flops(summary, plot_dir / "bpb_vs_flops.png")
+    plot_bpb_vs_inference_flops(summary, plot_dir / "bpb_vs_inference_flops.png")
     plot_learning_curves(records, plot_dir / "learning_curves.png")
 
     refs = suite["references"]
@@ -327,6 +346,8 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
         "## Plots",
         "",
         "![test bpb against training FLOPs](plots/bpb_vs_flops.png)",
+        "",
+        "![test bpb against forward FLOPs per byte](plots/bpb_vs_inference_flops.png)",
         "",
         "![learning curves](plots/learning_curves.png)",
         "",

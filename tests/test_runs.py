@@ -37,6 +37,7 @@ def test_smoke_suite_beats_order0_entropy_and_reports(tmp_path, capsys):
     assert "| bytes" in report and "order-0 entropy" in report and "gzip -9" in report
     assert (out / "plots" / "bpb_vs_flops.png").stat().st_size > 1000
     assert (out / "plots" / "learning_curves.png").stat().st_size > 1000
+    assert (out / "plots" / "bpb_vs_inference_flops.png").stat().st_size > 1000
     # the checkpoint reloads to the same test score
     model = load_checkpoint(out / "runs" / bytes_run["run_id"])
     from harness import data
