@@ -208,34 +208,19 @@ def calibration_table(records: list[dict]) -> pd.DataFrame | None:
     return pd.DataFrame(rows) if rows else None
 
 
-def plot_bpb_vs_flops(summary: pd.DataFrame, path: Path) -> None:
+def plot_bpb(summary: pd.DataFrame, x: str, xlabel: str, title: str, path: Path, connect: bool) -> None:
+    """Test bpb (95% intervals) against column `x` of the summary, one series per model;
+    `connect` joins a model's budgets with a line."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for model, group in summary.groupby("model"):
         group = group.sort_values("budget")
         errors = [group["test bpb"] - group["_low"], group["_high"] - group["test bpb"]]
-        ax.errorbar(group["budget"], group["test bpb"], yerr=errors, marker="o", capsize=3, label=model)
+        ax.errorbar(group[x], group["test bpb"], yerr=errors, marker="o", capsize=3, label=model,
+                    linestyle="-" if connect else "none")
     ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs (budget)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test bits per byte")
-    ax.set_title("test bpb against training compute")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_bpb_vs_inference_flops(summary: pd.DataFrame, path: Path) -> None:
-    """Test bpb against forward FLOPs per byte (the cost of scoring a byte), one marker per model
-    and budget; a model's budgets share its colour."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for model, group in summary.groupby("model"):
-        errors = [group["test bpb"] - group["_low"], group["_high"] - group["test bpb"]]
-        ax.errorbar(group["fwd FLOPs/byte"], group["test bpb"], yerr=errors, marker="o", linestyle="none", capsize=3, label=model)
-    ax.set_xscale("log")
-    ax.set_xlabel("forward FLOPs per byte (inference cost)")
-    ax.set_ylabel("test bits per byte")
-    ax.set_title("test bpb against inference cost")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -272,8 +257,10 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
     plot_dir.mkdir(parents=True, exist_ok=True)
     summary = summary_table(records)
     ranking = ranking_table(records)
-    plot_bpb_vs_flops(summary, plot_dir / "bpb_vs_flops.png")
-    plot_bpb_vs_inference_flops(summary, plot_dir / "bpb_vs_inference_flops.png")
+    plot_bpb(summary, "budget", "training FLOPs (budget)", "test bpb against training compute",
+             plot_dir / "bpb_vs_flops.png", connect=True)
+    plot_bpb(summary, "fwd FLOPs/byte", "forward FLOPs per byte (inference cost)", "test bpb against inference cost",
+             plot_dir / "bpb_vs_inference_flops.png", connect=False)
     plot_learning_curves(records, plot_dir / "learning_curves.png")
 
     refs = suite["references"]
