@@ -119,7 +119,7 @@ def _markdown(frame: pd.DataFrame) -> str:
     return shown.to_markdown(index=False, disable_numparse=True)
 
 
-def tokenizer_table(records: list[dict], suite: dict) -> pd.DataFrame | None:
+def tokenizer_table(records: list[dict], corpus: dict) -> pd.DataFrame | None:
     """One row per tokenizer model (first run of each), plus raw bytes for comparison."""
     rows, seen = [], set()
     for r in records:
@@ -134,7 +134,7 @@ def tokenizer_table(records: list[dict], suite: dict) -> pd.DataFrame | None:
                      "encode MB/s": t.get("encode_mb_per_s")})
     if not rows:
         return None
-    raw = suite["raw_bytes_tokenizer"]
+    raw = corpus["raw_bytes_tokenizer"]
     rows.append({"model": "(raw bytes)", "tokenizer": raw["tokenizer"], "vocab": raw["vocab_size"],
                  "bytes/token (test)": 1.0, "bytes/token (test windows)": 1.0,
                  "vocab used (test)": raw["vocab_used_test"], "tokenizer train s": 0.0, "encode MB/s": None})
@@ -150,7 +150,7 @@ def representative_runs(records: list[dict], key: str) -> dict[str, dict]:
     return chosen
 
 
-def plot_segmentation_examples(records: list[dict], plot_dir: Path) -> list[str]:
+def plot_segmentation_examples(records: list[dict], plot_dir: Path, label: str) -> list[str]:
     """One picture per chunking model: the start of the test split with its boundaries
     (and scores), as the evaluation rule cut it. Returns markdown image lines."""
     lines = []
@@ -160,7 +160,7 @@ def plot_segmentation_examples(records: list[dict], plot_dir: Path) -> list[str]
         starts[seg["example_starts"]] = True
         scores = None if seg["example_scores"] is None else np.asarray(seg["example_scores"])
         example = Segmentation(text=bytes(seg["example_bytes"]), scores=scores, starts=starts, window=seg["window"])
-        path = plot_dir / f"segment_{name}.png"
+        path = plot_dir / f"segment_{name}_{label}.png"
         plot_segmentation(example, path, f"{name} ({r['run_id']}), test split, evaluation rule")
         lines += [f"![{name}: chunk boundaries on the test split](plots/{path.name})", ""]
     return lines
@@ -255,34 +255,19 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
         raise HarnessError(f"{results_dir}: no finished runs yet")
     plot_dir = report_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
-    summary = summary_table(records)
-    ranking = ranking_table(records)
-    plot_bpb(summary, "budget", "training FLOPs (budget)", "test bpb against training compute",
-             plot_dir / "bpb_vs_flops.png", connect=True)
-    plot_bpb(summary, "fwd FLOPs/byte", "forward FLOPs per byte (inference cost)", "test bpb against inference cost",
-             plot_dir / "bpb_vs_inference_flops.png", connect=False)
-    plot_learning_curves(records, plot_dir / "learning_curves.png")
-
-    refs = suite["references"]
-    reference = pd.DataFrame(
-        [{"reference": name, "bpb": bpb} for name, bpb in refs["test"]["compressors_bpb"].items()]
-        + [{"reference": "order-0 entropy of the test windows", "bpb": refs["test"]["order0_entropy_bpb"]}]
-    )
-    variants = [
-        {"run": r["run_id"], "rule": name, "test bpb": v["bpb"], "causal test bpb": r["test"]["bpb"],
-         "causal - rule": r["test"]["bpb"] - v["bpb"], "note": v["label"]}
-        for r in records for name, v in r.get("test_variants", {}).items()
-    ]
     spec = suite["suite"]
+    by_corpus = {label: [r for r in records if r["corpus"]["label"] == label] for label in suite["corpora"]}
+    by_corpus = {label: runs for label, runs in by_corpus.items() if runs}
+    rankings = {label: ranking_table(runs) for label, runs in by_corpus.items()}
     lines = [
         f"# Suite `{spec['name']}`",
         "",
         spec.get("description") or "",
         "",
-        f"Corpus `{suite['corpus']['id']}` (sha256 `{suite['corpus']['sha256'][:16]}…`); split "
-        f"{spec['split']['train_bytes']:,} / {spec['split']['val_bytes']:,} / {spec['split']['test_bytes']:,} bytes; "
-        f"{refs['windows']} test windows of {refs['window']} bytes, each scored from an empty context. "
-        f"Device `{suite['device']}`, measured fp32 matmul peak {suite['matmul_peak_flops_per_s']:.3g} FLOP/s (MFU is relative to it).",
+        f"Split {spec['split']['train_bytes']:,} / {spec['split']['val_bytes']:,} / {spec['split']['test_bytes']:,} "
+        f"bytes (train / val / test) of each corpus; test windows of {spec['eval']['window']} bytes, each scored from "
+        f"an empty context. Device `{suite['device']}`, measured fp32 matmul peak "
+        f"{suite['matmul_peak_flops_per_s']:.3g} FLOP/s (MFU is relative to it).",
         "",
         "FLOPs: a multiply-add is 2; every matrix product counts (head and both attention products); "
         "training = 3 x forward. bpb = summed NLL in nats / (ln 2 x scored bytes). "
@@ -293,55 +278,87 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
         "",
         "## Summary",
         "",
-        *leader_summary(ranking),
+    ]
+    for label, ranking in rankings.items():
+        lines += [f"Corpus `{label}`:", "", *leader_summary(ranking), ""]
+    for label, runs in by_corpus.items():
+        lines += corpus_section(label, runs, rankings[label], suite["corpora"][label], plot_dir)
+    return "\n".join(lines)
+
+
+def corpus_section(label: str, records: list[dict], ranking: pd.DataFrame, corpus: dict, plot_dir: Path) -> list[str]:
+    """The tables and plots of one corpus's runs, as markdown lines."""
+    summary = summary_table(records)
+    plots = {name: f"{name}_{label}.png" for name in ("bpb_vs_flops", "bpb_vs_inference_flops", "learning_curves",
+                                                      "patch_sizes", "chunk_lengths")}
+    plot_bpb(summary, "budget", "training FLOPs (budget)", f"{label}: test bpb against training compute",
+             plot_dir / plots["bpb_vs_flops"], connect=True)
+    plot_bpb(summary, "fwd FLOPs/byte", "forward FLOPs per byte (inference cost)",
+             f"{label}: test bpb against inference cost", plot_dir / plots["bpb_vs_inference_flops"], connect=False)
+    plot_learning_curves(records, plot_dir / plots["learning_curves"])
+    refs = corpus["references"]
+    reference = pd.DataFrame(
+        [{"reference": name, "bpb": bpb} for name, bpb in refs["test"]["compressors_bpb"].items()]
+        + [{"reference": "order-0 entropy of the test windows", "bpb": refs["test"]["order0_entropy_bpb"]}]
+    )
+    variants = [
+        {"run": r["run_id"], "rule": name, "test bpb": v["bpb"], "causal test bpb": r["test"]["bpb"],
+         "causal - rule": r["test"]["bpb"] - v["bpb"], "note": v["label"]}
+        for r in records for name, v in r.get("test_variants", {}).items()
+    ]
+    lines = [
+        f"## Corpus `{label}`",
         "",
-        "## Test bpb per model and budget (95% intervals)",
+        f"Corpus id `{corpus['id']}`, sha256 `{corpus['sha256'][:16]}…`; {refs['windows']} test windows of "
+        f"{refs['window']} bytes.",
+        "",
+        "### Test bpb per model and budget (95% intervals)",
         "",
         _markdown(summary.drop(columns=["_low", "_high"])),
         "",
-        "## Ranking per budget",
+        "### Ranking per budget",
         "",
         "Each model against the best of its budget: Welch's t-test over seeds where both have two or more, "
         "else a paired t-test over the shared test windows; p >= 0.05 is not significant.",
         "",
         _markdown(ranking),
         "",
-        "## Runs",
+        "### Runs",
         "",
         _markdown(runs_table(records)),
         "",
     ]
-    tokenizers = tokenizer_table(records, suite)
+    tokenizers = tokenizer_table(records, corpus)
     if tokenizers is not None:
-        lines += ["## Tokenizers (test split)", "", _markdown(tokenizers), "",
+        lines += ["### Tokenizers (test split)", "", _markdown(tokenizers), "",
                   "Training time is that of the run that trained the tokenizer; later runs load it from the cache.", ""]
     lines += [
-        "## Reference rows (same test windows, each compressed on its own)",
+        "### Reference rows (same test windows, each compressed on its own)",
         "",
         _markdown(reference),
         "",
     ]
     if variants:
-        lines += ["## Other evaluation rules", "",
+        lines += ["### Other evaluation rules", "",
                   "The test bpb above uses each adapter's causal evaluation rule; these rows use other rules "
                   "for comparison (a non-causal rule is not a valid likelihood).", "",
                   _markdown(pd.DataFrame(variants)), ""]
     calibration = calibration_table(records)
     if calibration is not None:
-        lines += ["## Calibration after training", "", calibration.to_markdown(index=False, floatfmt=".4g"), ""]
+        lines += ["### Calibration after training", "", calibration.to_markdown(index=False, floatfmt=".4g"), ""]
     lines += [
-        "## Plots",
+        "### Plots",
         "",
-        "![test bpb against training FLOPs](plots/bpb_vs_flops.png)",
+        f"![test bpb against training FLOPs](plots/{plots['bpb_vs_flops']})",
         "",
-        "![test bpb against forward FLOPs per byte](plots/bpb_vs_inference_flops.png)",
+        f"![test bpb against forward FLOPs per byte](plots/{plots['bpb_vs_inference_flops']})",
         "",
-        "![learning curves](plots/learning_curves.png)",
+        f"![learning curves](plots/{plots['learning_curves']})",
         "",
     ]
-    if plot_patch_sizes(records, plot_dir / "patch_sizes.png"):
-        lines += ["![patch sizes per patcher, training split](plots/patch_sizes.png)", ""]
-    if plot_chunk_lengths(records, plot_dir / "chunk_lengths.png"):
-        lines += ["![chunk lengths on the test windows](plots/chunk_lengths.png)", ""]
-    lines += plot_segmentation_examples(records, plot_dir)
-    return "\n".join(lines)
+    if plot_patch_sizes(records, plot_dir / plots["patch_sizes"]):
+        lines += [f"![patch sizes per patcher, training split](plots/{plots['patch_sizes']})", ""]
+    if plot_chunk_lengths(records, plot_dir / plots["chunk_lengths"]):
+        lines += [f"![chunk lengths on the test windows](plots/{plots['chunk_lengths']})", ""]
+    lines += plot_segmentation_examples(records, plot_dir, label)
+    return lines

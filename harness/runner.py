@@ -40,22 +40,27 @@ def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "au
     suite = load_suite(suite_path)
     device = pick_device(device_name)
     out = results_root / suite.name
-    splits = load_corpus(suite)
-    log(f"suite {suite.name}: corpus {splits.corpus_id} sha256 {splits.sha256[:12]}, "
-        f"train/val/test {len(splits.train)}/{len(splits.val)}/{len(splits.test)} bytes, device {device}")
     peak = measure_matmul_peak(device)
-    test_windows = data.windows(splits.test, suite.eval.window, suite.eval.max_windows)
-    val_windows = data.windows(splits.val, suite.eval.window, suite.eval.max_windows)
-    if len(test_windows) == 0 or len(val_windows) == 0:
-        raise HarnessError(f"eval.window {suite.eval.window} is longer than the val or test split")
+    corpora = {}  # label -> (splits, val windows, test windows)
+    for corpus in suite.corpora:
+        splits = load_corpus(suite, corpus.label)
+        log(f"suite {suite.name}: corpus {splits.corpus_id} sha256 {splits.sha256[:12]}, "
+            f"train/val/test {len(splits.train)}/{len(splits.val)}/{len(splits.test)} bytes, device {device}")
+        test_windows = data.windows(splits.test, suite.eval.window, suite.eval.max_windows)
+        val_windows = data.windows(splits.val, suite.eval.window, suite.eval.max_windows)
+        if len(test_windows) == 0 or len(val_windows) == 0:
+            raise HarnessError(f"eval.window {suite.eval.window} is longer than the val or test split of {corpus.label}")
+        corpora[corpus.label] = (splits, val_windows, test_windows)
     write_json_atomic(out / "suite.json", {
         "format_version": RECORD_FORMAT_VERSION,
         "suite": suite.model_dump(mode="json"),
-        "corpus": {"id": splits.corpus_id, "sha256": splits.sha256},
+        "corpora": {label: {
+            "id": splits.corpus_id, "sha256": splits.sha256,
+            "references": {"test": reference_rows(test), "windows": len(test), "window": suite.eval.window},
+            "raw_bytes_tokenizer": raw_byte_metrics(splits.test),
+        } for label, (splits, _, test) in corpora.items()},
         "device": str(device),
         "matmul_peak_flops_per_s": peak,
-        "references": {"test": reference_rows(test_windows), "windows": len(test_windows), "window": suite.eval.window},
-        "raw_bytes_tokenizer": raw_byte_metrics(splits.test),
         "versions": versions(),
     })
     runs = expand(suite)
@@ -69,7 +74,7 @@ def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "au
                 continue
             log(f"[{index}/{len(runs)}] {run.run_id}: the suite changed since this record; running again")
         log(f"[{index}/{len(runs)}] {run.run_id}: training")
-        record = execute(run, suite, splits, val_windows, test_windows, device, peak, config_hash, run_dir,
+        record = execute(run, suite, *corpora[run.corpus.label], device, peak, config_hash, run_dir,
                          show_progress, save_every_s)
         log(f"[{index}/{len(runs)}] {run.run_id}: val {record['val']['bpb']:.4f} bpb, test {record['test']['bpb']:.4f} bpb, "
             f"{record['wall_seconds']:.1f}s, {record['achieved_flops_per_s'] / 1e9:.2f} GFLOP/s")
@@ -150,7 +155,7 @@ def execute(run: Run, suite: Suite, splits: data.Splits, val_windows, test_windo
         "trainer_overrides": run.model.trainer.model_dump(exclude_none=True),
         "budget_flops": run.budget,
         "seed": run.seed,
-        "corpus": {"id": splits.corpus_id, "sha256": splits.sha256,
+        "corpus": {"label": run.corpus.label, "id": splits.corpus_id, "sha256": splits.sha256,
                    "train_bytes": len(splits.train), "val_bytes": len(splits.val), "test_bytes": len(splits.test)},
         "eval": suite.eval.model_dump(mode="json"),
         "parameters": model.parameter_counts(),

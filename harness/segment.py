@@ -144,7 +144,7 @@ def _split_text(run_dir: Path, record: dict, split: str) -> bytes:
     if not suite_path.is_file():
         raise HarnessError(f"{suite_path}: not found; --split needs the suite results folder around the run")
     suite = Suite(**json.loads(suite_path.read_text())["suite"])
-    splits = load_corpus(suite)
+    splits = load_corpus(suite, record["corpus"]["label"])
     if splits.sha256 != record["corpus"]["sha256"]:
         raise HarnessError(f"{run_dir}: the corpus has changed since the run (sha256 {splits.sha256[:12]}, "
                            f"record {record['corpus']['sha256'][:12]})")

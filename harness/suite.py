@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -27,10 +28,18 @@ class Strict(BaseModel):
 class EmbeddedCorpus(Strict):
     embedded: Literal["pydoc-topics", "stdlib-code"] = Field(description="corpus that ships with Python")
 
+    @property
+    def label(self) -> str:
+        return self.embedded
+
 
 class FilesCorpus(Strict):
     files: str = Field(description="path or glob of .txt / .jsonl files, relative to the suite file")
     field: str = Field("text", description="JSON field holding the text of a .jsonl line")
+
+    @property
+    def label(self) -> str:
+        return _slug(Path(self.files).stem) or "files"
 
 
 class UrlCorpus(Strict):
@@ -39,13 +48,26 @@ class UrlCorpus(Strict):
     member: str | None = Field(None, description="file inside a zip archive")
     cache_dir: str = Field(".cache/harness", description="download cache, relative to the working directory")
 
+    @property
+    def label(self) -> str:
+        return _slug(Path(self.member or self.url.rstrip("/")).name.split(".")[0]) or "url"
+
 
 class PresetCorpus(Strict):
     preset: Literal["enwik8", "text8"]
     cache_dir: str = ".cache/harness"
 
+    @property
+    def label(self) -> str:
+        return self.preset
+
 
 Corpus = Union[EmbeddedCorpus, FilesCorpus, UrlCorpus, PresetCorpus]
+
+
+def _slug(text: str) -> str:
+    """A corpus label usable in run ids: letters, digits, '.', '_' and '-'."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
 
 
 class SplitSizes(Strict):
@@ -93,7 +115,8 @@ class Suite(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     version: int = Field(SUITE_FORMAT_VERSION, description="suite format version")
     description: str = ""
-    corpus: Annotated[Corpus, Field(union_mode="left_to_right")]
+    corpus: Annotated[Union[Corpus, list[Corpus]], Field(
+        union_mode="left_to_right", description="one corpus, or a list: every run is repeated on each")]
     split: SplitSizes
     eval: EvalSettings
     budgets: list[Annotated[float, Field(gt=0)]] = Field(min_length=1, description="training FLOPs per run")
@@ -109,26 +132,48 @@ class Suite(Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
+        labels = [c.label for c in self.corpora]
+        if not labels:
+            raise ValueError("corpus: the list is empty")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"corpus: two corpora share the label {max(labels, key=labels.count)!r} (run ids need distinct ones)")
         return self
+
+    @property
+    def corpora(self) -> list[Corpus]:
+        return list(self.corpus) if isinstance(self.corpus, list) else [self.corpus]
+
+    def corpus_named(self, label: str | None) -> Corpus:
+        """The corpus with this label; None names the only corpus of a one-corpus suite."""
+        labels = [c.label for c in self.corpora]
+        if label is None and len(labels) == 1:
+            return self.corpora[0]
+        if label not in labels:
+            raise HarnessError(f"suite {self.name!r} has corpora {', '.join(labels)}; name one of them"
+                               + (f" (not {label!r})" if label is not None else ""))
+        return self.corpora[labels.index(label)]
 
 
 class Run(BaseModel):
     """One (model, budget, seed) of a suite, with everything resolved."""
 
     suite: str
+    corpus: Corpus
     model: ModelEntry
     budget: float
     seed: int
     trainer: TrainerSettings
+    name_corpus: bool = Field(False, description="put the corpus label in the run id (suites with several corpora)")
 
     @property
     def run_id(self) -> str:
-        return f"{self.model.name}__C{self.budget:.2e}__s{self.seed}".replace("+", "")
+        prefix = f"{self.corpus.label}__" if self.name_corpus else ""
+        return f"{prefix}{self.model.name}__C{self.budget:.2e}__s{self.seed}".replace("+", "")
 
     def config_hash(self, suite: Suite) -> str:
         """Hash of everything that determines the run's result."""
         payload = {
-            "corpus": suite.corpus.model_dump(),
+            "corpus": self.corpus.model_dump(),
             "split": suite.split.model_dump(),
             "eval": suite.eval.model_dump(),
             "model": self.model.model_dump(),
@@ -163,7 +208,10 @@ def _first_error(path: Path, error: ValidationError, prefix: str = "") -> Harnes
     first = errors[0]
     key = _location(first["loc"])
     key = f"{prefix}.{key}" if prefix and key != "(top level)" else (prefix or key)
-    return HarnessError(f"{path}: {key}: {first['msg']}")
+    message = first["msg"].removeprefix("Value error, ")
+    if key == "(top level)" and message != first["msg"]:
+        return HarnessError(f"{path}: {message}")  # a whole-suite check names its own key
+    return HarnessError(f"{path}: {key}: {message}")
 
 
 def load_suite(path: str | Path) -> Suite:
@@ -184,13 +232,17 @@ def load_suite(path: str | Path) -> Suite:
         raise _first_error(path, e) from None
     if suite.version != SUITE_FORMAT_VERSION:
         raise HarnessError(f"{path}: version: this harness reads suite format {SUITE_FORMAT_VERSION}, not {suite.version}")
-    if isinstance(suite.corpus, FilesCorpus):
-        pattern = suite.corpus.files
-        if not Path(pattern).is_absolute():
-            pattern = str(path.parent / pattern)
-        suite = suite.model_copy(update={"corpus": suite.corpus.model_copy(update={"files": pattern})})
+    corpora = [_relative_to(path, c) for c in suite.corpora]
+    suite = suite.model_copy(update={"corpus": corpora if isinstance(suite.corpus, list) else corpora[0]})
     _check_models(path, suite)
     return suite
+
+
+def _relative_to(path: Path, corpus: Corpus) -> Corpus:
+    """File globs are relative to the suite file."""
+    if isinstance(corpus, FilesCorpus) and not Path(corpus.files).is_absolute():
+        return corpus.model_copy(update={"files": str(path.parent / corpus.files)})
+    return corpus
 
 
 def _check_models(path: Path, suite: Suite) -> None:
@@ -222,14 +274,17 @@ def expand(suite: Suite) -> list[Run]:
     for entry in suite.models:
         overrides = entry.trainer.model_dump(exclude_none=True)
         trainer = suite.trainer.model_copy(update=overrides)
-        for budget in suite.budgets:
-            for seed in suite.seeds:
-                runs.append(Run(suite=suite.name, model=entry, budget=budget, seed=seed, trainer=trainer))
+        for corpus in suite.corpora:
+            for budget in suite.budgets:
+                for seed in suite.seeds:
+                    runs.append(Run(suite=suite.name, corpus=corpus, model=entry, budget=budget, seed=seed,
+                                    trainer=trainer, name_corpus=len(suite.corpora) > 1))
     return runs
 
 
-def load_corpus(suite: Suite) -> data.Splits:
-    c, s = suite.corpus, suite.split
+def load_corpus(suite: Suite, label: str | None = None) -> data.Splits:
+    """The splits of the suite's corpus with this label (None: its only corpus)."""
+    c, s = suite.corpus_named(label), suite.split
     need = s.train_bytes + s.val_bytes + s.test_bytes
     if isinstance(c, EmbeddedCorpus):
         name, raw = c.embedded, data.embedded_corpus(c.embedded, need)

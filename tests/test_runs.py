@@ -8,7 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from harness.cli import main
+from harness.errors import HarnessError
 from harness.records import read_suite_records
 from harness.registry import load_checkpoint
 from harness.runner import run_suite
@@ -20,7 +23,7 @@ def test_smoke_suite_beats_order0_entropy_and_reports(tmp_path, capsys):
     out = tmp_path / "smoke"
     records = read_suite_records(out)
     suite = json.loads((out / "suite.json").read_text())
-    order0 = suite["references"]["test"]["order0_entropy_bpb"]
+    order0 = suite["corpora"]["pydoc-topics"]["references"]["test"]["order0_entropy_bpb"]
     bytes_run = next(r for r in records if r["model"]["adapter"] == "bytes")
     assert bytes_run["test"]["bpb"] < order0
     # the record holds what DESIGN.md section 5 lists
@@ -35,9 +38,9 @@ def test_smoke_suite_beats_order0_entropy_and_reports(tmp_path, capsys):
     assert main(["report", str(out), "-o", str(out / "report.md")]) == 0
     report = (out / "report.md").read_text()
     assert "| bytes" in report and "order-0 entropy" in report and "gzip -9" in report
-    assert (out / "plots" / "bpb_vs_flops.png").stat().st_size > 1000
-    assert (out / "plots" / "learning_curves.png").stat().st_size > 1000
-    assert (out / "plots" / "bpb_vs_inference_flops.png").stat().st_size > 1000
+    assert (out / "plots" / "bpb_vs_flops_pydoc-topics.png").stat().st_size > 1000
+    assert (out / "plots" / "learning_curves_pydoc-topics.png").stat().st_size > 1000
+    assert (out / "plots" / "bpb_vs_inference_flops_pydoc-topics.png").stat().st_size > 1000
     # the checkpoint reloads to the same test score
     model = load_checkpoint(out / "runs" / bytes_run["run_id"])
     from harness import data
@@ -50,6 +53,29 @@ def test_smoke_suite_beats_order0_entropy_and_reports(tmp_path, capsys):
 
     again = evaluate(model, windows, 32, torch.device("cpu"))["bpb"]
     assert abs(again - bytes_run["test"]["bpb"]) < 1e-6
+
+
+def test_a_suite_with_two_corpora_runs_and_reports_each(write_suite, tmp_path, capsys):
+    from harness.lm_eval_plugin.tasks import utils
+
+    corpora = [{"embedded": "pydoc-topics"}, {"embedded": "stdlib-code"}]
+    path = write_suite(tiny_suite(corpus=corpora))
+    out = run_suite(path, tmp_path, "cpu", show_progress=False)
+    records = {r["run_id"]: r for r in read_suite_records(out)}
+    assert sorted(records) == ["pydoc-topics__bytes__C2.00e09__s0", "stdlib-code__bytes__C2.00e09__s0"]
+    code = records["stdlib-code__bytes__C2.00e09__s0"]
+    assert code["corpus"]["label"] == "stdlib-code"
+    assert code["corpus"]["sha256"] != records["pydoc-topics__bytes__C2.00e09__s0"]["corpus"]["sha256"]
+    assert main(["report", str(out), "-o", str(out / "report.md")]) == 0
+    report = (out / "report.md").read_text()
+    assert "## Corpus `pydoc-topics`" in report and "## Corpus `stdlib-code`" in report
+    assert (out / "plots" / "bpb_vs_flops_stdlib-code.png").stat().st_size > 1000
+    # the lm-eval task scores a run on its own corpus; a suite with two corpora needs one named
+    from_run = utils.test_windows(pretrained=str(out / "runs" / "stdlib-code__bytes__C2.00e09__s0"))
+    assert from_run == utils.test_windows(suite=str(out), corpus="stdlib-code")
+    assert from_run != utils.test_windows(suite=str(out), corpus="pydoc-topics")
+    with pytest.raises(HarnessError, match="has corpora pydoc-topics, stdlib-code"):
+        utils.test_windows(suite=str(out))
 
 
 def test_same_seed_same_bpb(write_suite, tmp_path):

@@ -27,6 +27,8 @@ BAD = [
     ("missing corpus files", tiny_suite(corpus={"files": "nowhere/*.txt"}), "nowhere"),
     ("bad corpus form", tiny_suite(corpus={"embeded": "pydoc-topics"}), "corpus"),
     ("duplicate model names", tiny_suite(models=[{"name": "m", "adapter": "bytes"}, {"name": "m", "adapter": "bytes"}]), "unique"),
+    ("two corpora with one label", tiny_suite(corpus=[{"embedded": "pydoc-topics"}, {"embedded": "pydoc-topics"}]), "share the label"),
+    ("empty corpus list", tiny_suite(corpus=[]), "corpus"),
     ("missing key", {k: v for k, v in tiny_suite().items() if k != "split"}, "split"),
 ]
 

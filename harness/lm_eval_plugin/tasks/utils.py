@@ -37,23 +37,25 @@ from harness.suite import Suite, load_corpus, load_suite
 WORD_SPLIT = re.compile(r"\s+")  # lm-eval's word count for word_perplexity
 
 
-def _suite_from_json(path: Path) -> tuple[Suite, str]:
+def _suite_from_json(path: Path) -> Suite:
     try:
         payload = json.loads(path.read_text())
     except FileNotFoundError:
         raise HarnessError(f"{path}: no such file (a results directory holds suite.json)") from None
-    return Suite(**payload["suite"]), payload["corpus"]["sha256"]
+    return Suite(**payload["suite"])
 
 
-def resolve_suite(suite: str | None = None, pretrained: str | None = None) -> tuple[Suite, str | None, str]:
-    """(suite, expected corpus sha256 or None, description) from the task metadata."""
+def resolve_suite(suite: str | None = None, pretrained: str | None = None,
+                  corpus: str | None = None) -> tuple[Suite, str | None, str | None, str]:
+    """(suite, corpus label, expected corpus sha256 or None, description) from the task metadata;
+    a run's own corpus when the model is a harness run, else `corpus` (needed when the suite has several)."""
     if suite:
         path = Path(suite).expanduser()
         if path.is_dir():
-            return (*_suite_from_json(path / "suite.json"), f"results {path}")
+            return _suite_from_json(path / "suite.json"), corpus, None, f"results {path}"
         if path.suffix == ".json":
-            return (*_suite_from_json(path), str(path))
-        return load_suite(path), None, str(path)
+            return _suite_from_json(path), corpus, None, str(path)
+        return load_suite(path), corpus, None, str(path)
     if pretrained:
         try:
             run_dir = run_directory(pretrained)
@@ -61,25 +63,26 @@ def resolve_suite(suite: str | None = None, pretrained: str | None = None) -> tu
             raise HarnessError(f"pretrained={pretrained} is not a harness run directory: with another model, name the "
                                "suite to score, e.g. --metadata '{\"suite\": \"suites/smoke.yaml\"}'") from None
         record = read_record(run_dir / "record.json")
-        found, _ = _suite_from_json(run_dir.parent.parent / "suite.json")
-        return found, record["corpus"]["sha256"], f"run {run_dir}"
+        found = _suite_from_json(run_dir.parent.parent / "suite.json")
+        return found, record["corpus"]["label"], record["corpus"]["sha256"], f"run {run_dir}"
     raise HarnessError("task harness_bpb: which suite's test split? pass --model_args pretrained=RUN_DIR "
                        "(the harness model) or --metadata '{\"suite\": \"SUITE.yaml or RESULTS_DIR\"}'")
 
 
-def test_windows(suite: str | None = None, pretrained: str | None = None) -> list[bytes]:
-    """The harness evaluator's test windows of the suite named by the metadata."""
-    found, sha256, source = resolve_suite(suite, pretrained)
-    splits = load_corpus(found)
+def test_windows(suite: str | None = None, pretrained: str | None = None, corpus: str | None = None) -> list[bytes]:
+    """The harness evaluator's test windows of the suite (and corpus) named by the metadata."""
+    found, label, sha256, source = resolve_suite(suite, pretrained, corpus)
+    splits = load_corpus(found, label)
     if sha256 is not None and splits.sha256 != sha256:
         raise HarnessError(f"{source}: the corpus now has sha256 {splits.sha256[:12]}, the run used {sha256[:12]}")
     windows = data.windows(splits.test, found.eval.window, found.eval.max_windows)
     return [bytes(row.tolist()) for row in windows]
 
 
-def test_split(suite: str | None = None, pretrained: str | None = None, **metadata) -> datasets.DatasetDict:
+def test_split(suite: str | None = None, pretrained: str | None = None, corpus: str | None = None,
+               **metadata) -> datasets.DatasetDict:
     """custom_dataset of harness_bpb: one document per evaluation window of the test split."""
-    windows = test_windows(suite, pretrained)
+    windows = test_windows(suite, pretrained, corpus)
     documents = {"text": [bytes_to_text(w) for w in windows], "window": list(range(len(windows)))}
     return datasets.DatasetDict({"test": datasets.Dataset.from_dict(documents)})
 
