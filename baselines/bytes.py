@@ -10,7 +10,7 @@ from torch import nn
 
 from harness import flops
 from harness.nn import Transformer, init_weights
-from harness.registry import BOS, BYTE_VOCAB, Adapter, AdapterConfig, register
+from harness.registry import BOS, BYTE_VOCAB, Adapter, AdapterConfig, SizingFields, register
 
 
 class ByteTransformerConfig(AdapterConfig):
@@ -26,6 +26,7 @@ class ByteTransformer(Adapter):
     name = "bytes"
     description = "decoder-only Transformer over raw bytes (vocabulary 256 + BOS)"
     Config = ByteTransformerConfig
+    sizing = SizingFields(width="d_model", depth="n_layers", heads="n_heads")
 
     def __init__(self, config: ByteTransformerConfig):
         super().__init__(config)

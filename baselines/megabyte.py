@@ -29,7 +29,7 @@ from torch import nn
 
 from harness import flops
 from harness.nn import Transformer, init_weights
-from harness.registry import BOS, BYTE_VOCAB, Adapter, AdapterConfig, register
+from harness.registry import BOS, BYTE_VOCAB, Adapter, AdapterConfig, SizingFields, register
 
 
 class MegaByteConfig(AdapterConfig):
@@ -56,6 +56,7 @@ class MegaByte(Adapter):
     name = "megabyte"
     description = "MegaByte: global Transformer over fixed P-byte patches, local Transformer within each patch"
     Config = MegaByteConfig
+    sizing = SizingFields(width="d_global", depth="global_layers", heads="global_heads")
 
     def __init__(self, config: MegaByteConfig):
         super().__init__(config)

@@ -34,7 +34,7 @@ from baselines.bytes import ByteTransformer, ByteTransformerConfig
 from harness import data, flops
 from harness.errors import HarnessError
 from harness.nn import CrossAttention, Transformer, init_weights
-from harness.registry import BYTE_VOCAB, Adapter, AdapterConfig, register
+from harness.registry import BYTE_VOCAB, Adapter, AdapterConfig, SizingFields, register
 from harness.suite import TrainerSettings
 from harness.train import train
 
@@ -90,6 +90,7 @@ class Patcher(Adapter):
     name = "patcher"
     description = "hierarchical byte model over patches (BLT/SpaceByte): entropy, space-like or static patch rule"
     Config = PatcherConfig
+    sizing = SizingFields(width="d_global", depth="global_layers", heads="n_heads_global")
 
     def __init__(self, config: PatcherConfig):
         super().__init__(config)
@@ -230,6 +231,13 @@ class Patcher(Adapter):
         facts.update(patching.patch_statistics(starts, self.patch_limit))
         facts["patch_size_limit"] = self.patch_limit
         return facts
+
+    def carry_preparation(self, prepared: "Patcher") -> None:
+        """The entropy model, theta and the measured start rates (none depends on d_global)."""
+        if self.entropy_model is not None:
+            self.entropy_model.load_state_dict(prepared.entropy_model.state_dict())
+        for name in ("theta", "start_rate", "prepared"):
+            getattr(self, name).copy_(getattr(prepared, name))
 
     def _train_entropy_model(self, train_bytes: bytes, seed: int) -> dict:
         """Train the entropy model through the one trainer; its FLOPs are charged to the run."""

@@ -53,7 +53,7 @@ from harness import flops
 from harness.errors import HarnessError
 from harness.nn import Transformer, init_weights
 from harness.records import write_json_atomic
-from harness.registry import BYTE_VOCAB, Adapter, AdapterConfig
+from harness.registry import BYTE_VOCAB, Adapter, AdapterConfig, SizingFields
 
 CACHE_FORMAT = 1
 TRAINING_CHUNK = 4096  # bytes of the training split per training text
@@ -138,6 +138,7 @@ class TokenLM(Adapter):
     """Decoder-only Transformer over the ids of a tokenizer trained in prepare()."""
 
     min_vocab: int  # the 256 one-byte tokens plus the special tokens
+    sizing = SizingFields(width="d_model", depth="n_layers", heads="n_heads")
 
     def __init__(self, config: TokenLMConfig):
         super().__init__(config)
@@ -203,6 +204,9 @@ class TokenLM(Adapter):
             "bytes_per_token_train": entry["bytes_per_token"],
             "edge_tokens_per_window": entry["edge_tokens"],
         }
+
+    def carry_preparation(self, prepared: "TokenLM") -> None:
+        self.set_extra_state(prepared.get_extra_state())
 
     def _training_texts(self, train: bytes) -> list[str]:
         chunks = (train[i:i + TRAINING_CHUNK] for i in range(0, len(train), TRAINING_CHUNK))

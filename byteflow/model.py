@@ -40,7 +40,7 @@ from harness import data, flops
 from harness.errors import HarnessError
 from harness.evaluate import autocast
 from harness.nn import Block, Transformer, init_weights
-from harness.registry import BOS, BYTE_VOCAB, Adapter, AdapterConfig, register
+from harness.registry import BOS, BYTE_VOCAB, Adapter, AdapterConfig, SizingFields, register
 
 TOPK_LABEL = "global top-K selection (non-causal, not a valid likelihood)"
 
@@ -71,6 +71,7 @@ class ByteFlow(Adapter):
     name = "byteflow"
     description = "ByteFlow Net: coding-rate chunking (top-K in training, causal rule in evaluation), global model over chunks"
     Config = ByteFlowConfig
+    sizing = SizingFields(width="d_global", depth="global_layers", heads="global_heads")
 
     def __init__(self, config: ByteFlowConfig):
         super().__init__(config)

@@ -14,6 +14,7 @@ through the `harness.adapters` entry-point group.
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from abc import ABCMeta, abstractmethod
 import importlib
 import pkgutil
@@ -34,6 +35,16 @@ BYTE_VOCAB = 256
 BOS = 256  # the one special byte-level symbol: beginning of a window
 
 
+@dataclass(frozen=True)
+class SizingFields:
+    """The config fields that matched-inference-cost sizing may change (harness.sizing):
+    the main model's width and depth, and the heads that the width must split into."""
+
+    width: str
+    depth: str
+    heads: str
+
+
 class AdapterConfig(BaseModel):
     """Base for adapter configs: unknown keys are errors, fields are typed."""
 
@@ -44,6 +55,7 @@ class Adapter(nn.Module, metaclass=ABCMeta):
     name: ClassVar[str]
     description: ClassVar[str]
     Config: ClassVar[type[AdapterConfig]]
+    sizing: ClassVar[SizingFields | None] = None  # None: cannot be sized to an inference cost
 
     def __init__(self, config: AdapterConfig):
         super().__init__()
@@ -58,6 +70,10 @@ class Adapter(nn.Module, metaclass=ABCMeta):
         the module's state (buffers, submodules or extra state) so a checkpoint
         restores it."""
         return {}
+
+    def carry_preparation(self, prepared: "Adapter") -> None:
+        """Take over what `prepared` (same adapter, other width or depth) learned in
+        prepare(), so a resized model need not prepare again (harness.sizing)."""
 
     def finish_training(self, train: bytes) -> dict:
         """Called after training and before evaluation, e.g. to calibrate a threshold of

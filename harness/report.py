@@ -111,6 +111,7 @@ def _markdown(frame: pd.DataFrame) -> str:
         "FLOP/s": "{:.3g}", "MFU": "{:.1%}", "bpb": "{:.4f}", "budget": "{:.3g}", "Δ vs best": "{:+.4f}", "causal test bpb": "{:.4f}", "causal - rule": "{:+.4f}", "p": "{:.3g}",
         "bytes/token (test)": "{:.3f}", "bytes/token (test windows)": "{:.3f}", "vocab used (test)": "{:.1%}",
         "tokenizer train s": "{:.2f}", "encode MB/s": "{:.2f}",
+        "configured FLOPs/byte": "{:.4g}", "target FLOPs/byte": "{:.4g}", "achieved FLOPs/byte": "{:.4g}", "error": "{:+.2%}",
     }
     shown = frame.copy()
     for column, fmt in formats.items():
@@ -201,6 +202,24 @@ def plot_chunk_lengths(records: list[dict], path: Path) -> bool:
     return plot_length_distributions(curves, path, "chunk lengths on the test windows (evaluation rule)")
 
 
+def sizing_table(records: list[dict]) -> pd.DataFrame | None:
+    """Per model (first run of each): configured and chosen width/depth, target and achieved cost."""
+    rows, seen = [], set()
+    for r in records:
+        s = r.get("sizing")
+        if not s or r["model"]["name"] in seen:
+            continue
+        seen.add(r["model"]["name"])
+        configured = {k: v for k, v in s["configured"].items() if k != "flops_per_byte"}
+        rows.append({"model": r["model"]["name"], "rule": s["rule"],
+                     "configured": ", ".join(f"{k}={v}" for k, v in configured.items()),
+                     "configured FLOPs/byte": s["configured"]["flops_per_byte"],
+                     "chosen": ", ".join(f"{k}={v}" for k, v in s["chosen"].items()),
+                     "target FLOPs/byte": s["target_flops_per_byte"], "achieved FLOPs/byte": s["achieved_flops_per_byte"],
+                     "error": s["relative_error"]})
+    return pd.DataFrame(rows) if rows else None
+
+
 def calibration_table(records: list[dict]) -> pd.DataFrame | None:
     """Scalar facts that adapters computed after training (e.g. ByteFlow's threshold)."""
     rows = [{"run": r["run_id"], **{k: v for k, v in r["calibration"].items() if isinstance(v, (int, float, str))}}
@@ -276,9 +295,12 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
            "Auxiliary models (the BLT entropy model) are **excluded** from the training FLOPs and budgets, "
            "as in the BLT paper."),
         "",
-        "## Summary",
-        "",
     ]
+    if spec.get("inference_flops_per_byte"):
+        lines += [f"Matched inference cost: every model was sized to {spec['inference_flops_per_byte']:.3g} forward FLOPs "
+                  "per byte (within 5%) by its main width, then depth (README, \"Matched inference cost\"); "
+                  "the sizing table of each corpus lists what changed.", ""]
+    lines += ["## Summary", ""]
     for label, ranking in rankings.items():
         lines += [f"Corpus `{label}`:", "", *leader_summary(ranking), ""]
     for label, runs in by_corpus.items():
@@ -343,6 +365,9 @@ def corpus_section(label: str, records: list[dict], ranking: pd.DataFrame, corpu
                   "The test bpb above uses each adapter's causal evaluation rule; these rows use other rules "
                   "for comparison (a non-causal rule is not a valid likelihood).", "",
                   _markdown(pd.DataFrame(variants)), ""]
+    sizing = sizing_table(records)
+    if sizing is not None:
+        lines += ["### Sizing to the inference cost", "", _markdown(sizing), ""]
     calibration = calibration_table(records)
     if calibration is not None:
         lines += ["### Calibration after training", "", calibration.to_markdown(index=False, floatfmt=".4g"), ""]

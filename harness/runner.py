@@ -18,6 +18,7 @@ from harness.errors import HarnessError
 from harness.evaluate import evaluate
 from harness.flops import measure_forward, measure_matmul_peak, training_flops_per_byte
 from harness.segment import segment_bytes
+from harness.sizing import resize, size_to_target
 from harness.records import read_record, save_checkpoint_atomic, versions, write_json_atomic
 from harness.suite import Run, Suite, expand, load_corpus, load_suite
 from harness.train import train
@@ -63,6 +64,8 @@ def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "au
         "matmul_peak_flops_per_s": peak,
         "versions": versions(),
     })
+    if suite.inference_flops_per_byte is not None:
+        check_sizes(suite, {label: splits for label, (splits, _, _) in corpora.items()})
     runs = expand(suite)
     for index, run in enumerate(runs, 1):
         run_dir = out / "runs" / run.run_id
@@ -79,6 +82,20 @@ def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "au
         log(f"[{index}/{len(runs)}] {run.run_id}: val {record['val']['bpb']:.4f} bpb, test {record['test']['bpb']:.4f} bpb, "
             f"{record['wall_seconds']:.1f}s, {record['achieved_flops_per_s'] / 1e9:.2f} GFLOP/s")
     return out
+
+
+def check_sizes(suite: Suite, corpora: dict[str, data.Splits]) -> None:
+    """Before any training: every model can be sized to the suite's inference cost on every
+    corpus (the first seed's preparation), so an impossible target fails at once."""
+    for label, splits in corpora.items():
+        for entry in suite.models:
+            torch.manual_seed(suite.seeds[0])
+            model = registry.build(entry.adapter, entry.config)
+            model.prepare(splits.train, suite.seeds[0])
+            _, facts = size_to_target(model, suite.inference_flops_per_byte, suite.eval.window,
+                                           suite.count_auxiliary_flops, entry.name)
+            log(f"sizing {label} {entry.name}: {facts['chosen']} -> {facts['achieved_flops_per_byte']:.4g} "
+                f"forward FLOPs/byte ({facts['relative_error']:+.1%} of the target)")
 
 
 def segmentation_example(model, test: bytes, window: int, example_bytes: int = 384) -> dict | None:
@@ -106,6 +123,13 @@ def execute(run: Run, suite: Suite, splits: data.Splits, val_windows, test_windo
     prepare_started = time.perf_counter()
     preparation = model.prepare(splits.train, run.seed)
     preparation.setdefault("seconds", time.perf_counter() - prepare_started)
+    sizing = None
+    if suite.inference_flops_per_byte is not None:
+        config, sizing = size_to_target(model, suite.inference_flops_per_byte, suite.eval.window,
+                                        suite.count_auxiliary_flops, run.model.name)
+        if config != model.config:
+            torch.manual_seed(run.seed)  # the resized model starts from the run's seed too
+            model = resize(model, config).to(device)
 
     window = suite.eval.window
     flops = model.flops_per_byte(window)
@@ -160,6 +184,7 @@ def execute(run: Run, suite: Suite, splits: data.Splits, val_windows, test_windo
         "eval": suite.eval.model_dump(mode="json"),
         "parameters": model.parameter_counts(),
         "flops_per_byte": {"analytic": flops, "measured": measured},
+        "sizing": sizing,
         "units_per_byte": model.units_per_byte(),
         "bytes_per_unit": 1.0 / model.units_per_byte(),
         "preparation": preparation,

@@ -122,6 +122,9 @@ class Suite(Strict):
     budgets: list[Annotated[float, Field(gt=0)]] = Field(min_length=1, description="training FLOPs per run")
     seeds: list[int] = Field([0], min_length=1)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+    inference_flops_per_byte: float | None = Field(
+        None, gt=0, description="matched inference cost: size every model to this many forward FLOPs per byte "
+                                "(within 5%) by its main width, then depth (harness.sizing); none keeps configured sizes")
     count_auxiliary_flops: bool = Field(
         True, description="charge auxiliary models (e.g. BLT's entropy model) to the budget; the BLT paper does not")
     models: list[ModelEntry] = Field(min_length=1)
@@ -182,6 +185,8 @@ class Run(BaseModel):
             "trainer": self.trainer.model_dump(),
             "count_auxiliary_flops": suite.count_auxiliary_flops,
         }
+        if suite.inference_flops_per_byte is not None:  # absent otherwise, so older hashes still match
+            payload["inference_flops_per_byte"] = suite.inference_flops_per_byte
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -260,7 +265,10 @@ def _check_models(path: Path, suite: Suite) -> None:
         except (ValueError, HarnessError) as e:
             raise HarnessError(f"{path}: models[{i}].config: {e}") from None
         batch = (entry.trainer.batch_windows or suite.trainer.batch_windows) * suite.eval.window
-        step_flops = training_flops_per_byte(model.flops_per_byte(suite.eval.window), suite.count_auxiliary_flops) * batch
+        forward = model.flops_per_byte(suite.eval.window)
+        if suite.inference_flops_per_byte is not None:  # the model will be resized to about this cost
+            forward = {"total": suite.inference_flops_per_byte}
+        step_flops = training_flops_per_byte(forward, suite.count_auxiliary_flops) * batch
         for budget in suite.budgets:
             if budget < step_flops:
                 raise HarnessError(

@@ -28,7 +28,7 @@ from harness.lm_eval_plugin import RAW_BYTE_BASE, TASKS_DIR, HarnessLM, bytes_to
 from harness.lm_eval_cli import add_parser
 from harness.records import read_suite_records
 from harness.runner import run_suite
-from tests.conftest import ROOT, tiny_suite
+from tests.conftest import ROOT, SMALL_CONFIGS, tiny_suite
 
 import lm_eval  # noqa: E402  (after the plugin: the plugin must work whatever the import order)
 from lm_eval.api.instance import Instance
@@ -37,19 +37,7 @@ from lm_eval.api.registry import get_model, model_registry
 WINDOW = 64
 # One tiny config per adapter for the parity test. Every registered adapter needs an entry
 # (test_every_adapter_has_a_parity_config); entries for adapters not registered are ignored.
-PARITY_CONFIGS = {
-    "bytes": {"d_model": 32, "n_layers": 1, "n_heads": 2},
-    "bpe": {"vocab_size": 320, "d_model": 32, "n_layers": 1, "n_heads": 2},
-    "sentencepiece": {"vocab_size": 320, "character_coverage": 0.99, "d_model": 32, "n_layers": 1, "n_heads": 2},
-    "megabyte": {"patch_size": 4, "d_embed": 8, "d_global": 32, "global_layers": 1, "global_heads": 2,
-                 "d_local": 16, "local_layers": 1, "local_heads": 2},
-    "patcher": {"d_local": 32, "d_global": 48, "n_heads_local": 2, "n_heads_global": 2, "local_window": 16,
-                "calibration_window": WINDOW, "calibration_bytes": 4096, "entropy_steps": 6, "entropy_batch_windows": 8,
-                "entropy_model": {"d_model": 16, "n_layers": 1, "n_heads": 2}},
-    "byteflow": {"d_local": 32, "d_global": 32, "n_heads": 2, "global_heads": 2, "global_layers": 1, "window": 16,
-                 "rolling_window": 32, "calibration_windows": 32},
-}
-ADAPTERS = [name for name in PARITY_CONFIGS if name in registry.available()]
+ADAPTERS = [name for name in SMALL_CONFIGS if name in registry.available()]
 
 
 def tricky_corpus() -> bytes:
@@ -97,7 +85,7 @@ def runs(tmp_path_factory):
         split={"train_bytes": 16384, "val_bytes": 4 * WINDOW, "test_bytes": 16 * WINDOW},
         eval={"window": WINDOW, "max_windows": 16, "batch_windows": 16}, budgets=[1.2e8], count_auxiliary_flops=False,
         trainer={"batch_windows": 4, "log_every": 2},
-        models=[{"name": name, "adapter": name, "config": PARITY_CONFIGS[name]} for name in ADAPTERS])
+        models=[{"name": name, "adapter": name, "config": SMALL_CONFIGS[name]} for name in ADAPTERS])
     (root / "suite.yaml").write_text(yaml.safe_dump(suite, sort_keys=False))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HARNESS_CACHE_DIR", str(root / "cache"))  # tokenizer cache
@@ -221,8 +209,8 @@ def test_generate_until_is_greedy_and_stops(bytes_lm):
 # ---- the tasks ------------------------------------------------------------------------------
 
 def test_every_adapter_has_a_parity_config():
-    missing = sorted(set(registry.available()) - set(PARITY_CONFIGS))
-    assert not missing, f"add a tiny config for {missing} to PARITY_CONFIGS"
+    missing = sorted(set(registry.available()) - set(SMALL_CONFIGS))
+    assert not missing, f"add a tiny config for {missing} to SMALL_CONFIGS"
 
 
 def test_task_folder_is_indexed_like_lm_eval_ls_tasks_does():
