@@ -17,8 +17,8 @@ from harness.segment import add_parser as add_segment_parser
 
 EPILOG = """examples:
   harness run suites/smoke.yaml            train + evaluate every run of a suite
-  harness report results/smoke             markdown table to stdout, plots in results/smoke/plots
-  harness report results/smoke -o results/smoke/report.md
+  harness report results/smoke             results/smoke/report.md, plots in results/smoke/plots
+  harness report results/smoke -o -        the markdown to stdout instead
   harness list                             adapters, their descriptions and config fields
   harness export results/smoke/runs/bpe__C2.50e11__s0 exported/bpe
                                            a bpe run as a transformers model + tokenizer
@@ -43,13 +43,14 @@ def cmd_report(args: argparse.Namespace) -> None:
     results = Path(args.results_dir)
     if not results.is_dir():
         raise HarnessError(f"{results}: no such results directory")
-    report_dir = Path(args.output).parent if args.output else results
+    output = results / "report.md" if args.output is None else Path(args.output)
+    report_dir = results if args.output == "-" else output.parent
     markdown = build_report(results, report_dir)
-    if args.output:
-        Path(args.output).write_text(markdown)
-        print(f"wrote {args.output} and plots in {report_dir / 'plots'}")
-    else:
+    if args.output == "-":
         print(markdown)
+    else:
+        output.write_text(markdown)
+        print(f"wrote {output} and plots in {report_dir / 'plots'}")
 
 
 def _type_name(annotation) -> str:
@@ -102,11 +103,15 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     report = sub.add_parser("report", help="markdown tables and plots from a results directory",
-                            description="Build the markdown report of a suite's records: a table of runs, reference "
-                                        "rows for classical compressors, and PNG plots (bpb against training FLOPs, "
-                                        "learning curves) in a plots/ folder beside the markdown.")
+                            description="Build the markdown report of a suite's records, a section per corpus: a generated "
+                                        "summary of who leads at each budget, mean test bpb per model and budget with "
+                                        "95% intervals, a ranking with significance tests, every run, tokenizers, "
+                                        "compressor reference rows, sizing and other evaluation rules; PNG plots "
+                                        "(bpb against training FLOPs and against forward FLOPs per byte, learning "
+                                        "curves, patch and chunk lengths) in a plots/ folder beside the markdown.")
     report.add_argument("results_dir", help="e.g. results/smoke")
-    report.add_argument("-o", "--output", help="write the markdown here instead of stdout")
+    report.add_argument("-o", "--output", help="where the markdown goes (default RESULTS_DIR/report.md; - for "
+                                               "stdout); the plots go in a plots/ folder beside it")
     report.set_defaults(func=cmd_report)
 
     listing = sub.add_parser("list", help="list adapters with their config fields",

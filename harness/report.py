@@ -82,6 +82,29 @@ def leader_summary(ranking: pd.DataFrame) -> list[str]:
     return lines
 
 
+def byte_versus_token_summary(records: list[dict]) -> list[str]:
+    """One generated sentence per budget: the best tokenizer-free model against the best
+    model with a trained tokenizer (records with tokenizer metrics), with the test used."""
+    lines = []
+    groups = _groups(records)
+    for budget in sorted({b for b, _ in groups}):
+        kinds: dict[bool, list[tuple[float, str, list[dict]]]] = {True: [], False: []}
+        for (b, model), runs in groups.items():
+            if b == budget:
+                kinds[bool(runs[0].get("tokenizer"))].append((float(np.mean([r["test"]["bpb"] for r in runs])), model, runs))
+        if not kinds[True] or not kinds[False]:
+            continue
+        byte_bpb, byte_model, byte_runs = min(kinds[False], key=lambda k: k[0])
+        token_bpb, token_model, token_runs = min(kinds[True], key=lambda k: k[0])
+        p, test = stats.difference_p_value(byte_runs, token_runs)
+        verdict = "significant" if p < stats.ALPHA else "not significant"
+        side = "behind" if byte_bpb > token_bpb else "ahead of"
+        lines.append(f"- At {budget:.3g} training FLOPs, the best tokenizer-free model, **{byte_model}** "
+                     f"({byte_bpb:.4f} bpb), is {abs(byte_bpb - token_bpb):.4f} bpb {side} the best tokenized model, "
+                     f"{token_model} ({token_bpb:.4f}; {verdict}, p = {p:.3g}, {test}).")
+    return lines
+
+
 def runs_table(records: list[dict]) -> pd.DataFrame:
     rows = []
     for r in records:
@@ -298,7 +321,7 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
     lines = [
         f"# Suite `{spec['name']}`",
         "",
-        spec.get("description") or "",
+        (spec.get("description") or "").strip(),
         "",
         f"Split {spec['split']['train_bytes']:,} / {spec['split']['val_bytes']:,} / {spec['split']['test_bytes']:,} "
         f"bytes (train / val / test) of each corpus; test windows of {spec['eval']['window']} bytes, each scored from "
@@ -319,7 +342,7 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
                   "the sizing table of each corpus lists what changed.", ""]
     lines += ["## Summary", ""]
     for label, ranking in rankings.items():
-        lines += [f"Corpus `{label}`:", "", *leader_summary(ranking), ""]
+        lines += [f"Corpus `{label}`:", "", *leader_summary(ranking), *byte_versus_token_summary(by_corpus[label]), ""]
     for label, runs in by_corpus.items():
         lines += corpus_section(label, runs, rankings[label], suite["corpora"][label], plot_dir)
     return "\n".join(lines)
