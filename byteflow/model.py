@@ -260,6 +260,10 @@ class ByteFlow(Adapter):
     def uncounted_flops_per_byte(self, window: int) -> float:
         return self.flops_per_byte(window)["scoring_factorisation"]
 
+    def units_per_byte(self) -> float:
+        """Chunks (global positions) per byte: the rate r that training selects."""
+        return self.config.rate
+
 
 def _median_seconds(fn, repeats: int, device: torch.device) -> float:
     fn()  # warm-up

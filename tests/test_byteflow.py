@@ -185,6 +185,7 @@ def test_runner_end_to_end_with_both_rules_and_the_segment_command(write_suite, 
     assert 0 < r["test"]["bpb"] < 9 and topk["bytes"] == r["test"]["bytes"] and r["test"]["bpb"] != topk["bpb"]
     assert 0 < r["calibration"]["scoring_share_of_step"] < 1
     assert abs(r["calibration"]["selection_rate"]["threshold"] - 0.25) < 0.02
+    assert r["bytes_per_unit"] == 4.0  # a chunk per 4 bytes (rate 0.25), for the report's bytes per unit
     # the checkpoint keeps the calibrated threshold: the same test score after reloading
     run_dir = out / "runs" / r["run_id"]
     model = load_checkpoint(run_dir)
