@@ -302,6 +302,15 @@ def plot_learning_curves(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _peak_sentence(records: list[dict]) -> str:
+    """The fp32 matmul peak that each run measured when it started (its MFU's denominator)."""
+    peaks = [r["matmul_peak_flops_per_s"] for r in records]
+    if max(peaks) - min(peaks) <= 0.005 * max(peaks):
+        return f"measured fp32 matmul peak {peaks[0]:.3g} FLOP/s (MFU is relative to it)."
+    return (f"measured fp32 matmul peak {min(peaks):.3g} to {max(peaks):.3g} FLOP/s across runs (each run's MFU "
+            "is relative to the peak measured when it ran).")
+
+
 def build_report(results_dir: Path, report_dir: Path) -> str:
     """The markdown report; its plots are written to report_dir/plots, the folder
     the markdown will sit in (so its image links are relative)."""
@@ -325,8 +334,7 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
         "",
         f"Split {spec['split']['train_bytes']:,} / {spec['split']['val_bytes']:,} / {spec['split']['test_bytes']:,} "
         f"bytes (train / val / test) of each corpus; test windows of {spec['eval']['window']} bytes, each scored from "
-        f"an empty context. Device `{suite['device']}`, measured fp32 matmul peak "
-        f"{suite['matmul_peak_flops_per_s']:.3g} FLOP/s (MFU is relative to it).",
+        f"an empty context. Device `{', '.join(sorted({r['device'] for r in records}))}`; " + _peak_sentence(records),
         "",
         "FLOPs: a multiply-add is 2; every matrix product counts (head and both attention products); "
         "training = 3 x forward. bpb = summed NLL in nats / (ln 2 x scored bytes). "
