@@ -190,6 +190,18 @@ def plot_segmentation_examples(records: list[dict], plot_dir: Path, label: str) 
     return lines
 
 
+def _save(fig, ax, xlabel: str, ylabel: str, title: str, path: Path, legend_size: int) -> None:
+    """Label, grid and legend an axis, then write the figure as PNG and close it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_length_distributions(curves: dict[str, np.ndarray], path: Path, title: str) -> bool:
     """Fraction of chunks of each length, one line per label; counts[i] = chunks of i bytes.
     Returns False, drawing nothing, when there is no curve."""
@@ -201,14 +213,7 @@ def plot_length_distributions(curves: dict[str, np.ndarray], path: Path, title: 
         lengths = np.arange(len(counts))
         mean = (lengths * counts).sum() / counts.sum()
         ax.plot(lengths[1:], counts[1:] / counts.sum(), marker="o", markersize=3, linewidth=1, label=f"{label} (mean {mean:.2f} B)")
-    ax.set_xlabel("chunk length (bytes)")
-    ax.set_ylabel("fraction of chunks")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, "chunk length (bytes)", "fraction of chunks", title, path, legend_size=7)
     return True
 
 
@@ -276,14 +281,7 @@ def plot_bpb(summary: pd.DataFrame, x: str, xlabel: str, title: str, path: Path,
         ax.errorbar(group[x], group["test bpb"], yerr=errors, marker="o", capsize=3, label=model,
                     linestyle="-" if connect else "none")
     ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("test bits per byte")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, xlabel, "test bits per byte", title, path, legend_size=8)
 
 
 def plot_learning_curves(records: list[dict], path: Path) -> None:
@@ -292,14 +290,8 @@ def plot_learning_curves(records: list[dict], path: Path) -> None:
     for name, r in representative_runs(records, "loss_curve").items():
         curve = r["loss_curve"]
         ax.plot([p["bytes"] for p in curve], [p["train_bpb"] for p in curve], label=name, linewidth=1)
-    ax.set_xlabel("training bytes seen")
-    ax.set_ylabel("train bits per byte")
-    ax.set_title("learning curves (each model: largest budget, lowest seed)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, "training bytes seen", "train bits per byte", "learning curves (each model: largest budget, lowest seed)",
+          path, legend_size=7)
 
 
 def _peak_sentence(records: list[dict]) -> str:
