@@ -6,6 +6,7 @@ Errors a user can fix print one line (`harness: error: ...`) and exit with statu
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import typing
 from pathlib import Path
@@ -72,6 +73,9 @@ def cmd_list(args: argparse.Namespace) -> None:
 
     for name, cls in registry.available().items():
         print(f"{name}: {cls.description}")
+        if cls.sizing is not None:
+            print(f"    (sized to an inference cost by {cls.sizing.width} in steps of 2 x {cls.sizing.heads}, "
+                  f"then {cls.sizing.depth})")
         for field, info in cls.Config.model_fields.items():
             default = f"{info.default:.4g}" if isinstance(info.default, float) else repr(info.default)
             help_text = f"  {info.description}" if info.description else ""
@@ -128,12 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit
     except HarnessError as e:
         print(f"harness: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("harness: interrupted; finished runs are kept, run the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `harness list | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 0
     return 0
 
 

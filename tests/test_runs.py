@@ -126,6 +126,17 @@ def test_list_shows_the_byte_transformer(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "bytes: decoder-only Transformer over raw bytes" in out and "d_model" in out
+    assert "sized to an inference cost by d_model in steps of 2 x n_heads, then n_layers" in out
+
+
+def test_output_cut_short_by_a_closed_pipe_is_not_an_error():
+    """`harness list | head -1`: the reader has gone; no traceback, exit 0."""
+    reader, writer = os.pipe()
+    os.close(reader)  # gone before the first write, so every write fails (a fast reader can't hide it)
+    process = subprocess.Popen([sys.executable, "-m", "harness.cli", "list"], stdout=writer, stderr=subprocess.PIPE)
+    os.close(writer)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0 and b"Traceback" not in err, err.decode()
 
 
 def test_third_party_adapter_through_an_entry_point(tmp_path, monkeypatch):
