@@ -93,7 +93,7 @@ def check_sizes(suite: Suite, corpora: dict[str, data.Splits]) -> None:
             model = registry.build(entry.adapter, entry.config)
             model.prepare(splits.train, suite.seeds[0])
             _, facts = size_to_target(model, suite.inference_flops_per_byte, suite.eval.window,
-                                           suite.count_auxiliary_flops, entry.name)
+                                      suite.count_auxiliary_flops, entry.name)
             log(f"sizing {label} {entry.name}: {facts['chosen']} -> {facts['achieved_flops_per_byte']:.4g} "
                 f"forward FLOPs/byte ({facts['relative_error']:+.1%} of the target)")
 
