@@ -110,5 +110,5 @@ def size_to_target(model: Adapter, target: float, window: int, count_auxiliary: 
 def resize(model: Adapter, config: AdapterConfig) -> Adapter:
     """A new model of the same adapter with `config`, carrying over `model`'s preparation."""
     resized = type(model)(config)
-    resized.carry_preparation(model.cpu())
+    resized.carry_preparation(model)  # copy_ and load_state_dict work across devices
     return resized
