@@ -15,7 +15,7 @@ from pydantic import Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from baselines.token_lm import TokenLM, TokenLMConfig, Vocabulary
-from harness.registry import BYTE_VOCAB, register
+from harness.api.registry import BYTE_VOCAB, register
 
 BOS_TOKEN = "<|bos|>"
 

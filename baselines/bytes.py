@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from harness import flops
-from harness.nn import Transformer, init_weights
-from harness.registry import BOS, BYTE_VOCAB, Adapter, AdapterConfig, SizingFields, register
+from harness.modeling import flops
+from harness.modeling.nn import Transformer, init_weights
+from harness.api.registry import BOS, BYTE_VOCAB, Adapter, AdapterConfig, SizingFields, register
 
 
 class ByteTransformerConfig(AdapterConfig):

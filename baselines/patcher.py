@@ -31,12 +31,13 @@ from torch import nn
 
 from baselines import patching
 from baselines.bytes import ByteTransformer, ByteTransformerConfig
-from harness import data, flops
+from harness.core import data
+from harness.modeling import flops
 from harness.errors import HarnessError
-from harness.nn import CrossAttention, Transformer, init_weights
-from harness.registry import BYTE_VOCAB, Adapter, AdapterConfig, SizingFields, register
-from harness.suite import TrainerSettings
-from harness.train import train
+from harness.modeling.nn import CrossAttention, Transformer, init_weights
+from harness.api.registry import BYTE_VOCAB, Adapter, AdapterConfig, SizingFields, register
+from harness.core.suite import TrainerSettings
+from harness.core.train import train
 
 HASH_PRIME = 2_147_483_647  # 2^31 - 1: rolling-hash modulus (no int64 overflow)
 

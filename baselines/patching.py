@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.registry import Adapter
+from harness.api.registry import Adapter
 
 
 def _shift(x: torch.Tensor, k: int, fill: bool = False) -> torch.Tensor:

@@ -49,11 +49,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from harness import flops
+from harness.modeling import flops
 from harness.errors import HarnessError
-from harness.nn import Transformer, init_weights
-from harness.records import write_json_atomic
-from harness.registry import BYTE_VOCAB, Adapter, AdapterConfig, SizingFields
+from harness.modeling.nn import Transformer, init_weights
+from harness.core.records import write_json_atomic
+from harness.api.registry import BYTE_VOCAB, Adapter, AdapterConfig, SizingFields
 
 CACHE_FORMAT = 1
 TRAINING_CHUNK = 4096  # bytes of the training split per training text

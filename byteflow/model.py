@@ -36,11 +36,12 @@ from pydantic import Field
 from torch import nn
 
 from byteflow import coding_rate
-from harness import data, flops
+from harness.core import data
+from harness.modeling import flops
 from harness.errors import HarnessError
-from harness.evaluate import autocast
-from harness.nn import Block, Transformer, init_weights
-from harness.registry import BOS, BYTE_VOCAB, Adapter, AdapterConfig, SizingFields, register
+from harness.core.evaluate import autocast
+from harness.modeling.nn import Block, Transformer, init_weights
+from harness.api.registry import BOS, BYTE_VOCAB, Adapter, AdapterConfig, SizingFields, register
 
 TOPK_LABEL = "global top-K selection (non-causal, not a valid likelihood)"
 

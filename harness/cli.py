@@ -12,9 +12,9 @@ import typing
 from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.export import add_parser as add_export_parser
-from harness.lm_eval_cli import add_parser as add_lm_eval_parser
-from harness.segment import add_parser as add_segment_parser
+from harness.commands.export import add_parser as add_export_parser
+from harness.commands.lm_eval import add_parser as add_lm_eval_parser
+from harness.analysis.segment import add_parser as add_segment_parser
 
 EPILOG = """examples:
   harness run suites/smoke.yaml            train + evaluate every run of a suite
@@ -31,7 +31,7 @@ EPILOG = """examples:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from harness.runner import run_suite
+    from harness.core.runner import run_suite
 
     out = run_suite(args.suite, Path(args.results), args.device, show_progress=not args.quiet,
                     save_every_s=args.save_every)
@@ -39,7 +39,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from harness.report import build_report
+    from harness.analysis.report import build_report
 
     results = Path(args.results_dir)
     if not results.is_dir():
@@ -69,7 +69,7 @@ def _type_name(annotation) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    from harness import registry
+    from harness.api import registry
 
     for name, cls in registry.available().items():
         print(f"{name}: {cls.description}")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from harness.flops import measure_forward
-from harness.registry import Adapter
+from harness.modeling.flops import measure_forward
+from harness.api.registry import Adapter
 
 
 def assert_flops_match(model: Adapter, windows: torch.Tensor, tolerance: float = 0.02) -> tuple[float, float]:

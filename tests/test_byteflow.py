@@ -7,10 +7,12 @@ import math
 import pytest
 import torch
 
-from harness import data, registry
-from harness.audit import assert_causal, causality_audit
+from harness.core import data
+
+from harness.api import registry
+from harness.analysis.audit import assert_causal, causality_audit
 from harness.errors import HarnessError
-from harness.flops import measure_forward
+from harness.modeling.flops import measure_forward
 from tests.checks import assert_flops_match
 from tests.conftest import tiny_suite
 
@@ -161,7 +163,7 @@ def test_bad_config_is_rejected():
 
 
 def segment_cli(argv):
-    from harness import segment
+    from harness.analysis import segment
 
     top = argparse.ArgumentParser(prog="harness")
     segment.add_parser(top.add_subparsers(dest="command", required=True))
@@ -170,11 +172,11 @@ def segment_cli(argv):
 
 
 def test_runner_end_to_end_with_both_rules_and_the_segment_command(write_suite, tmp_path, capsys):
-    from harness.evaluate import evaluate
-    from harness.records import read_suite_records
-    from harness.registry import load_checkpoint
-    from harness.runner import run_suite
-    from harness.segment import segment_bytes
+    from harness.core.evaluate import evaluate
+    from harness.core.records import read_suite_records
+    from harness.api.registry import load_checkpoint
+    from harness.core.runner import run_suite
+    from harness.analysis.segment import segment_bytes
 
     config = TINY | {"calibration_windows": 16}
     suite = tiny_suite(models=[{"name": "bf", "adapter": "byteflow", "config": config}])
@@ -206,7 +208,7 @@ def test_runner_end_to_end_with_both_rules_and_the_segment_command(write_suite, 
 
 
 def test_segmentation_marks_chunk_starts():
-    from harness.segment import marked_text, segment_bytes
+    from harness.analysis.segment import marked_text, segment_bytes
 
     model = calibrated().eval()
     text = TEXT[9000:9150]

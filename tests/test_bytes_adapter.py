@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from harness import registry
-from harness.audit import assert_causal, causality_audit
+from harness.api import registry
+from harness.analysis.audit import assert_causal, causality_audit
 from tests.checks import assert_flops_match
 
 

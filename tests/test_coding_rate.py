@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from byteflow import coding_rate as cr
-from harness.flops import measure_forward
+from harness.modeling.flops import measure_forward
 
 
 def direct_gains(h: torch.Tensor, a: float) -> torch.Tensor:

@@ -7,9 +7,9 @@ import zipfile
 
 import pytest
 
-from harness import data
+from harness.core import data
 from harness.errors import HarnessError
-from harness.suite import load_corpus, load_suite
+from harness.core.suite import load_corpus, load_suite
 from tests.conftest import tiny_suite
 
 

@@ -7,10 +7,14 @@ import os
 import pytest
 import torch
 
-from harness import RECORD_FORMAT_VERSION, data, registry
+from harness import RECORD_FORMAT_VERSION
+
+from harness.core import data
+
+from harness.api import registry
 from harness.errors import HarnessError
-from harness.export import add_parser, export_run
-from harness.records import save_checkpoint_atomic, write_json_atomic
+from harness.commands.export import add_parser, export_run
+from harness.core.records import save_checkpoint_atomic, write_json_atomic
 
 TRAIN = data.embedded_corpus("pydoc-topics", 50000)
 TEXT = "The quick brown fox: def f(x): return x ** 2  # café, naïve, 😀\n\n   Spaces and\ttabs."

@@ -21,13 +21,13 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness import registry
+from harness.api import registry
 from harness.errors import HarnessError
-from harness.evaluate import window_nll
+from harness.core.evaluate import window_nll
 from harness.lm_eval_plugin import RAW_BYTE_BASE, TASKS_DIR, HarnessLM, bytes_to_text, task_manager, text_to_bytes
-from harness.lm_eval_cli import add_parser
-from harness.records import read_suite_records
-from harness.runner import run_suite
+from harness.commands.lm_eval import add_parser
+from harness.core.records import read_suite_records
+from harness.core.runner import run_suite
 from tests.conftest import ROOT, SMALL_CONFIGS, tiny_suite
 
 import lm_eval  # noqa: E402  (after the plugin: the plugin must work whatever the import order)
@@ -43,7 +43,7 @@ ADAPTERS = [name for name in SMALL_CONFIGS if name in registry.available()]
 def tricky_corpus() -> bytes:
     """Prose with multi-byte characters (cut by window edges), invalid UTF-8, NUL bytes and
     a genuine U+10FF80 (the first character of the plugin's raw-byte range)."""
-    from harness.data import embedded_corpus
+    from harness.core.data import embedded_corpus
 
     prose = embedded_corpus("pydoc-topics", 24_000)
     extras = ["naïve café — ", "日本語のテキスト ", "😀 ", "\U0010ff80 "]
@@ -313,7 +313,7 @@ def test_lm_eval_ls_tasks_and_harness_lm_eval_with_the_full_task_index(runs, tmp
     listing = subprocess.run([sys.executable, "-m", "lm_eval", "ls", "tasks", "--include_path", str(TASKS_DIR)],
                              capture_output=True, text=True, env=env, timeout=600)
     assert listing.returncode == 0 and "harness_bpb" in listing.stdout and "harness_arc_easy_local" in listing.stdout
-    done = subprocess.run([sys.executable, "-m", "harness.lm_eval_cli", "--model", "harness", "--model_args",
+    done = subprocess.run([sys.executable, "-m", "harness.commands.lm_eval", "--model", "harness", "--model_args",
                            f"pretrained={runs['bytes']}", "--tasks", "harness_bpb,harness_arc_easy_local", "--device", "cpu"],
                           capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]

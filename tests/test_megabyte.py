@@ -5,12 +5,14 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from harness import flops, registry
-from harness.audit import assert_causal, causality_audit
+from harness.modeling import flops
+
+from harness.api import registry
+from harness.analysis.audit import assert_causal, causality_audit
 from harness.errors import HarnessError
-from harness.records import read_suite_records
-from harness.runner import run_suite
-from harness.suite import load_suite
+from harness.core.records import read_suite_records
+from harness.core.runner import run_suite
+from harness.core.suite import load_suite
 from tests.checks import assert_flops_match
 from tests.conftest import tiny_suite
 

@@ -3,8 +3,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness import flops
-from harness.nn import CausalConv, CausalSelfAttention, sliding_window_attention
+from harness.modeling import flops
+from harness.modeling.nn import CausalConv, CausalSelfAttention, sliding_window_attention
 
 
 def band_mask(length: int, window: int) -> torch.Tensor:

@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from baselines import patching
-from harness import data, registry
-from harness.audit import assert_causal, causality_audit
+from harness.core import data
+from harness.api import registry
+from harness.analysis.audit import assert_causal, causality_audit
 from harness.errors import HarnessError
-from harness.flops import measure_forward
-from harness.report import plot_patch_sizes
-from harness.segment import plot_segmentation, segment_bytes
-from harness.records import read_suite_records
-from harness.runner import run_suite
+from harness.modeling.flops import measure_forward
+from harness.analysis.report import plot_patch_sizes
+from harness.analysis.segment import plot_segmentation, segment_bytes
+from harness.core.records import read_suite_records
+from harness.core.runner import run_suite
 from tests.checks import assert_flops_match
 from tests.conftest import tiny_suite
 

@@ -12,9 +12,9 @@ import pytest
 
 from harness.cli import main
 from harness.errors import HarnessError
-from harness.records import read_suite_records
-from harness.registry import load_checkpoint
-from harness.runner import run_suite
+from harness.core.records import read_suite_records
+from harness.api.registry import load_checkpoint
+from harness.core.runner import run_suite
 from tests.conftest import ROOT, tiny_suite
 
 
@@ -45,9 +45,9 @@ def test_smoke_suite_beats_order0_entropy_and_reports(tmp_path, capsys):
     assert (out / "plots" / "bpb_vs_inference_flops_pydoc-topics.png").stat().st_size > 1000
     # the checkpoint reloads to the same test score
     model = load_checkpoint(out / "runs" / bytes_run["run_id"])
-    from harness import data
-    from harness.evaluate import evaluate
-    from harness.suite import load_corpus, load_suite
+    from harness.core import data
+    from harness.core.evaluate import evaluate
+    from harness.core.suite import load_corpus, load_suite
 
     loaded = load_suite(ROOT / "suites" / "smoke.yaml")
     windows = data.windows(load_corpus(loaded).test, loaded.eval.window, loaded.eval.max_windows)
@@ -152,7 +152,7 @@ def test_third_party_adapter_through_an_entry_point(tmp_path, monkeypatch):
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-adapter\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[harness.adapters]\ntiny = thirdparty_adapter:Tiny\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    from harness import registry
+    from harness.api import registry
 
     monkeypatch.setattr(registry, "_discovered", False)
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from harness import registry
+from harness.api import registry
 from harness.cli import main
-from harness.data import embedded_corpus
+from harness.core.data import embedded_corpus
 from harness.errors import HarnessError
-from harness.records import read_suite_records
-from harness.registry import load_checkpoint
-from harness.sizing import TOLERANCE, inference_flops_per_byte, resize, size_to_target
+from harness.core.records import read_suite_records
+from harness.api.registry import load_checkpoint
+from harness.core.sizing import TOLERANCE, inference_flops_per_byte, resize, size_to_target
 from tests.conftest import SMALL_CONFIGS, SMALL_WINDOW, tiny_suite
 
 TRAIN = embedded_corpus("pydoc-topics", 40_000)

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from harness import stats
+from harness.analysis import stats
 
 
 def test_seed_interval_matches_the_textbook_t_interval():

@@ -10,12 +10,13 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from baselines.bpe import BYTE_SYMBOLS
-from harness.compressors import raw_byte_metrics
-from harness import data, registry
-from harness.audit import assert_causal, causality_audit
+from harness.analysis.references import raw_byte_metrics
+from harness.core import data
+from harness.api import registry
+from harness.analysis.audit import assert_causal, causality_audit
 from harness.errors import HarnessError
-from harness.flops import measure_forward
-from harness.suite import load_suite
+from harness.modeling.flops import measure_forward
+from harness.core.suite import load_suite
 from tests.conftest import tiny_suite
 
 TRAIN = data.embedded_corpus("pydoc-topics", 60000)

@@ -36,12 +36,12 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import model_registry, register_model
 
-from harness import data
+from harness.core import data
 from harness.errors import HarnessError
-from harness.evaluate import autocast, window_nll
+from harness.core.evaluate import autocast, window_nll
 from harness.lm_eval_plugin import bytes_to_text, text_to_bytes
-from harness.records import read_record
-from harness.registry import load_checkpoint
+from harness.core.records import read_record
+from harness.api.registry import load_checkpoint
 
 MODEL_NAME = "harness"
 DEFAULT_BATCH = 32

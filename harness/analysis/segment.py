@@ -138,7 +138,7 @@ def plot_lengths(seg: Segmentation, path: Path, title: str) -> None:
 
 def _split_text(run_dir: Path, record: dict, split: str) -> bytes:
     """The val/test/train split of the run's corpus, from the suite.json beside runs/."""
-    from harness.suite import Suite, load_corpus
+    from harness.core.suite import Suite, load_corpus
 
     suite_path = run_dir.parent.parent / "suite.json"
     if not suite_path.is_file():
@@ -154,8 +154,8 @@ def _split_text(run_dir: Path, record: dict, split: str) -> bytes:
 def run_segment(run_dir: str | Path, text: str | None = None, split: str | None = None, offset: int = 0,
                 max_bytes: int = 1024, variant: str | None = None, window: int | None = None,
                 output: str | Path | None = None, marker: str = "|") -> tuple[Segmentation, Path, Path]:
-    from harness.records import read_record
-    from harness.registry import load_checkpoint
+    from harness.core.records import read_record
+    from harness.api.registry import load_checkpoint
 
     run_dir = Path(run_dir)
     record = read_record(run_dir / "record.json")

@@ -12,16 +12,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from harness import RECORD_FORMAT_VERSION, data, registry
-from harness.compressors import raw_byte_metrics, reference_rows
+from harness import RECORD_FORMAT_VERSION
+
+from harness.core import data
+
+from harness.api import registry
+from harness.analysis.references import raw_byte_metrics, reference_rows
 from harness.errors import HarnessError
-from harness.evaluate import evaluate
-from harness.flops import measure_forward, measure_matmul_peak, training_flops_per_byte
-from harness.segment import segment_bytes
-from harness.sizing import resize, size_to_target
-from harness.records import read_record, save_checkpoint_atomic, versions, write_json_atomic
-from harness.suite import Run, Suite, expand, load_corpus, load_suite
-from harness.train import train
+from harness.core.evaluate import evaluate
+from harness.modeling.flops import measure_forward, measure_matmul_peak, training_flops_per_byte
+from harness.analysis.segment import segment_bytes
+from harness.core.sizing import resize, size_to_target
+from harness.core.records import read_record, save_checkpoint_atomic, versions, write_json_atomic
+from harness.core.suite import Run, Suite, expand, load_corpus, load_suite
+from harness.core.train import train
 
 
 def pick_device(name: str) -> torch.device:

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from harness.data import TrainStream
-from harness.evaluate import autocast
-from harness.records import save_checkpoint_atomic
-from harness.registry import Adapter
-from harness.suite import TrainerSettings
+from harness.core.data import TrainStream
+from harness.core.evaluate import autocast
+from harness.core.records import save_checkpoint_atomic
+from harness.api.registry import Adapter
+from harness.core.suite import TrainerSettings
 
 
 def lr_factor(step: int, total: int, warmup_fraction: float, min_ratio: float) -> float:

@@ -78,7 +78,7 @@ def _with_argv(argv: list[str], function):
         sys.argv = saved
 
 
-if __name__ == "__main__":  # python -m harness.lm_eval_cli ARGS  (same as `harness lm-eval ARGS`)
+if __name__ == "__main__":  # python -m harness.commands.lm_eval ARGS  (same as `harness lm-eval ARGS`)
     from harness.errors import HarnessError
 
     try:

@@ -21,7 +21,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from harness.nn import mlp_hidden
+from harness.modeling.nn import mlp_hidden
 
 TRAIN_MULTIPLIER = 3  # forward + backward (2 x forward)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.registry import Adapter
+from harness.api.registry import Adapter
 
 
 @dataclass

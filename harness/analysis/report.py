@@ -13,10 +13,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from harness import stats  # noqa: E402
+from harness.analysis import stats  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
-from harness.segment import Segmentation, plot_segmentation  # noqa: E402
-from harness.records import read_suite_records  # noqa: E402
+from harness.analysis.segment import Segmentation, plot_segmentation  # noqa: E402
+from harness.core.records import read_suite_records  # noqa: E402
 
 
 def _groups(records: list[dict]) -> dict[tuple[float, str], list[dict]]:

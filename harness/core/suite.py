@@ -15,7 +15,9 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from harness import data, registry
+from harness.core import data
+
+from harness.api import registry
 from harness.errors import HarnessError
 
 SUITE_FORMAT_VERSION = 1
@@ -251,7 +253,7 @@ def _relative_to(path: Path, corpus: Corpus) -> Corpus:
 
 
 def _check_models(path: Path, suite: Suite) -> None:
-    from harness.flops import training_flops_per_byte
+    from harness.modeling.flops import training_flops_per_byte
 
     for i, entry in enumerate(suite.models):
         try:

@@ -191,7 +191,7 @@ def build(name: str, config: dict) -> Adapter:
 
 def load_checkpoint(run_dir: Path, device: str | torch.device = "cpu") -> Adapter:
     """Rebuild a trained adapter from a run directory (record.json + model.pt)."""
-    from harness.records import read_record
+    from harness.core.records import read_record
 
     record = read_record(run_dir / "record.json")
     model = build(record["model"]["adapter"], record["model"]["config"])

@@ -9,7 +9,7 @@ from contextlib import nullcontext
 
 import torch
 
-from harness.registry import Adapter
+from harness.api.registry import Adapter
 
 
 def autocast(device: torch.device):

@@ -104,8 +104,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Write the run's model and tokenizer to out_dir (transformers format, float32)."""
     from transformers import AutoModelForCausalLM
 
-    from harness.records import read_record
-    from harness.registry import load_checkpoint
+    from harness.core.records import read_record
+    from harness.api.registry import load_checkpoint
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     record = read_record(run_dir / "record.json")
