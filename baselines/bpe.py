@@ -10,12 +10,15 @@ string can turn into a special token.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import tokenizers
 from pydantic import Field
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from baselines.llama_export import write_llama
 from baselines.token_lm import TokenLM, TokenLMConfig, Vocabulary
-from harness.api.registry import BYTE_VOCAB, register
+from harness.api import BYTE_VOCAB, register
 
 BOS_TOKEN = "<|bos|>"
 
@@ -76,6 +79,19 @@ class BPETransformer(TokenLM):
 
         return Vocabulary(encode_texts, pieces, [tokenizer.token_to_id(s) for s in BYTE_SYMBOLS], bos)
 
-    def hf_tokenizer(self) -> Tokenizer:
-        """The trained tokenizer as the library object (for export)."""
-        return Tokenizer.from_str(self.tokenizer_state["tokenizer"])
+    def export(self, out_dir: Path, record: dict) -> str:
+        """A LlamaForCausalLM (MistralForCausalLM with a sliding window) and a PreTrainedTokenizerFast
+        whose post-processor prepends BOS, as the harness does for every window. On valid UTF-8 it
+        gives the harness's ids. Two differences, both outside what text input can express the same
+        way: the harness writes invalid UTF-8 bytes as one-byte tokens (a str cannot hold them), and
+        it tokenizes a literal `<|bos|>` in the data as text, while the exported tokenizer, like any
+        transformers tokenizer, maps it to the special token."""
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = Tokenizer.from_str(self.tokenizer_state["tokenizer"])
+        bos = tokenizer.token_to_id(BOS_TOKEN)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B", special_tokens=[(BOS_TOKEN, bos)])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS_TOKEN, clean_up_tokenization_spaces=False)
+        architecture = write_llama(self, fast, out_dir, record)
+        return f"a transformers {architecture} and its tokenizer"

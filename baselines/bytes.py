@@ -10,7 +10,7 @@ from torch import nn
 
 from harness.modeling import flops
 from harness.modeling.nn import Transformer, init_weights
-from harness.api.registry import BOS, BYTE_VOCAB, Adapter, AdapterConfig, SizingFields, register
+from harness.api import BOS, BYTE_VOCAB, Adapter, AdapterConfig, SizingFields, register
 
 
 class ByteTransformerConfig(AdapterConfig):

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from harness.modeling import flops
+from harness.modeling import chunking, flops
 from harness.modeling.nn import Transformer, init_weights
-from harness.api.registry import BOS, BYTE_VOCAB, Adapter, AdapterConfig, SizingFields, register
+from harness.api import BOS, BYTE_VOCAB, Adapter, AdapterConfig, SizingFields, register
 
 
 class MegaByteConfig(AdapterConfig):
@@ -80,6 +80,10 @@ class MegaByte(Adapter):
 
     def units_per_byte(self) -> float:
         return 1.0 / self.config.patch_size
+
+    def segment(self, windows: torch.Tensor) -> tuple[None, torch.Tensor]:
+        """Fixed patches of P bytes, no score."""
+        return None, chunking.static_starts(*windows.shape, self.config.patch_size, windows.device)
 
     def global_context(self, patches: torch.Tensor) -> torch.Tensor:
         """patches (B, n, P) -> (B, n, d_global): position k is the global input for patch k,

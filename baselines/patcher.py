@@ -22,6 +22,7 @@ them), pool no bytes and are never read by the decoder; nothing is scored but by
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 import torch
@@ -31,13 +32,13 @@ from torch import nn
 
 from baselines import patching
 from baselines.bytes import ByteTransformer, ByteTransformerConfig
+from harness.api import BYTE_VOCAB, Adapter, AdapterConfig, Preparation, RunContext, SizingFields, register
 from harness.core import data
-from harness.modeling import flops
-from harness.errors import HarnessError
-from harness.modeling.nn import CrossAttention, Transformer, init_weights
-from harness.api.registry import BYTE_VOCAB, Adapter, AdapterConfig, SizingFields, register
 from harness.core.suite import TrainerSettings
 from harness.core.train import train
+from harness.errors import HarnessError
+from harness.modeling import chunking, flops
+from harness.modeling.nn import CrossAttention, Transformer, init_weights
 
 HASH_PRIME = 2_147_483_647  # 2^31 - 1: rolling-hash modulus (no int64 overflow)
 
@@ -70,8 +71,6 @@ class PatcherConfig(AdapterConfig):
     entropy_flops: float | None = Field(None, gt=0, description="entropy: training FLOPs of the entropy model (overrides entropy_steps)")
     entropy_batch_windows: int = Field(16, ge=1, description="entropy: windows per entropy-model step")
     entropy_lr: float = Field(3e-3, gt=0, description="entropy: peak learning rate of the entropy model")
-    calibration_window: int = Field(256, ge=2, description="window (bytes) for training the entropy model and measuring "
-                                                           "patch sizes on the training split; set it to the suite's eval.window")
     calibration_bytes: int = Field(262144, ge=2, description="bytes of the training split (evenly spaced windows) used to "
                                                              "calibrate theta and measure patch sizes")
 
@@ -81,8 +80,6 @@ class PatcherConfig(AdapterConfig):
             raise ValueError(f"target_patch_size {self.target_patch_size} exceeds max_patch {self.max_patch}")
         if len(set(self.hash_ngrams)) != len(self.hash_ngrams):
             raise ValueError("hash_ngrams lists an n twice")
-        if self.calibration_bytes < self.calibration_window:
-            raise ValueError("calibration_bytes is smaller than one calibration_window")
         return self
 
 
@@ -112,11 +109,11 @@ class Patcher(Adapter):
         self.entropy_model = ByteTransformer(c.entropy_model) if c.patcher == "entropy" else None
         if self.entropy_model is not None:
             self.entropy_model.requires_grad_(False)  # trained in prepare(), frozen afterwards
-        # learned in prepare() and kept in checkpoints: theta, and how often a patch starts
-        # at each position of a calibration window (its sum over W positions = patches per window)
+        # learned in prepare() and kept in checkpoints: theta, and how often a patch starts at
+        # each position of the run's window (its sum over W positions = patches per window)
         self.register_buffer("theta", torch.tensor(c.theta if c.theta is not None else 0.0))
-        self.register_buffer("start_rate", self._prior_start_rate())
         self.register_buffer("prepared", torch.tensor(False))
+        self.start_rate: list[float] = []  # extra state: empty until prepare()
 
     # ---- patches -----------------------------------------------------------------------
     @property
@@ -124,15 +121,11 @@ class Patcher(Adapter):
         c = self.config
         return c.patch_size if c.patcher == "static" else c.max_patch
 
-    def _prior_start_rate(self) -> torch.Tensor:
-        """Start frequency per position before prepare(): exact for static, else one
-        start every target_patch_size bytes (what budgets assume until measured)."""
-        c = self.config
-        if c.patcher == "static":
-            return patching.static_starts(1, c.calibration_window, c.patch_size)[0].float()
-        rate = torch.full((c.calibration_window,), 1.0 / c.target_patch_size)
-        rate[0] = 1.0
-        return rate
+    def get_extra_state(self) -> dict:
+        return {"start_rate": self.start_rate}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.start_rate = [float(r) for r in state["start_rate"]]
 
     def entropies(self, windows: torch.Tensor) -> torch.Tensor:
         """(B, W) next-byte entropy in nats: H[:, t] is computed from bytes < t."""
@@ -140,16 +133,16 @@ class Patcher(Adapter):
 
     def starts_from_entropy(self, entropy: torch.Tensor) -> torch.Tensor:
         score = patching.entropy_score(entropy, self.config.entropy_rule)
-        return patching.cap_patch_length(score > self.theta, self.patch_limit)
+        return chunking.cap_lengths(score > self.theta, self.patch_limit)
 
     def patch_starts(self, windows: torch.Tensor) -> torch.Tensor:
         """(B, W) bool: byte t begins a patch. Depends on bytes < t only."""
         c = self.config
         B, W = windows.shape
         if c.patcher == "static":
-            return patching.static_starts(B, W, c.patch_size, windows.device)
+            return chunking.static_starts(B, W, c.patch_size, windows.device)
         if c.patcher == "space":
-            return patching.cap_patch_length(patching.space_starts(windows), c.max_patch)
+            return chunking.cap_lengths(patching.space_starts(windows), c.max_patch)
         if not bool(self.prepared):
             raise HarnessError("patcher 'entropy': the entropy model is untrained; run prepare(train_bytes, seed) first")
         return self.starts_from_entropy(self.entropies(windows))
@@ -202,65 +195,67 @@ class Patcher(Adapter):
         return self.head(self.decoder(dec))  # (B, W, 256)
 
     # ---- preparation on the training split -----------------------------------------------
-    def prepare(self, train_bytes: bytes, seed: int) -> dict:
+    def prepare(self, train_bytes: bytes, ctx: RunContext) -> Preparation:
+        """Train the entropy model (entropy rule), calibrate theta, and measure how often a patch
+        starts at each position of the run's window, on evenly spaced training windows."""
         c = self.config
-        cal = data.windows(train_bytes, c.calibration_window)
-        if len(cal) == 0:
-            raise HarnessError(f"patcher: the training split ({len(train_bytes)} bytes) is shorter than "
-                               f"calibration_window {c.calibration_window}")
-        keep = min(len(cal), c.calibration_bytes // c.calibration_window)
-        cal = cal[torch.linspace(0, len(cal) - 1, keep).round().long()]  # evenly spaced windows
-        facts: dict = {"patcher": c.patcher, "calibration_window": c.calibration_window, "calibration_bytes": cal.numel()}
+        cal = chunking.calibration_windows(train_bytes, ctx.window, max(1, c.calibration_bytes // ctx.window))
+        facts: dict = {"patcher": c.patcher, "calibration_bytes": cal.numel()}
+        auxiliary_flops = 0.0
         if c.patcher == "entropy":
-            facts["entropy_model"] = self._train_entropy_model(train_bytes, seed)
+            facts["entropy_model"] = self._train_entropy_model(train_bytes, ctx)
             device = next(self.entropy_model.parameters()).device
             entropy = torch.cat([self.entropies(chunk.to(device)).cpu() for chunk in cal.split(64)])
-            inference = self.entropy_model.flops_per_byte(c.calibration_window)["total"] * cal.numel()
+            inference = self.entropy_model.flops_per_byte(ctx.window)["total"] * cal.numel()
             if c.theta is None:
                 score = patching.entropy_score(entropy, c.entropy_rule)
-                self.theta.fill_(patching.calibrate_threshold(score, c.target_patch_size, c.max_patch))
+                self.theta.fill_(chunking.threshold_for_mean_length(score, c.target_patch_size, c.max_patch))
             starts = self.starts_from_entropy(entropy.to(self.theta.device)).cpu()
+            auxiliary_flops = facts["entropy_model"]["training_flops"] + inference
             facts.update({
                 "theta": float(self.theta), "theta_calibrated": c.theta is None, "entropy_rule": c.entropy_rule,
                 "target_patch_size": c.target_patch_size, "mean_entropy_nats": float(entropy[:, 1:].mean()),
-                "calibration_flops": inference, "flops": facts["entropy_model"]["training_flops"] + inference,
+                "calibration_flops": inference,
             })
         else:
-            starts = self.patch_starts(cal)
-        self.start_rate.copy_(starts.float().mean(0))
+            starts = self.patch_starts(cal.to(self.theta.device)).cpu()
+        self.start_rate = starts.double().mean(0).tolist()
         self.prepared.fill_(True)
-        facts.update(patching.patch_statistics(starts, self.patch_limit))
-        facts["patch_size_limit"] = self.patch_limit
-        return facts
+        facts.update({"avg_patch_size": starts.numel() / float(starts.sum()), "patches": int(starts.sum()),
+                      "patch_size_limit": self.patch_limit})
+        return Preparation(auxiliary_flops=auxiliary_flops, facts=facts,
+                           unit_length_counts=chunking.length_counts(starts, self.patch_limit))
 
     def carry_preparation(self, prepared: "Patcher") -> None:
         """The entropy model, theta and the measured start rates (none depends on d_global)."""
         if self.entropy_model is not None:
             self.entropy_model.load_state_dict(prepared.entropy_model.state_dict())
-        for name in ("theta", "start_rate", "prepared"):
+        for name in ("theta", "prepared"):
             getattr(self, name).copy_(getattr(prepared, name))
+        self.start_rate = list(prepared.start_rate)
 
-    def _train_entropy_model(self, train_bytes: bytes, seed: int) -> dict:
+    def _train_entropy_model(self, train_bytes: bytes, ctx: RunContext) -> dict:
         """Train the entropy model through the one trainer; its FLOPs are charged to the run."""
         c, model = self.config, self.entropy_model
-        fpb = model.flops_per_byte(c.calibration_window)["total"]
-        batch_bytes = c.entropy_batch_windows * c.calibration_window
+        fpb = model.flops_per_byte(ctx.window)["total"]
+        batch_bytes = c.entropy_batch_windows * ctx.window
         steps = c.entropy_steps
         if c.entropy_flops is not None:
-            steps = int(c.entropy_flops // (flops.TRAIN_MULTIPLIER * fpb * batch_bytes))
+            steps = flops.training_steps(c.entropy_flops, flops.TRAIN_MULTIPLIER * fpb, batch_bytes)
             if steps < 1:
                 raise HarnessError(f"patcher: entropy_flops {c.entropy_flops:.3g} is less than one entropy-model step")
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # the same entropy model for a seed, however this module was built
+            torch.manual_seed(ctx.seed)  # the same entropy model for a seed, however this module was built
             init_weights(model)
         settings = TrainerSettings(batch_windows=c.entropy_batch_windows, lr=c.entropy_lr, log_every=max(1, steps // 10))
-        stream = data.TrainStream(train_bytes, c.calibration_window, c.entropy_batch_windows, seed)
+        stream = data.TrainStream(train_bytes, ctx.window, c.entropy_batch_windows, ctx.seed)
         device = next(model.parameters()).device
         model.requires_grad_(True)
         try:
             result = train(model, stream, settings, steps, device, description="entropy model", show_progress=False)
         finally:
             model.requires_grad_(False)
+            model.zero_grad(set_to_none=True)  # frozen from here on: no gradient left behind
             model.eval()
         return {
             "config": c.entropy_model.model_dump(), "parameters": model.parameter_counts()["total"], "steps": steps,
@@ -272,15 +267,22 @@ class Patcher(Adapter):
     # ---- accounting ------------------------------------------------------------------------
     def expected_patches(self, window: int) -> float:
         """Average patches per window of `window` bytes on the training split: the sum of the
-        per-position start rates (exact for window <= calibration_window, since starts are
-        causal; beyond it, the rate of the calibration window's second half continues)."""
-        rate = self.start_rate.double().cpu()
+        per-position start rates measured in prepare() (exact up to the run's window, since starts
+        are causal; beyond it, the rate of its second half continues). Before prepare(): exact for
+        static patches, else one start every target_patch_size bytes."""
+        c = self.config
+        if c.patcher == "static":
+            return float(math.ceil(window / c.patch_size))
+        if not self.start_rate:
+            return 1.0 + (window - 1) / c.target_patch_size
+        rate = torch.tensor(self.start_rate, dtype=torch.float64)
         if window <= len(rate):
             return float(rate[:window].sum())
         return float(rate.sum() + (window - len(rate)) * rate[len(rate) // 2 :].mean())
 
     def units_per_byte(self) -> float:
-        return self.expected_patches(self.config.calibration_window) / self.config.calibration_window
+        window = len(self.start_rate) or self.config.patch_size
+        return self.expected_patches(window) / window
 
     def forward_flops(self, window: int, patches: float) -> dict[str, float]:
         """Forward FLOPs of one window of `window` bytes processed with `patches` patch slots.

@@ -27,7 +27,7 @@ from pydantic import Field
 
 from baselines.token_lm import TokenLM, TokenLMConfig, Vocabulary
 from harness.errors import HarnessError
-from harness.api.registry import BYTE_VOCAB, register
+from harness.api import BYTE_VOCAB, register
 
 WHITESPACE_SYMBOL = "\u2581"
 

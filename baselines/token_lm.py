@@ -53,7 +53,7 @@ from harness.modeling import flops
 from harness.errors import HarnessError
 from harness.modeling.nn import Transformer, init_weights
 from harness.core.records import write_json_atomic
-from harness.api.registry import BYTE_VOCAB, Adapter, AdapterConfig, SizingFields
+from harness.api import Adapter, AdapterConfig, Preparation, RunContext, SizingFields
 
 CACHE_FORMAT = 1
 TRAINING_CHUNK = 4096  # bytes of the training split per training text
@@ -139,6 +139,7 @@ class TokenLM(Adapter):
 
     min_vocab: int  # the 256 one-byte tokens plus the special tokens
     sizing = SizingFields(width="d_model", depth="n_layers", heads="n_heads")
+    byte_level = False  # scores tokens: a token's NLL sits on its last byte
 
     def __init__(self, config: TokenLMConfig):
         super().__init__(config)
@@ -167,7 +168,7 @@ class TokenLM(Adapter):
         """Rebuild a Vocabulary from fit_tokenizer's string."""
 
     # --- preparation: train (or load from the cache) and measure -------------------
-    def prepare(self, train: bytes, seed: int) -> dict:
+    def prepare(self, train: bytes, ctx: RunContext) -> Preparation:
         """Train the tokenizer on the training split, or load it from the cache: the key is
         the sha256 of the split and the settings, so every budget and seed shares one
         tokenizer (the seed is not used). Measures bytes per token on the split."""
@@ -194,8 +195,7 @@ class TokenLM(Adapter):
                 raise HarnessError(f"cannot write the tokenizer cache {path} ({e.strerror}); set HARNESS_CACHE_DIR "
                                    "to a writable folder") from None
         self.set_extra_state(entry)
-        return {
-            "seconds": time.perf_counter() - started,
+        return Preparation(seconds=time.perf_counter() - started, facts={
             "tokenizer_train_seconds": entry["train_seconds"],
             "tokenizer_cache_hit": cache_hit,
             "tokenizer_cache_file": str(path),
@@ -203,7 +203,7 @@ class TokenLM(Adapter):
             "vocab_size_trained": self.vocab.size,
             "bytes_per_token_train": entry["bytes_per_token"],
             "edge_tokens_per_window": entry["edge_tokens"],
-        }
+        })
 
     def carry_preparation(self, prepared: "TokenLM") -> None:
         self.set_extra_state(prepared.get_extra_state())

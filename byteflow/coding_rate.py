@@ -16,17 +16,12 @@ of 2 T d + T^2 / 3 for one factorisation over the whole window.
 
 The paper's fast approximation scores ||h_t||^2 (norms count 0 FLOPs by the convention).
 
-Selection rules, each returning a (B, T) boolean mask whose True entries start a chunk;
-position 0 is always selected:
-- top_k: the K largest scores of the window (training, as published; NOT causal: a
-  later byte can push an earlier position out of the top K);
-- threshold: score >= a threshold calibrated on the training split (causal);
-- rolling: the score is among the top fraction r of the last w scores ending at t (causal).
+The selection rules that turn scores into chunk starts (top-K in training, as published;
+a calibrated threshold or a rolling rule in evaluation) are shared with the other chunking
+models in harness.modeling.chunking.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -75,62 +70,3 @@ def l2_scores(h: torch.Tensor) -> torch.Tensor:
     """The paper's fast approximation: ||h_t||^2, (B, T, d) -> (B, T), no gradient."""
     h = h.detach().float()
     return (h * h).sum(-1)
-
-
-def selected_count(length: int, rate: float) -> int:
-    """K = round(rate * length), at least 1 (position 0) and at most `length`."""
-    return max(1, min(length, math.floor(rate * length + 0.5)))
-
-
-def select_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The k largest scores of each window, position 0 always among them. NOT causal."""
-    forced = scores.clone()
-    forced[:, 0] = math.inf
-    index = forced.topk(k, dim=1).indices
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, index, True)
-
-
-def select_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Positions whose score reaches the threshold, plus position 0. Causal."""
-    mask = scores >= threshold
-    mask[:, 0] = True
-    return mask
-
-
-def select_rolling(scores: torch.Tensor, window: int, rate: float) -> torch.Tensor:
-    """Position t is selected when its score is among the top fraction `rate` of the last
-    n = min(t + 1, window) scores, i.e. fewer than rate * n of them are larger (ties favour
-    selection); position 0 always. Causal."""
-    T = scores.shape[1]
-    padded = torch.nn.functional.pad(scores, (window - 1, 0), value=-math.inf)
-    recent = padded.unfold(1, window, 1)  # (B, T, window): scores t-window+1..t
-    larger = (recent > scores.unsqueeze(-1)).sum(-1)
-    available = torch.arange(1, T + 1, device=scores.device).clamp(max=window)
-    mask = larger < rate * available
-    mask[:, 0] = True
-    return mask
-
-
-def calibrate_threshold(scores: torch.Tensor, k: int) -> float:
-    """Threshold at which the rule selects k of the T positions of a window on average:
-    (k - 1) / (T - 1) of the positions 1..T-1 reach it (position 0 is always selected).
-    scores: (N, T) from windows of the training split."""
-    rest = scores[:, 1:].reshape(-1).double()
-    wanted = round((k - 1) / max(1, scores.shape[1] - 1) * rest.numel())
-    if wanted <= 0:
-        return math.inf
-    return float(rest.topk(wanted).values[-1])
-
-
-def chunk_layout(mask: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From a (B, T) selection mask (position 0 selected in every row, at most `slots` per row):
-    starts (B, slots): the selected positions in time order, padded at the end with
-    unselected positions (never read: they come after every real slot);
-    chunk (B, T): the slot of the latest selected position <= t;
-    offset (B, T): t minus that position."""
-    B, T = mask.shape
-    t = torch.arange(T, device=mask.device).expand(B, T)
-    starts = torch.where(mask, t, t + T).topk(slots, dim=1, largest=False, sorted=True).indices
-    chunk = mask.long().cumsum(1) - 1
-    offset = t - torch.where(mask, t, 0).cummax(1).values
-    return starts, chunk, offset

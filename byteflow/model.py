@@ -36,12 +36,12 @@ from pydantic import Field
 from torch import nn
 
 from byteflow import coding_rate
+from harness.api import BOS, BYTE_VOCAB, Adapter, AdapterConfig, RunContext, SizingFields, register
 from harness.core import data
-from harness.modeling import flops
+from harness.core.device import autocast, median_seconds
 from harness.errors import HarnessError
-from harness.core.evaluate import autocast
+from harness.modeling import chunking, flops
 from harness.modeling.nn import Block, Transformer, init_weights
-from harness.api.registry import BOS, BYTE_VOCAB, Adapter, AdapterConfig, SizingFields, register
 
 TOPK_LABEL = "global top-K selection (non-causal, not a valid likelihood)"
 
@@ -87,7 +87,6 @@ class ByteFlow(Adapter):
         init_weights(self)
         nn.init.normal_(self.up, std=0.02)
         self.register_buffer("threshold", torch.tensor(math.nan, dtype=torch.float64))  # set by finish_training
-        self.register_buffer("train_window", torch.tensor(0))  # window length seen in training
         self.variant: str | None = None
 
     # --- stages -------------------------------------------------------------------------
@@ -118,10 +117,10 @@ class ByteFlow(Adapter):
         """(B, T) scores -> (B, T) chunk starts under `rule`."""
         c = self.config
         if rule == "topk":
-            return coding_rate.select_top_k(scores, coding_rate.selected_count(scores.shape[1], c.rate))
+            return chunking.select_top_k(scores, chunking.selected_count(scores.shape[1], c.rate))
         if rule == "threshold":
-            return coding_rate.select_threshold(scores, float(self.threshold))
-        return coding_rate.select_rolling(scores, c.rolling_window, c.rate)
+            return chunking.select_threshold(scores, float(self.threshold))
+        return chunking.select_rolling(scores, c.rolling_window, c.rate)
 
     def upsample(self, g: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """(B, T, d_global) chunk outputs per byte, (B, T) offsets -> (B, T, d_local): one
@@ -135,13 +134,11 @@ class ByteFlow(Adapter):
 
     def next_byte_logits(self, windows: torch.Tensor) -> torch.Tensor:
         B, T = windows.shape
-        if self.training:
-            self.train_window.fill_(T)
         h = self.encode(windows)  # (B, T, dl)
         rule = self.rule()
         starts = self.select(self.scores(h), rule)  # (B, T) bool
-        slots = coding_rate.selected_count(T, self.config.rate) if rule == "topk" else int(starts.sum(1).max())
-        positions, chunk, offset = coding_rate.chunk_layout(starts, slots)
+        slots = chunking.selected_count(T, self.config.rate) if rule == "topk" else int(starts.sum(1).max())
+        positions, chunk, offset = chunking.layout(starts, slots)
         z = self.down(h.gather(1, positions.unsqueeze(-1).expand(-1, -1, h.shape[-1])))  # (B, S, dg)
         g = self.global_model(z)  # (B, S, dg)
         g_bytes = g.gather(1, chunk.unsqueeze(-1).expand(-1, -1, g.shape[-1]))  # (B, T, dg)
@@ -173,18 +170,14 @@ class ByteFlow(Adapter):
         average over windows spread across the training split."""
         c = self.config
         device = self.threshold.device
-        windows = data.windows(train, window)
-        if len(windows) == 0:
-            raise HarnessError(f"byteflow: the training split is shorter than one {window}-byte window")
-        pick = torch.linspace(0, len(windows) - 1, min(c.calibration_windows, len(windows))).round().long()
-        windows = windows[pick]
+        windows = chunking.calibration_windows(train, window, c.calibration_windows)
         was_training = self.training
         self.eval()
         with autocast(device):  # the numerics of evaluation
             scores = torch.cat([self.scores(self.encode(w.to(device))) for w in windows.split(32)])
         self.train(was_training)
-        k = coding_rate.selected_count(window, c.rate)
-        self.threshold.fill_(coding_rate.calibrate_threshold(scores, k))
+        k = chunking.selected_count(window, c.rate)
+        self.threshold.fill_(chunking.threshold_for_rate(scores, k))
         starts = {rule: self.select(scores, rule).double() for rule in ("threshold", "rolling", "topk")}
         rates = {rule: float(mask.mean()) for rule, mask in starts.items()}
         position = torch.arange(window, device=scores.device, dtype=torch.float64)
@@ -199,14 +192,11 @@ class ByteFlow(Adapter):
             "mean_start_position": {rule: float((mask * position).sum() / mask.sum()) for rule, mask in starts.items()},
         }
 
-    def finish_training(self, train: bytes) -> dict:
-        window = int(self.train_window)
-        if window < 1:
-            raise HarnessError("byteflow: finish_training before any training step (no window length to calibrate on)")
+    def finish_training(self, train: bytes, ctx: RunContext) -> dict:
         started = time.perf_counter()
-        facts = self.calibrate(train, window)
+        facts = self.calibrate(train, ctx.window)
         facts["seconds"] = time.perf_counter() - started
-        facts["scoring_share_of_step"] = self.scoring_share(train, window)
+        facts["scoring_share_of_step"] = self.scoring_share(train, ctx.window)
         return facts
 
     def scoring_share(self, train: bytes, window: int, batch_windows: int = 16, repeats: int = 3) -> float:
@@ -228,9 +218,9 @@ class ByteFlow(Adapter):
 
         def scoring():
             starts = self.select(self.scores(h), "topk")
-            coding_rate.chunk_layout(starts, coding_rate.selected_count(window, self.config.rate))
+            chunking.layout(starts, chunking.selected_count(window, self.config.rate))
 
-        share = _median_seconds(scoring, repeats, device) / _median_seconds(step, repeats, device)
+        share = median_seconds(scoring, repeats, device) / median_seconds(step, repeats, device)
         self.train(was_training)
         return share
 
@@ -256,7 +246,7 @@ class ByteFlow(Adapter):
     def flops_per_byte(self, window: int) -> dict[str, float]:
         """Training forward (top-K, K = round(r * window) chunks). A calibrated causal rule
         selects the same rate on average."""
-        return self.forward_flops(window, coding_rate.selected_count(window, self.config.rate))
+        return self.forward_flops(window, chunking.selected_count(window, self.config.rate))
 
     def uncounted_flops_per_byte(self, window: int) -> float:
         return self.flops_per_byte(window)["scoring_factorisation"]
@@ -265,16 +255,3 @@ class ByteFlow(Adapter):
         """Chunks (global positions) per byte: the rate r that training selects."""
         return self.config.rate
 
-
-def _median_seconds(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]

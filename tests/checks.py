@@ -1,11 +1,13 @@
-"""Checks every adapter's tests call: the analytic FLOP count against FlopCounterMode."""
+"""Helpers that many tests call: the analytic FLOP count against FlopCounterMode, and a
+record for a model that did not go through the runner."""
 
 from __future__ import annotations
 
 import torch
 
+from harness.api import Adapter
+from harness.core.records import RunRecord
 from harness.modeling.flops import measure_forward
-from harness.api.registry import Adapter
 
 
 def assert_flops_match(model: Adapter, windows: torch.Tensor, tolerance: float = 0.02) -> tuple[float, float]:
@@ -15,3 +17,22 @@ def assert_flops_match(model: Adapter, windows: torch.Tensor, tolerance: float =
     measured = measure_forward(model, windows) / windows.numel() + model.uncounted_flops_per_byte(windows.shape[1])
     assert abs(analytic - measured) <= tolerance * measured, f"analytic {analytic:.6g} vs counted {measured:.6g} FLOPs/byte"
     return analytic, measured
+
+
+def record_for(model: Adapter, run_id: str = "run", **fields) -> RunRecord:
+    """A whole, valid run record for `model` (figures are placeholders unless given)."""
+    evaluation = {"bpb": 1.0, "bytes": 64, "windows": 1, "window_nll_nats": [44.36]}
+    values = {
+        "suite": "test", "run_id": run_id, "config_hash": "0" * 16,
+        "model": {"name": model.name, "adapter": model.name, "config": model.config.model_dump(mode="json")},
+        "trainer": {}, "trainer_overrides": {}, "budget_flops": 1.0, "seed": 0,
+        "corpus": {"label": "test", "id": "test", "sha256": "0" * 64, "train_bytes": 1, "val_bytes": 1, "test_bytes": 64},
+        "eval": {"window": 64, "max_windows": None, "batch_windows": 16}, "parameters": model.parameter_counts(),
+        "flops_per_byte": {"analytic": model.flops_per_byte(64)}, "units_per_byte": 1.0, "bytes_per_unit": 1.0,
+        "preparation": {}, "steps": 1, "batch_bytes": 64, "bytes_seen": 64, "epochs": 0.0, "training_flops": 1.0,
+        "auxiliary_training_flops": 0.0, "count_auxiliary_flops": True, "total_flops": 1.0,
+        "training_flops_per_byte": 1.0, "calibration": {}, "loss_curve": [], "val": evaluation, "test": evaluation,
+        "test_variants": {}, "tokenizer": {}, "train_seconds": 1.0, "wall_seconds": 1.0, "achieved_flops_per_s": 1.0,
+        "matmul_peak_flops_per_s": 1.0, "mfu": 1.0, "device": "cpu", "warnings": [], "versions": {},
+    }
+    return RunRecord(**values | fields)

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 
 # One small config per adapter, for tests that must cover every adapter (a test asserts the
-# list is complete); the patcher calibrates on windows of SMALL_WINDOW bytes.
+# list is complete); they are prepared on windows of SMALL_WINDOW bytes.
 SMALL_WINDOW = 64
 SMALL_CONFIGS = {
     "bytes": {"d_model": 32, "n_layers": 1, "n_heads": 2},
@@ -26,11 +26,18 @@ SMALL_CONFIGS = {
     "megabyte": {"patch_size": 4, "d_embed": 8, "d_global": 32, "global_layers": 1, "global_heads": 2,
                  "d_local": 16, "local_layers": 1, "local_heads": 2},
     "patcher": {"d_local": 32, "d_global": 48, "n_heads_local": 2, "n_heads_global": 2, "local_window": 16,
-                "calibration_window": SMALL_WINDOW, "calibration_bytes": 4096, "entropy_steps": 6, "entropy_batch_windows": 8,
+                "calibration_bytes": 4096, "entropy_steps": 6, "entropy_batch_windows": 8,
                 "entropy_model": {"d_model": 16, "n_layers": 1, "n_heads": 2}},
     "byteflow": {"d_local": 32, "d_global": 32, "n_heads": 2, "global_heads": 2, "global_layers": 1, "window": 16,
                  "rolling_window": 32, "calibration_windows": 32},
 }
+
+
+def context(window: int = SMALL_WINDOW, seed: int = 0):
+    """The run context an adapter gets from the runner, for tests that prepare it directly."""
+    from harness.api import RunContext
+
+    return RunContext(window=window, seed=seed)
 
 
 def tiny_suite(**overrides) -> dict:

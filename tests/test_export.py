@@ -7,14 +7,15 @@ import os
 import pytest
 import torch
 
-from harness import RECORD_FORMAT_VERSION
 
 from harness.core import data
 
 from harness.api import registry
 from harness.errors import HarnessError
 from harness.commands.export import add_parser, export_run
-from harness.core.records import save_checkpoint_atomic, write_json_atomic
+from harness.core.records import save_checkpoint_atomic, write_record
+from tests.checks import record_for
+from tests.conftest import context
 
 TRAIN = data.embedded_corpus("pydoc-topics", 50000)
 TEXT = "The quick brown fox: def f(x): return x ** 2  # café, naïve, 😀\n\n   Spaces and\ttabs."
@@ -31,17 +32,13 @@ def make_run(run_dir, adapter="bpe", **config):
     config = {"vocab_size": 300, "d_model": 32, "n_layers": 2, "n_heads": 4, **config}
     torch.manual_seed(0)
     model = registry.build(adapter, config)
-    model.prepare(TRAIN, seed=0)
+    model.prepare(TRAIN, context())
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(torch.rand_like(p) + 0.5 if name.endswith("norm.weight") else torch.randn_like(p) * 0.2)
     run_dir.mkdir(parents=True)
     save_checkpoint_atomic(run_dir / "model.pt", model.state_dict())
-    write_json_atomic(run_dir / "record.json", {
-        "format_version": RECORD_FORMAT_VERSION, "suite": "test", "run_id": run_dir.name,
-        "model": {"name": adapter, "adapter": adapter, "config": model.config.model_dump(mode="json")},
-        "test": {"bpb": 1.0},
-    })
+    write_record(run_dir / "record.json", record_for(model, run_dir.name))
     return model.eval()
 
 
@@ -90,7 +87,7 @@ def test_export_subcommand(tmp_path):
 
 def test_export_refuses_other_adapters_and_missing_runs(tmp_path):
     make_run(tmp_path / "sp", adapter="sentencepiece", vocab_size=400)
-    with pytest.raises(HarnessError, match="export writes bpe runs; this run's adapter is 'sentencepiece'"):
+    with pytest.raises(HarnessError, match="adapter 'sentencepiece' cannot be exported"):
         export_run(tmp_path / "sp", tmp_path / "out")
     with pytest.raises(HarnessError, match="no such record"):
         export_run(tmp_path / "nothing", tmp_path / "out")

@@ -26,7 +26,7 @@ from harness.errors import HarnessError
 from harness.core.evaluate import window_nll
 from harness.lm_eval_plugin import RAW_BYTE_BASE, TASKS_DIR, HarnessLM, bytes_to_text, task_manager, text_to_bytes
 from harness.commands.lm_eval import add_parser
-from harness.core.records import read_suite_records
+from harness.core.records import read_record, read_suite_records
 from harness.core.runner import run_suite
 from tests.conftest import ROOT, SMALL_CONFIGS, tiny_suite
 
@@ -90,7 +90,7 @@ def runs(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HARNESS_CACHE_DIR", str(root / "cache"))  # tokenizer cache
         out = run_suite(root / "suite.yaml", root / "results", "cpu", show_progress=False)
-    return {r["model"]["adapter"]: out / "runs" / r["run_id"] for r in read_suite_records(out)}
+    return {r.model.adapter: out / "runs" / r.run_id for r in read_suite_records(out)}
 
 
 @pytest.fixture(scope="module")
@@ -227,27 +227,27 @@ def test_task_folder_is_indexed_like_lm_eval_ls_tasks_does():
 @pytest.mark.parametrize("adapter", ADAPTERS)
 def test_harness_bpb_matches_the_evaluator(runs, adapter, no_network):
     run_dir = runs[adapter]
-    record = json.loads((run_dir / "record.json").read_text())
+    record = read_record(run_dir / "record.json")
     lm = HarnessLM(pretrained=str(run_dir), device="cpu", batch_size=16)
     results = lm_eval.simple_evaluate(model=lm, tasks=["harness_bpb"], task_manager=task_manager(
         include_defaults=False, pretrained=str(run_dir)), log_samples=True, bootstrap_iters=0)
     metrics = results["results"]["harness_bpb"]
-    assert metrics["bits_per_byte,none"] == pytest.approx(record["test"]["bpb"], rel=1e-4)
-    assert metrics["byte_perplexity,none"] == pytest.approx(2 ** record["test"]["bpb"], rel=1e-3)
+    assert metrics["bits_per_byte,none"] == pytest.approx(record.test.bpb, rel=1e-4)
+    assert metrics["byte_perplexity,none"] == pytest.approx(2 ** record.test.bpb, rel=1e-3)
     assert math.isfinite(metrics["word_perplexity,none"])
     samples = results["samples"]["harness_bpb"]
-    assert len(samples) == record["test"]["windows"] == 16
-    assert sum(len(text_to_bytes(s["doc"]["text"])) for s in samples) == record["test"]["bytes"]
+    assert len(samples) == record.test.windows == 16
+    assert sum(len(text_to_bytes(s["doc"]["text"])) for s in samples) == record.test.bytes
     assert any(ord(c) >= RAW_BYTE_BASE + 0x80 for s in samples for c in s["doc"]["text"])  # cut or invalid bytes present
     for sample in samples:  # document by document, the evaluator's window NLL
         loglikelihood = float(sample["filtered_resps"][0])
-        expected = record["test"]["window_nll_nats"][sample["doc"]["window"]]
+        expected = record.test.window_nll_nats[sample["doc"]["window"]]
         assert -loglikelihood == pytest.approx(expected, rel=1e-4, abs=1e-5)
     documents = [request("loglikelihood_rolling", s["doc"]["text"]) for s in samples]
-    for name, variant in record["test_variants"].items():  # other evaluation rules (ByteFlow's top-K)
+    for name, variant in record.test_variants.items():  # other evaluation rules (ByteFlow's top-K)
         scored = HarnessLM(pretrained=str(run_dir), device="cpu", batch_size=16, eval_variant=name)
-        bpb = -sum(scored.loglikelihood_rolling(documents)) / (math.log(2) * record["test"]["bytes"])
-        assert bpb == pytest.approx(variant["bpb"], rel=1e-4)
+        bpb = -sum(scored.loglikelihood_rolling(documents)) / (math.log(2) * record.test.bytes)
+        assert bpb == pytest.approx(variant.bpb, rel=1e-4)
 
 
 def test_harness_bpb_reads_a_suite_file_or_results_dir(runs):
@@ -291,8 +291,8 @@ def test_harness_lm_eval_command_runs_the_plugin_task_and_arc_easy_offline(runs,
                            "--output_path", str(tmp_path / "out")])
     args.func(args)
     output = json.loads(next((tmp_path / "out").rglob("results*.json")).read_text())
-    record = json.loads((run_dir / "record.json").read_text())
-    assert output["results"]["harness_bpb"]["bits_per_byte,none"] == pytest.approx(record["test"]["bpb"], rel=1e-4)
+    record = read_record(run_dir / "record.json")
+    assert output["results"]["harness_bpb"]["bits_per_byte,none"] == pytest.approx(record.test.bpb, rel=1e-4)
     # arc_easy's own prompt and choices on the local questions, scored through HarnessLM.loglikelihood
     from harness.lm_eval_plugin.tasks.utils import arc_easy_local
 

@@ -140,13 +140,13 @@ def test_trains_and_evaluates_through_the_runner(write_suite, tmp_path):
             {"name": "megabyte-p8", "adapter": "megabyte", "config": TINY | {"patch_size": 8}},
         ],
     )
-    records = {r["model"]["name"]: r for r in read_suite_records(run_suite(write_suite(suite), tmp_path, "cpu", show_progress=False))}
+    records = {r.model.name: r for r in read_suite_records(run_suite(write_suite(suite), tmp_path, "cpu", show_progress=False))}
     assert set(records) == {"megabyte-p4", "megabyte-p8"}
     for name, patch_size in (("megabyte-p4", 4), ("megabyte-p8", 8)):
         record = records[name]
-        assert record["bytes_per_unit"] == patch_size
-        assert record["test"]["bytes"] == 8 * 60 and math.isfinite(record["test"]["bpb"])
-        analytic = record["flops_per_byte"]["analytic"]["total"]
-        assert abs(record["flops_per_byte"]["measured"] - analytic) <= 0.02 * analytic
-        first, last = record["loss_curve"][0]["train_bpb"], record["loss_curve"][-1]["train_bpb"]
+        assert record.bytes_per_unit == patch_size
+        assert record.test.bytes == 8 * 60 and math.isfinite(record.test.bpb)
+        analytic = record.flops_per_byte.analytic["total"]
+        assert abs(record.flops_per_byte.measured - analytic) <= 0.02 * analytic
+        first, last = record.loss_curve[0].train_bpb, record.loss_curve[-1].train_bpb
         assert last < first - 0.5

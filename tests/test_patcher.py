@@ -19,14 +19,15 @@ from harness.analysis.segment import plot_segmentation, segment_bytes
 from harness.core.records import read_suite_records
 from harness.core.runner import run_suite
 from tests.checks import assert_flops_match
-from tests.conftest import tiny_suite
+from harness.modeling import chunking
+from tests.conftest import context, tiny_suite
 
 CORPUS = data.embedded_corpus("pydoc-topics", 120_000)
 TRAIN, TEST = CORPUS[:50_000], CORPUS[100_000:]
 WINDOW = 64
 TINY = {
     "d_local": 32, "d_global": 48, "n_heads_local": 2, "n_heads_global": 2, "local_window": 16,
-    "calibration_window": WINDOW, "calibration_bytes": 16384, "entropy_steps": 15, "entropy_batch_windows": 8,
+    "calibration_bytes": 16384, "entropy_steps": 15, "entropy_batch_windows": 8,
     "entropy_model": {"d_model": 16, "n_layers": 1, "n_heads": 2},
 }
 
@@ -42,7 +43,7 @@ def prepared():
     for patcher in ("static", "space", "entropy"):
         torch.manual_seed(0)
         model = build(patcher=patcher)
-        model.facts = model.prepare(TRAIN, seed=0)
+        model.facts = model.prepare(TRAIN, context(WINDOW))
         models[patcher] = model.eval()
     return models
 
@@ -64,9 +65,9 @@ def test_space_rule_starts_after_a_space_like_byte_not_after_another():
 def test_cap_patch_length_splits_long_patches_only():
     natural = torch.zeros(1, 20, dtype=torch.bool)
     natural[0, [0, 10, 11]] = True
-    capped = patching.cap_patch_length(natural, 4)
+    capped = chunking.cap_lengths(natural, 4)
     assert capped[0].nonzero().flatten().tolist() == [0, 4, 8, 10, 11, 15, 19]
-    lengths = patching.patch_lengths(capped)
+    lengths = chunking.unit_lengths(capped)
     assert lengths.tolist() == [4, 4, 2, 1, 4, 4, 1] and int(lengths.max()) <= 4
 
 
@@ -81,8 +82,9 @@ def test_entropy_rules_global_and_monotonic():
 def test_calibration_picks_the_threshold_closest_to_the_target():
     torch.manual_seed(1)
     score = patching.entropy_score(torch.rand(32, 100) * 4, "global")
-    theta = patching.calibrate_threshold(score, 4.5, 16)
-    average = patching.patch_statistics(patching.cap_patch_length(score > theta, 16), 16)["avg_patch_size"]
+    theta = chunking.threshold_for_mean_length(score, 4.5, 16)
+    starts = chunking.cap_lengths(score > theta, 16)
+    average = starts.numel() / float(starts.sum())
     assert abs(average - 4.5) < 0.05
 
 
@@ -91,30 +93,31 @@ def test_calibration_is_deterministic_for_a_seed_and_recorded(prepared):
     facts = prepared["entropy"].facts
     torch.manual_seed(123)  # a different construction RNG: prepare re-seeds the entropy model
     again = build(patcher="entropy")
-    facts_again = again.prepare(TRAIN, seed=0)
-    for key in ("theta", "avg_patch_size", "patch_size_counts", "flops"):
-        assert facts_again[key] == facts[key], key
-    assert torch.equal(again.start_rate, prepared["entropy"].start_rate)
-    assert abs(facts["avg_patch_size"] - 4.5) < 0.3
-    assert sum(facts["patch_size_counts"]) == facts["patches"] and len(facts["patch_size_counts"]) == 16
-    assert facts["flops"] > facts["entropy_model"]["training_flops"] > 0
-    assert math.isclose(float(prepared["entropy"].theta), facts["theta"])
+    facts_again = again.prepare(TRAIN, context(WINDOW))
+    for key in ("theta", "avg_patch_size"):
+        assert facts_again.facts[key] == facts.facts[key], key
+    assert (facts_again.unit_length_counts, facts_again.auxiliary_flops) == (facts.unit_length_counts, facts.auxiliary_flops)
+    assert again.start_rate == prepared["entropy"].start_rate
+    assert abs(facts.facts["avg_patch_size"] - 4.5) < 0.3
+    assert sum(facts.unit_length_counts) == facts.facts["patches"] and len(facts.unit_length_counts) == 16
+    assert facts.auxiliary_flops > facts.facts["entropy_model"]["training_flops"] > 0
+    assert math.isclose(float(prepared["entropy"].theta), facts.facts["theta"])
 
 
 def test_given_theta_is_used_and_monotonic_rule_calibrates():
     model = build(patcher="entropy", theta=4.0, entropy_steps=2)
-    facts = model.prepare(TRAIN, seed=0)
+    facts = model.prepare(TRAIN, context(WINDOW)).facts
     assert facts["theta"] == 4.0 and not facts["theta_calibrated"]
     mono = build(patcher="entropy", entropy_rule="monotonic", entropy_steps=2, target_patch_size=3.0)
-    facts = mono.prepare(TRAIN, seed=0)
+    facts = mono.prepare(TRAIN, context(WINDOW)).facts
     assert facts["entropy_rule"] == "monotonic" and abs(facts["avg_patch_size"] - 3.0) < 0.3
 
 
 def test_static_and_space_statistics(prepared):
-    assert prepared["static"].facts["avg_patch_size"] == 4.0
-    assert prepared["static"].facts["patch_size_counts"] == [0, 0, 0, 4096]
+    assert prepared["static"].facts.facts["avg_patch_size"] == 4.0
+    assert prepared["static"].facts.unit_length_counts == [0, 0, 0, 4096]
     space = prepared["space"].facts
-    assert 3 < space["avg_patch_size"] < 10 and space["patch_size_counts"][-1] > 0  # some hit max_patch
+    assert 3 < space.facts["avg_patch_size"] < 10 and space.unit_length_counts[-1] > 0  # some hit max_patch
 
 
 def test_untrained_entropy_patcher_refuses_to_run():
@@ -134,7 +137,7 @@ def test_flops_match_flop_counter_on_a_real_batch(prepared, patcher):
     counted = measure_forward(model, windows)
     assert abs(analytic - counted) <= 0.02 * counted, (analytic, counted)
     per_byte = model.flops_per_byte(WINDOW)
-    average = model.facts["avg_patch_size"]
+    average = model.facts.facts["avg_patch_size"]
     assert math.isclose(model.expected_patches(WINDOW), WINDOW / average, rel_tol=1e-6)
     assert math.isclose(per_byte["total"], model.forward_flops(WINDOW, WINDOW / average)["total"] / WINDOW)
     assert math.isclose(per_byte["total"], sum(v for k, v in per_byte.items() if k != "total"))
@@ -180,7 +183,7 @@ def test_causality_audit_at_patch_edges(prepared, patcher):
 def test_causality_audit_variants(overrides):
     torch.manual_seed(0)
     model = build(**overrides)
-    model.prepare(TRAIN, seed=0)
+    model.prepare(TRAIN, context(WINDOW))
     window = TEST[200:200 + WINDOW]
     assert_causal(model, window, edge_positions(model.eval(), window))
 
@@ -229,7 +232,7 @@ def test_checkpoint_restores_entropy_model_and_theta(prepared, tmp_path):
     model = prepared["entropy"]
     torch.save(model.state_dict(), tmp_path / "model.pt")
     fresh = build(patcher="entropy")
-    fresh.load_state_dict(torch.load(tmp_path / "model.pt"))
+    fresh.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
     fresh.eval()
     windows = text_windows(2)
     assert float(fresh.theta) == float(model.theta)
@@ -261,19 +264,21 @@ def test_three_patchers_train_and_evaluate_through_the_runner(write_suite, tmp_p
     suite = tiny_suite(budgets=[3e9], models=[
         {"name": f"patch-{p}", "adapter": "patcher", "config": config | {"patcher": p}} for p in ("entropy", "space", "static")
     ])
-    records = {r["model"]["name"]: r for r in read_suite_records(run_suite(write_suite(suite), tmp_path, "cpu", show_progress=False))}
+    records = {r.model.name: r for r in read_suite_records(run_suite(write_suite(suite), tmp_path, "cpu", show_progress=False))}
     assert len(records) == 3
     entropy = records["patch-entropy"]
-    assert entropy["auxiliary_training_flops"] == entropy["preparation"]["flops"] > 0
-    assert entropy["flops_per_byte"]["analytic"]["auxiliary"] > 0 and "theta" in entropy["preparation"]
+    assert entropy.auxiliary_training_flops == entropy.preparation.auxiliary_flops > 0
+    assert entropy.flops_per_byte.analytic["auxiliary"] > 0 and "theta" in entropy.preparation.facts
     for r in records.values():
-        assert 0 < r["test"]["bpb"] < 9 and r["steps"] >= 1
-        assert math.isclose(r["bytes_per_unit"], r["preparation"]["avg_patch_size"], rel_tol=1e-6)
-        assert r["parameters"]["total"] > 0
+        assert 0 < r.test.bpb < 9 and r.steps >= 1
+        assert math.isclose(r.bytes_per_unit, r.preparation.facts["avg_patch_size"], rel_tol=1e-6)
+        assert r.parameters["total"] > 0
 
     assert plot_patch_sizes(list(records.values()), tmp_path / "sizes.png")
     assert (tmp_path / "sizes.png").stat().st_size > 1000
-    assert not plot_patch_sizes([{"model": {"name": "bytes"}, "budget_flops": 1.0, "seed": 0, "preparation": {}}], tmp_path / "none.png")
+    bare = records["patch-static"].model_copy(update={"preparation": records["patch-static"].preparation.model_copy(
+        update={"unit_length_counts": None})})
+    assert not plot_patch_sizes([bare], tmp_path / "none.png")
     text = TEST[:150]
     for patcher, model in prepared.items():  # the segment hook: boundaries as the model patches
         seg = segment_bytes(model, text, WINDOW)

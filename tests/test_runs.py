@@ -13,7 +13,7 @@ import pytest
 from harness.cli import main
 from harness.errors import HarnessError
 from harness.core.records import read_suite_records
-from harness.api.registry import load_checkpoint
+from harness.api import load_checkpoint
 from harness.core.runner import run_suite
 from tests.conftest import ROOT, tiny_suite
 
@@ -24,15 +24,15 @@ def test_smoke_suite_beats_order0_entropy_and_reports(tmp_path, capsys):
     records = read_suite_records(out)
     suite = json.loads((out / "suite.json").read_text())
     order0 = suite["corpora"]["pydoc-topics"]["references"]["test"]["order0_entropy_bpb"]
-    bytes_run = next(r for r in records if r["model"]["adapter"] == "bytes")
-    assert bytes_run["test"]["bpb"] < order0
+    bytes_run = next(r for r in records if r.model.adapter == "bytes")
+    assert bytes_run.test.bpb < order0
     # the record holds what DESIGN.md section 5 lists
     for key in ("suite", "run_id", "config_hash", "corpus", "parameters", "flops_per_byte", "budget_flops",
                 "bytes_seen", "epochs", "loss_curve", "val", "test", "bytes_per_unit", "wall_seconds",
                 "achieved_flops_per_s", "mfu", "versions"):
-        assert key in bytes_run, key
-    assert bytes_run["flops_per_byte"]["measured"] == bytes_run["flops_per_byte"]["analytic"]["total"]
-    assert bytes_run["achieved_flops_per_s"] > 0 and bytes_run["epochs"] <= 1
+        assert hasattr(bytes_run, key), key
+    assert bytes_run.flops_per_byte.measured == bytes_run.flops_per_byte.analytic["total"]
+    assert bytes_run.achieved_flops_per_s > 0 and bytes_run.epochs <= 1
 
     capsys.readouterr()
     assert main(["report", str(out), "-o", str(out / "report.md")]) == 0
@@ -44,7 +44,7 @@ def test_smoke_suite_beats_order0_entropy_and_reports(tmp_path, capsys):
     assert (out / "plots" / "learning_curves_pydoc-topics.png").stat().st_size > 1000
     assert (out / "plots" / "bpb_vs_inference_flops_pydoc-topics.png").stat().st_size > 1000
     # the checkpoint reloads to the same test score
-    model = load_checkpoint(out / "runs" / bytes_run["run_id"])
+    model = load_checkpoint(out / "runs" / bytes_run.run_id)
     from harness.core import data
     from harness.core.evaluate import evaluate
     from harness.core.suite import load_corpus, load_suite
@@ -53,8 +53,8 @@ def test_smoke_suite_beats_order0_entropy_and_reports(tmp_path, capsys):
     windows = data.windows(load_corpus(loaded).test, loaded.eval.window, loaded.eval.max_windows)
     import torch
 
-    again = evaluate(model, windows, 32, torch.device("cpu"))["bpb"]
-    assert abs(again - bytes_run["test"]["bpb"]) < 1e-6
+    again = evaluate(model, windows, 32, torch.device("cpu")).bpb
+    assert abs(again - bytes_run.test.bpb) < 1e-6
 
 
 def test_a_suite_with_two_corpora_runs_and_reports_each(write_suite, tmp_path, capsys):
@@ -63,11 +63,11 @@ def test_a_suite_with_two_corpora_runs_and_reports_each(write_suite, tmp_path, c
     corpora = [{"embedded": "pydoc-topics"}, {"embedded": "stdlib-code"}]
     path = write_suite(tiny_suite(corpus=corpora))
     out = run_suite(path, tmp_path, "cpu", show_progress=False)
-    records = {r["run_id"]: r for r in read_suite_records(out)}
+    records = {r.run_id: r for r in read_suite_records(out)}
     assert sorted(records) == ["pydoc-topics__bytes__C2.00e09__s0", "stdlib-code__bytes__C2.00e09__s0"]
     code = records["stdlib-code__bytes__C2.00e09__s0"]
-    assert code["corpus"]["label"] == "stdlib-code"
-    assert code["corpus"]["sha256"] != records["pydoc-topics__bytes__C2.00e09__s0"]["corpus"]["sha256"]
+    assert code.corpus.label == "stdlib-code"
+    assert code.corpus.sha256 != records["pydoc-topics__bytes__C2.00e09__s0"].corpus.sha256
     assert main(["report", str(out), "-o", str(out / "report.md")]) == 0
     report = (out / "report.md").read_text()
     assert "## Corpus `pydoc-topics`" in report and "## Corpus `stdlib-code`" in report
@@ -84,11 +84,11 @@ def test_same_seed_same_bpb(write_suite, tmp_path):
     path = write_suite(tiny_suite())
     first = read_suite_records(run_suite(path, tmp_path / "a", "cpu", show_progress=False))[0]
     second = read_suite_records(run_suite(path, tmp_path / "b", "cpu", show_progress=False))[0]
-    assert first["test"]["bpb"] == second["test"]["bpb"]
-    assert first["loss_curve"] == second["loss_curve"]
+    assert first.test.bpb == second.test.bpb
+    assert first.loss_curve == second.loss_curve
     path2 = write_suite(tiny_suite(seeds=[1]), "other.yaml")
     third = read_suite_records(run_suite(path2, tmp_path / "c", "cpu", show_progress=False))[0]
-    assert third["test"]["bpb"] != first["test"]["bpb"]
+    assert third.test.bpb != first.test.bpb
 
 
 def test_resume_after_kill_minus_nine(write_suite, tmp_path):
@@ -178,8 +178,8 @@ def test_a_killed_run_continues_from_its_saved_state(write_suite, tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     resumed = read_suite_records(results / "tiny")[0]
-    assert resumed["resumed_at_step"] > 0
+    assert resumed.resumed_at_step > 0
     assert not list(run_dir.glob("*/partial.pt"))
     uninterrupted = read_suite_records(run_suite(path, tmp_path / "straight", "cpu", show_progress=False))[0]
-    assert resumed["loss_curve"] == uninterrupted["loss_curve"]
-    assert resumed["test"]["bpb"] == uninterrupted["test"]["bpb"]
+    assert resumed.loss_curve == uninterrupted.loss_curve
+    assert resumed.test.bpb == uninterrupted.test.bpb

@@ -12,9 +12,9 @@ from harness.cli import main
 from harness.core.data import embedded_corpus
 from harness.errors import HarnessError
 from harness.core.records import read_suite_records
-from harness.api.registry import load_checkpoint
+from harness.api import load_checkpoint
 from harness.core.sizing import TOLERANCE, inference_flops_per_byte, resize, size_to_target
-from tests.conftest import SMALL_CONFIGS, SMALL_WINDOW, tiny_suite
+from tests.conftest import SMALL_CONFIGS, SMALL_WINDOW, context, tiny_suite
 
 TRAIN = embedded_corpus("pydoc-topics", 40_000)
 
@@ -34,7 +34,7 @@ def prepared():
     for name, config in SMALL_CONFIGS.items():
         torch.manual_seed(0)
         model = registry.build(name, config)
-        model.prepare(TRAIN, 0)
+        model.prepare(TRAIN, context())
         models[name] = model
     return models
 
@@ -96,11 +96,11 @@ def test_a_suite_with_an_inference_target_sizes_every_run_and_records_it(write_s
     records = read_suite_records(tmp_path / "tiny")
     assert len(records) == 2
     for record in records:
-        sizing = record["sizing"]
+        sizing = record.sizing
         assert sizing["target_flops_per_byte"] == target
-        assert abs(record["flops_per_byte"]["analytic"]["total"] / target - 1) <= TOLERANCE
-        assert record["model"]["config"]["d_model"] == sizing["chosen"]["d_model"] != 32
-        model = load_checkpoint(tmp_path / "tiny" / "runs" / record["run_id"])  # rebuilt from the record alone
+        assert abs(record.flops_per_byte.analytic["total"] / target - 1) <= TOLERANCE
+        assert record.model.config["d_model"] == sizing["chosen"]["d_model"] != 32
+        model = load_checkpoint(tmp_path / "tiny" / "runs" / record.run_id)  # rebuilt from the record alone
         assert model.config.d_model == sizing["chosen"]["d_model"]
     assert main(["report", str(tmp_path / "tiny"), "-o", str(tmp_path / "report.md")]) == 0
     report = (tmp_path / "report.md").read_text()

@@ -1,9 +1,11 @@
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from harness.analysis import stats
+from harness.core.records import Evaluation
 
 
 def test_seed_interval_matches_the_textbook_t_interval():
@@ -32,12 +34,13 @@ def test_bootstrap_interval_covers_the_mean_and_shrinks_with_more_windows():
 
 def _record(bpbs):
     nll = [b * math.log(2) * 100 for b in bpbs]
-    return {"test": {"bpb": float(np.mean(bpbs)), "bytes": 100 * len(bpbs), "windows": len(bpbs), "window_nll_nats": nll}}
+    return SimpleNamespace(test=Evaluation(bpb=float(np.mean(bpbs)), bytes=100 * len(bpbs), windows=len(bpbs),
+                                           window_nll_nats=nll))
 
 
 def test_window_bpb_recovers_the_run_bpb():
     record = _record([3.0, 4.0, 5.0])
-    assert stats.window_bpb(record).mean() == pytest.approx(record["test"]["bpb"])
+    assert stats.window_bpb(record).mean() == pytest.approx(record.test.bpb)
 
 
 def test_paired_test_over_windows_separates_a_real_gap_from_noise():

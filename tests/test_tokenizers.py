@@ -17,7 +17,7 @@ from harness.analysis.audit import assert_causal, causality_audit
 from harness.errors import HarnessError
 from harness.modeling.flops import measure_forward
 from harness.core.suite import load_suite
-from tests.conftest import tiny_suite
+from tests.conftest import context, tiny_suite
 
 TRAIN = data.embedded_corpus("pydoc-topics", 60000)
 HELD_OUT = data.embedded_corpus("pydoc-topics", 90000)[60000:]
@@ -53,7 +53,7 @@ def prepared(cache_root):
     for kind in TOKENIZERS:
         torch.manual_seed(0)
         models[kind] = build(kind)
-        infos[kind] = models[kind].prepare(TRAIN, seed=0)
+        infos[kind] = models[kind].prepare(TRAIN, context())
     return models, infos
 
 
@@ -93,7 +93,9 @@ def test_valid_text_is_the_library_tokenization(prepared, kind):
     model = prepared[0][kind]
     vocab = model.vocabulary()
     if kind == "bpe":
-        tokenizer = model.hf_tokenizer()
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_str(model.tokenizer_state["tokenizer"])
         library_encode = lambda t: tokenizer.encode(t, add_special_tokens=False).ids  # noqa: E731
         library_decode = tokenizer.decode
     else:
@@ -260,7 +262,7 @@ def test_unknown_tokenizer_option_is_a_validation_error(adapter, config, key, wr
 def test_tokenizer_that_fails_to_train_is_a_one_line_error(cache_root):
     model = registry.build("sentencepiece", {"vocab_size": 5000, **MODEL})
     with pytest.raises(HarnessError, match="sentencepiece could not train a unigram tokenizer of vocab_size 5000") as error:
-        model.prepare(TRAIN[:3000], seed=0)
+        model.prepare(TRAIN[:3000], context())
     assert "\n" not in str(error.value)
 
 
@@ -268,19 +270,19 @@ def test_tokenizer_that_fails_to_train_is_a_one_line_error(cache_root):
 @pytest.mark.parametrize("kind", ["bpe", "sp-unigram"])
 def test_second_prepare_is_a_cache_hit_with_the_same_tokenizer(prepared, cache_root, kind):
     models, infos = prepared
-    assert infos[kind]["tokenizer_cache_hit"] is False
+    assert infos[kind].facts["tokenizer_cache_hit"] is False
     again = build(kind)
-    info = again.prepare(TRAIN, seed=3)  # another seed shares the tokenizer
+    info = again.prepare(TRAIN, context(seed=3)).facts  # another seed shares the tokenizer
     assert info["tokenizer_cache_hit"] is True
-    assert info["tokenizer_train_seconds"] == infos[kind]["tokenizer_train_seconds"] > 0
+    assert info["tokenizer_train_seconds"] == infos[kind].facts["tokenizer_train_seconds"] > 0
     assert again.tokenizer_state == models[kind].tokenizer_state
     assert os.path.dirname(info["tokenizer_cache_file"]) == str(cache_root / "tokenizers")
     # other data or other settings: a new tokenizer
-    assert build(kind).prepare(TRAIN[:30000], seed=0)["tokenizer_cache_hit"] is False
+    assert build(kind).prepare(TRAIN[:30000], context()).facts["tokenizer_cache_hit"] is False
 
 
 def test_other_settings_miss_the_cache(prepared):
-    assert build("bpe", min_frequency=3).prepare(TRAIN, seed=0)["tokenizer_cache_hit"] is False
+    assert build("bpe", min_frequency=3).prepare(TRAIN, context()).facts["tokenizer_cache_hit"] is False
 
 
 @pytest.mark.parametrize("kind", ["bpe", "sp-unigram"])

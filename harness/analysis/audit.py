@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.api.registry import Adapter
+from harness.api import Adapter
 
 
 @dataclass
@@ -32,9 +32,8 @@ class AuditResult:
 
 def _scores(model: Adapter, windows: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """(B, W, 256) log-probabilities when the model has them, else (B, W, 1) NLLs."""
-    logits = model.next_byte_logits(windows)
-    if logits is not None:
-        return torch.log_softmax(logits.double(), dim=-1).cpu(), True
+    if model.byte_level:
+        return torch.log_softmax(model.next_byte_logits(windows).double(), dim=-1).cpu(), True
     return model(windows).double().cpu().unsqueeze(-1), False
 
 

@@ -16,48 +16,48 @@ import pandas as pd  # noqa: E402
 from harness.analysis import stats  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
 from harness.analysis.segment import Segmentation, plot_segmentation  # noqa: E402
-from harness.core.records import read_suite_records  # noqa: E402
+from harness.core.records import RunRecord, read_suite_records  # noqa: E402
 
 
-def _groups(records: list[dict]) -> dict[tuple[float, str], list[dict]]:
+def _groups(records: list[RunRecord]) -> dict[tuple[float, str], list[RunRecord]]:
     """Runs keyed by (budget, model name)."""
-    groups: dict[tuple[float, str], list[dict]] = {}
+    groups: dict[tuple[float, str], list[RunRecord]] = {}
     for r in records:
-        groups.setdefault((r["budget_flops"], r["model"]["name"]), []).append(r)
+        groups.setdefault((r.budget_flops, r.model.name), []).append(r)
     return groups
 
 
-def summary_table(records: list[dict]) -> pd.DataFrame:
+def summary_table(records: list[RunRecord]) -> pd.DataFrame:
     """Per model and budget: mean test bpb over seeds with a 95% interval (t over seeds,
     or bootstrap over windows for a single run)."""
     rows = []
     for (budget, model), runs in sorted(_groups(records).items()):
         if len(runs) >= 2:
-            mean, low, high = stats.seed_interval([r["test"]["bpb"] for r in runs])
+            mean, low, high = stats.seed_interval([r.test.bpb for r in runs])
             method = f"t, {len(runs)} seeds"
         else:
             mean, low, high = stats.bootstrap_interval(stats.window_bpb(runs[0]))
-            method = f"bootstrap, {runs[0]['test']['windows']} windows"
+            method = f"bootstrap, {runs[0].test.windows} windows"
         rows.append({
-            "budget": budget, "model": model, "adapter": runs[0]["model"]["adapter"], "seeds": len(runs),
+            "budget": budget, "model": model, "adapter": runs[0].model.adapter, "seeds": len(runs),
             "test bpb": mean, "95% CI": f"[{low:.4f}, {high:.4f}]", "interval": method,
-            "fwd FLOPs/byte": runs[0]["flops_per_byte"]["analytic"]["total"], "bytes/unit": runs[0]["bytes_per_unit"],
+            "fwd FLOPs/byte": runs[0].flops_per_byte.analytic["total"], "bytes/unit": runs[0].bytes_per_unit,
             "_low": low, "_high": high,
         })
     return pd.DataFrame(rows)
 
 
-def ranking_table(records: list[dict]) -> pd.DataFrame:
+def ranking_table(records: list[RunRecord]) -> pd.DataFrame:
     """Per budget, models ranked by mean test bpb, each compared with the best."""
     groups = _groups(records)
     rows = []
     for budget in sorted({b for b, _ in groups}):
         models = sorted(((m, runs) for (b, m), runs in groups.items() if b == budget),
-                        key=lambda item: sum(r["test"]["bpb"] for r in item[1]) / len(item[1]))
+                        key=lambda item: sum(r.test.bpb for r in item[1]) / len(item[1]))
         best_name, best_runs = models[0]
-        best_bpb = sum(r["test"]["bpb"] for r in best_runs) / len(best_runs)
+        best_bpb = sum(r.test.bpb for r in best_runs) / len(best_runs)
         for rank, (name, runs) in enumerate(models, 1):
-            bpb = sum(r["test"]["bpb"] for r in runs) / len(runs)
+            bpb = sum(r.test.bpb for r in runs) / len(runs)
             if rank == 1:
                 p, test, verdict = float("nan"), "", "best"
             else:
@@ -82,16 +82,16 @@ def leader_summary(ranking: pd.DataFrame) -> list[str]:
     return lines
 
 
-def byte_versus_token_summary(records: list[dict]) -> list[str]:
+def byte_versus_token_summary(records: list[RunRecord]) -> list[str]:
     """One generated sentence per budget: the best tokenizer-free model against the best
     model with a trained tokenizer (records with tokenizer metrics), with the test used."""
     lines = []
     groups = _groups(records)
     for budget in sorted({b for b, _ in groups}):
-        kinds: dict[bool, list[tuple[float, str, list[dict]]]] = {True: [], False: []}
+        kinds: dict[bool, list[tuple[float, str, list[RunRecord]]]] = {True: [], False: []}
         for (b, model), runs in groups.items():
             if b == budget:
-                kinds[bool(runs[0].get("tokenizer"))].append((float(np.mean([r["test"]["bpb"] for r in runs])), model, runs))
+                kinds[bool(runs[0].tokenizer)].append((float(np.mean([r.test.bpb for r in runs])), model, runs))
         if not kinds[True] or not kinds[False]:
             continue
         byte_bpb, byte_model, byte_runs = min(kinds[False], key=lambda k: k[0])
@@ -105,24 +105,24 @@ def byte_versus_token_summary(records: list[dict]) -> list[str]:
     return lines
 
 
-def runs_table(records: list[dict]) -> pd.DataFrame:
+def runs_table(records: list[RunRecord]) -> pd.DataFrame:
     rows = []
     for r in records:
         rows.append({
-            "model": r["model"]["name"],
-            "adapter": r["model"]["adapter"],
-            "seed": r["seed"],
-            "params": r["parameters"]["total"],
-            "fwd FLOPs/byte": r["flops_per_byte"]["analytic"]["total"],
-            "train FLOPs": r["total_flops"],
-            "bytes seen": r["bytes_seen"],
-            "epochs": r["epochs"],
-            "val bpb": r["val"]["bpb"],
-            "test bpb": r["test"]["bpb"],
-            "bytes/unit": r["bytes_per_unit"],
-            "wall s": r["wall_seconds"],
-            "FLOP/s": r["achieved_flops_per_s"],
-            "MFU": r["mfu"],
+            "model": r.model.name,
+            "adapter": r.model.adapter,
+            "seed": r.seed,
+            "params": r.parameters["total"],
+            "fwd FLOPs/byte": r.flops_per_byte.analytic["total"],
+            "train FLOPs": r.total_flops,
+            "bytes seen": r.bytes_seen,
+            "epochs": r.epochs,
+            "val bpb": r.val.bpb,
+            "test bpb": r.test.bpb,
+            "bytes/unit": r.bytes_per_unit,
+            "wall s": r.wall_seconds,
+            "FLOP/s": r.achieved_flops_per_s,
+            "MFU": r.mfu,
         })
     return pd.DataFrame(rows).sort_values(["train FLOPs", "test bpb"], kind="stable")
 
@@ -143,15 +143,15 @@ def _markdown(frame: pd.DataFrame) -> str:
     return shown.to_markdown(index=False, disable_numparse=True)
 
 
-def tokenizer_table(records: list[dict], corpus: dict) -> pd.DataFrame | None:
+def tokenizer_table(records: list[RunRecord], corpus: dict) -> pd.DataFrame | None:
     """One row per tokenizer model (first run of each), plus raw bytes for comparison."""
     rows, seen = [], set()
     for r in records:
-        t = r.get("tokenizer") or {}
-        if not t or r["model"]["name"] in seen:
+        t = r.tokenizer or {}
+        if not t or r.model.name in seen:
             continue
-        seen.add(r["model"]["name"])
-        rows.append({"model": r["model"]["name"], "tokenizer": t["tokenizer"], "vocab": t["vocab_size"],
+        seen.add(r.model.name)
+        rows.append({"model": r.model.name, "tokenizer": t["tokenizer"], "vocab": t["vocab_size"],
                      "bytes/token (test)": t["bytes_per_token_test"],
                      "bytes/token (test windows)": t.get("bytes_per_token_test_windows"),
                      "vocab used (test)": t["vocab_used_test"], "tokenizer train s": t["tokenizer_train_seconds"],
@@ -165,27 +165,27 @@ def tokenizer_table(records: list[dict], corpus: dict) -> pd.DataFrame | None:
     return pd.DataFrame(rows)
 
 
-def representative_runs(records: list[dict], key: str) -> dict[str, dict]:
+def representative_runs(records: list[RunRecord], key: str) -> dict[str, RunRecord]:
     """Per model that has `key` in its records: the run at its largest budget, lowest seed."""
-    chosen: dict[str, dict] = {}
-    for r in sorted(records, key=lambda r: (r["budget_flops"], -r["seed"])):
-        if r.get(key):
-            chosen[r["model"]["name"]] = r
+    chosen: dict[str, RunRecord] = {}
+    for r in sorted(records, key=lambda r: (r.budget_flops, -r.seed)):
+        if getattr(r, key):
+            chosen[r.model.name] = r
     return chosen
 
 
-def plot_segmentation_examples(records: list[dict], plot_dir: Path, label: str) -> list[str]:
+def plot_segmentation_examples(records: list[RunRecord], plot_dir: Path, label: str) -> list[str]:
     """One picture per chunking model: the start of the test split with its boundaries
     (and scores), as the evaluation rule cut it. Returns markdown image lines."""
     lines = []
     for name, r in representative_runs(records, "segmentation").items():
-        seg = r["segmentation"]
-        starts = np.zeros(len(seg["example_bytes"]), dtype=bool)
-        starts[seg["example_starts"]] = True
-        scores = None if seg["example_scores"] is None else np.asarray(seg["example_scores"])
-        example = Segmentation(text=bytes(seg["example_bytes"]), scores=scores, starts=starts, window=seg["window"])
+        seg = r.segmentation
+        starts = np.zeros(len(seg.example_bytes), dtype=bool)
+        starts[seg.example_starts] = True
+        scores = None if seg.example_scores is None else np.asarray(seg.example_scores)
+        example = Segmentation(text=bytes(seg.example_bytes), scores=scores, starts=starts, window=seg.window)
         path = plot_dir / f"segment_{name}_{label}.png"
-        plot_segmentation(example, path, f"{name} ({r['run_id']}), test split, evaluation rule")
+        plot_segmentation(example, path, f"{name} ({r.run_id}), test split, evaluation rule")
         lines += [f"![{name}: chunk boundaries on the test split](plots/{path.name})", ""]
     return lines
 
@@ -217,45 +217,45 @@ def plot_length_distributions(curves: dict[str, np.ndarray], path: Path, title: 
     return True
 
 
-def plot_patch_sizes(records: list[dict], path: Path) -> bool:
-    """Patch sizes each patcher measured on the training split (record["preparation"])."""
-    curves = {f"{r['model']['name']} ({r['preparation'].get('patcher', '?')})": [0] + r["preparation"]["patch_size_counts"]
-              for r in representative_runs(records, "preparation").values() if r["preparation"].get("patch_size_counts")}
+def plot_patch_sizes(records: list[RunRecord], path: Path) -> bool:
+    """Patch sizes each patcher measured on the training split (the record's preparation)."""
+    curves = {f"{r.model.name} ({r.preparation.facts.get('patcher', '?')})": [0] + r.preparation.unit_length_counts
+              for r in representative_runs(records, "preparation").values() if r.preparation.unit_length_counts}
     return plot_length_distributions(curves, path, "patch sizes on the training split")
 
 
-def plot_chunk_lengths(records: list[dict], path: Path) -> bool:
+def plot_chunk_lengths(records: list[RunRecord], path: Path) -> bool:
     """Chunk (patch) lengths on the test windows under each chunking model's evaluation rule."""
-    curves = {name: r["segmentation"]["chunk_length_counts"] for name, r in representative_runs(records, "segmentation").items()}
+    curves = {name: r.segmentation.chunk_length_counts for name, r in representative_runs(records, "segmentation").items()}
     return plot_length_distributions(curves, path, "chunk lengths on the test windows (evaluation rule)")
 
 
-def variant_table(records: list[dict]) -> pd.DataFrame | None:
+def variant_table(records: list[RunRecord]) -> pd.DataFrame | None:
     """Per model, budget and other evaluation rule (e.g. ByteFlow's top-K): mean test bpb
     under the rule and under the causal rule, and the gap with a t interval over seeds."""
     rows = []
     for (budget, model), runs in sorted(_groups(records).items()):
-        for name in runs[0].get("test_variants", {}):
-            gaps = [r["test"]["bpb"] - r["test_variants"][name]["bpb"] for r in runs]
+        for name in runs[0].test_variants:
+            gaps = [r.test.bpb - r.test_variants[name].bpb for r in runs]
             gap, low, high = stats.seed_interval(gaps)
             rows.append({"budget": budget, "model": model, "rule": name, "seeds": len(runs),
-                         "test bpb": float(np.mean([r["test_variants"][name]["bpb"] for r in runs])),
-                         "causal test bpb": float(np.mean([r["test"]["bpb"] for r in runs])),
+                         "test bpb": float(np.mean([r.test_variants[name].bpb for r in runs])),
+                         "causal test bpb": float(np.mean([r.test.bpb for r in runs])),
                          "causal - rule": gap, "95% CI": f"[{low:+.4f}, {high:+.4f}]" if len(runs) > 1 else "",
-                         "note": runs[0]["test_variants"][name]["label"]})
+                         "note": runs[0].test_variants[name].label})
     return pd.DataFrame(rows) if rows else None
 
 
-def sizing_table(records: list[dict]) -> pd.DataFrame | None:
+def sizing_table(records: list[RunRecord]) -> pd.DataFrame | None:
     """Per model (first run of each): configured and chosen width/depth, target and achieved cost."""
     rows, seen = [], set()
     for r in records:
-        s = r.get("sizing")
-        if not s or r["model"]["name"] in seen:
+        s = r.sizing
+        if not s or r.model.name in seen:
             continue
-        seen.add(r["model"]["name"])
+        seen.add(r.model.name)
         configured = {k: v for k, v in s["configured"].items() if k != "flops_per_byte"}
-        rows.append({"model": r["model"]["name"], "rule": s["rule"],
+        rows.append({"model": r.model.name, "rule": s["rule"],
                      "configured": ", ".join(f"{k}={v}" for k, v in configured.items()),
                      "configured FLOPs/byte": s["configured"]["flops_per_byte"],
                      "chosen": ", ".join(f"{k}={v}" for k, v in s["chosen"].items()),
@@ -264,10 +264,10 @@ def sizing_table(records: list[dict]) -> pd.DataFrame | None:
     return pd.DataFrame(rows) if rows else None
 
 
-def calibration_table(records: list[dict]) -> pd.DataFrame | None:
+def calibration_table(records: list[RunRecord]) -> pd.DataFrame | None:
     """Scalar facts that adapters computed after training (e.g. ByteFlow's threshold)."""
-    rows = [{"run": r["run_id"], **{k: v for k, v in r["calibration"].items() if isinstance(v, (int, float, str))}}
-            for r in records if r.get("calibration")]
+    rows = [{"run": r.run_id, **{k: v for k, v in r.calibration.items() if isinstance(v, (int, float, str))}}
+            for r in records if r.calibration]
     return pd.DataFrame(rows) if rows else None
 
 
@@ -284,19 +284,19 @@ def plot_bpb(summary: pd.DataFrame, x: str, xlabel: str, title: str, path: Path,
     _save(fig, ax, xlabel, "test bits per byte", title, path, legend_size=8)
 
 
-def plot_learning_curves(records: list[dict], path: Path) -> None:
+def plot_learning_curves(records: list[RunRecord], path: Path) -> None:
     """Train bpb against bytes seen: one line per model, its largest budget and lowest seed."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in representative_runs(records, "loss_curve").items():
-        curve = r["loss_curve"]
-        ax.plot([p["bytes"] for p in curve], [p["train_bpb"] for p in curve], label=name, linewidth=1)
+        curve = r.loss_curve
+        ax.plot([p.bytes for p in curve], [p.train_bpb for p in curve], label=name, linewidth=1)
     _save(fig, ax, "training bytes seen", "train bits per byte", "learning curves (each model: largest budget, lowest seed)",
           path, legend_size=7)
 
 
-def _peak_sentence(records: list[dict]) -> str:
+def _peak_sentence(records: list[RunRecord]) -> str:
     """The fp32 matmul peak that each run measured when it started (its MFU's denominator)."""
-    peaks = [r["matmul_peak_flops_per_s"] for r in records]
+    peaks = [r.matmul_peak_flops_per_s for r in records]
     if max(peaks) - min(peaks) <= 0.005 * max(peaks):
         return f"measured fp32 matmul peak {peaks[0]:.3g} FLOP/s (MFU is relative to it)."
     return (f"measured fp32 matmul peak {min(peaks):.3g} to {max(peaks):.3g} FLOP/s across runs (each run's MFU "
@@ -316,7 +316,7 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
     plot_dir = report_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     spec = suite["suite"]
-    by_corpus = {label: [r for r in records if r["corpus"]["label"] == label] for label in suite["corpora"]}
+    by_corpus = {label: [r for r in records if r.corpus.label == label] for label in suite["corpora"]}
     by_corpus = {label: runs for label, runs in by_corpus.items() if runs}
     rankings = {label: ranking_table(runs) for label, runs in by_corpus.items()}
     lines = [
@@ -326,7 +326,7 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
         "",
         f"Split {spec['split']['train_bytes']:,} / {spec['split']['val_bytes']:,} / {spec['split']['test_bytes']:,} "
         f"bytes (train / val / test) of each corpus; test windows of {spec['eval']['window']} bytes, each scored from "
-        f"an empty context. Device `{', '.join(sorted({r['device'] for r in records}))}`; " + _peak_sentence(records),
+        f"an empty context. Device `{', '.join(sorted({r.device for r in records}))}`; " + _peak_sentence(records),
         "",
         "FLOPs: a multiply-add is 2; every matrix product counts (head and both attention products); "
         "training = 3 x forward. bpb = summed NLL in nats / (ln 2 x scored bytes). "
@@ -348,7 +348,7 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def corpus_section(label: str, records: list[dict], ranking: pd.DataFrame, corpus: dict, plot_dir: Path) -> list[str]:
+def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, corpus: dict, plot_dir: Path) -> list[str]:
     """The tables and plots of one corpus's runs, as markdown lines."""
     summary = summary_table(records)
     plots = {name: f"{name}_{label}.png" for name in ("bpb_vs_flops", "bpb_vs_inference_flops", "learning_curves",

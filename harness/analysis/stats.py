@@ -16,14 +16,16 @@ import math
 import numpy as np
 from scipy import stats
 
+from harness.core.records import RunRecord
+
 CONFIDENCE = 0.95
 ALPHA = 0.05
 
 
-def window_bpb(record: dict, split: str = "test") -> np.ndarray:
-    result = record[split]
-    per_window_bytes = result["bytes"] / result["windows"]
-    return np.asarray(result["window_nll_nats"]) / (math.log(2) * per_window_bytes)
+def window_bpb(record: RunRecord, split: str = "test") -> np.ndarray:
+    result = getattr(record, split)
+    per_window_bytes = result.bytes / result.windows
+    return np.asarray(result.window_nll_nats) / (math.log(2) * per_window_bytes)
 
 
 def seed_interval(values: list[float] | np.ndarray) -> tuple[float, float, float]:
@@ -47,11 +49,11 @@ def bootstrap_interval(per_window: np.ndarray, seed: int = 0, resamples: int = 2
     return mean, float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
-def difference_p_value(a_runs: list[dict], b_runs: list[dict]) -> tuple[float, str]:
+def difference_p_value(a_runs: list[RunRecord], b_runs: list[RunRecord]) -> tuple[float, str]:
     """p-value of the difference in test bpb between two models' runs at one budget, and the test used."""
     if len(a_runs) >= 2 and len(b_runs) >= 2:
-        a = [r["test"]["bpb"] for r in a_runs]
-        b = [r["test"]["bpb"] for r in b_runs]
+        a = [r.test.bpb for r in a_runs]
+        b = [r.test.bpb for r in b_runs]
         return float(stats.ttest_ind(a, b, equal_var=False).pvalue), "Welch t over seeds"
     a = np.mean([window_bpb(r) for r in a_runs], axis=0)
     b = np.mean([window_bpb(r) for r in b_runs], axis=0)

@@ -5,18 +5,12 @@ only return per-byte NLLs."""
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 
 import torch
 
-from harness.api.registry import Adapter
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; full precision elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+from harness.api import Adapter
+from harness.core.device import autocast
+from harness.core.records import Evaluation
 
 
 @torch.no_grad()
@@ -40,12 +34,9 @@ def bits_per_byte(total_nll_nats: float, scored_bytes: int) -> float:
     return total_nll_nats / (math.log(2) * scored_bytes)
 
 
-def evaluate(model: Adapter, windows: torch.Tensor, batch_windows: int, device: torch.device) -> dict:
+def evaluate(model: Adapter, windows: torch.Tensor, batch_windows: int, device: torch.device,
+             label: str | None = None) -> Evaluation:
     """bpb over all windows, plus each window's NLL (for intervals over windows)."""
     nll = window_nll(model, windows, batch_windows, device)
-    return {
-        "bpb": bits_per_byte(float(nll.sum()), windows.numel()),
-        "bytes": windows.numel(),
-        "windows": len(windows),
-        "window_nll_nats": [round(float(x), 6) for x in nll],
-    }
+    return Evaluation(bpb=bits_per_byte(float(nll.sum()), windows.numel()), bytes=windows.numel(), windows=len(windows),
+                      window_nll_nats=[round(float(x), 6) for x in nll], label=label)

@@ -25,7 +25,7 @@ import copy
 from pydantic import ValidationError
 
 from harness.errors import HarnessError
-from harness.api.registry import Adapter, AdapterConfig
+from harness.api import Adapter, AdapterConfig
 
 TOLERANCE = 0.05
 MAX_WIDTH = 4096

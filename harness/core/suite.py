@@ -221,12 +221,32 @@ def _first_error(path: Path, error: ValidationError, prefix: str = "") -> Harnes
     return HarnessError(f"{path}: {key}: {message}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (plain
+    YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` is not a key of its own
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def load_suite(path: str | Path) -> Suite:
     path = Path(path)
     if not path.is_file():
         raise HarnessError(f"{path}: no such suite file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.constructor.ConstructorError as e:
+        line = e.problem_mark.line + 1 if e.problem_mark else "?"
+        raise HarnessError(f"{path}: line {line}: {e.problem}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -253,7 +273,7 @@ def _relative_to(path: Path, corpus: Corpus) -> Corpus:
 
 
 def _check_models(path: Path, suite: Suite) -> None:
-    from harness.modeling.flops import training_flops_per_byte
+    from harness.modeling.flops import training_flops_per_byte, training_steps
 
     for i, entry in enumerate(suite.models):
         try:
@@ -270,9 +290,10 @@ def _check_models(path: Path, suite: Suite) -> None:
         forward = model.flops_per_byte(suite.eval.window)
         if suite.inference_flops_per_byte is not None:  # the model will be resized to about this cost
             forward = {"total": suite.inference_flops_per_byte}
-        step_flops = training_flops_per_byte(forward, suite.count_auxiliary_flops) * batch
+        per_byte = training_flops_per_byte(forward, suite.count_auxiliary_flops)
+        step_flops = per_byte * batch
         for budget in suite.budgets:
-            if budget < step_flops:
+            if training_steps(budget, per_byte, batch) < 1:
                 raise HarnessError(
                     f"{path}: budgets: {budget:.3g} FLOPs is less than one optimizer step of "
                     f"model {entry.name!r} ({step_flops:.3g} FLOPs)"

@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from harness.api import Adapter
+from harness.api.registry import load_state
 from harness.core.data import TrainStream
-from harness.core.evaluate import autocast
+from harness.core.device import autocast, synchronize
 from harness.core.records import save_checkpoint_atomic
-from harness.api.registry import Adapter
 from harness.core.suite import TrainerSettings
 
 
@@ -51,18 +52,22 @@ def train(
     resume_key: str = "",
     save_every_s: float = 60.0,
 ) -> dict:
-    """Train for `steps` optimizer steps. Returns the loss curve (bits per byte of the
-    training batches), training seconds and the epochs over the training split.
-    With `resume_path`, a saved state whose `resume_key` matches is continued."""
+    """Train for `steps` optimizer steps. The objective is the mean NLL per byte plus the
+    adapter's auxiliary training losses (Adapter.training_loss). Returns the loss curve (bits
+    per byte of the training batches, and each auxiliary loss), training seconds and the
+    epochs over the training split. With `resume_path`, a saved state whose `resume_key`
+    matches is continued."""
     model.train()
     optimizer = make_optimizer(model, settings)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, steps, settings.warmup_fraction, settings.min_lr_ratio)
     )
-    state = {"step": 0, "curve": [], "window_sum": 0.0, "window_count": 0, "bytes_seen": 0, "seconds": 0.0}
+    trained = [p for group in optimizer.param_groups for p in group["params"]]  # clipped: only what is trained
+    state = {"step": 0, "curve": [], "window_sum": 0.0, "window_count": 0, "auxiliary_sums": {}, "bytes_seen": 0,
+             "seconds": 0.0}
     resumed_at = None
     if resume_path is not None and resume_path.exists():
-        saved = torch.load(resume_path, map_location=device, weights_only=False)
+        saved = load_state(resume_path, device)
         if saved.get("key") == resume_key and saved["state"]["step"] <= steps:
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
@@ -70,6 +75,7 @@ def train(
             stream.load_state_dict(saved["stream"])
             torch.set_rng_state(saved["rng"])
             state = saved["state"]
+            state.setdefault("auxiliary_sums", {})
             resumed_at = state["step"]
             tqdm.write(f"{description}: resuming at step {state['step']} of {steps}")
 
@@ -87,31 +93,37 @@ def train(
     for step in bar:
         batch = stream.next_batch().to(device, non_blocking=True)
         with autocast(device):
-            nll = model(batch)
-        loss = nll.float().mean()  # nats per byte over every byte of the batch
+            out = model.training_loss(batch)
+        nll = out.nll.float().mean()  # nats per byte over every byte of the batch
+        loss = nll + sum(term.float() for term in out.auxiliary.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trained, settings.grad_clip)
         optimizer.step()
         schedule.step()
-        value = loss.item()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"training loss became {value} at step {step + 1}")
+        value = nll.item()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {step + 1}")
         state["step"] = step + 1
         state["bytes_seen"] += batch.numel()
         state["window_sum"] += value
         state["window_count"] += 1
+        for name, term in out.auxiliary.items():
+            state["auxiliary_sums"][name] = state["auxiliary_sums"].get(name, 0.0) + float(term)
         if (step + 1) % settings.log_every == 0 or step + 1 == steps:
-            bpb = state["window_sum"] / state["window_count"] / math.log(2)
-            state["curve"].append({"step": step + 1, "bytes": state["bytes_seen"], "train_bpb": round(bpb, 5)})
+            count = state["window_count"]
+            bpb = state["window_sum"] / count / math.log(2)
+            point = {"step": step + 1, "bytes": state["bytes_seen"], "train_bpb": round(bpb, 5)}
+            if state["auxiliary_sums"]:
+                point["auxiliary"] = {name: round(total / count, 6) for name, total in state["auxiliary_sums"].items()}
+            state["curve"].append(point)
             bar.set_postfix(bpb=f"{bpb:.3f}", MB=f"{state['bytes_seen'] / 1e6:.2f}")
-            state["window_sum"], state["window_count"] = 0.0, 0
+            state["window_sum"], state["window_count"], state["auxiliary_sums"] = 0.0, 0, {}
         if resume_path is not None and time.perf_counter() - last_save >= save_every_s and step + 1 < steps:
             state["seconds"] = time.perf_counter() - start
             save()
             last_save = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return {
         "curve": state["curve"],
         "seconds": time.perf_counter() - start,

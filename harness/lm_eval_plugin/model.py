@@ -3,15 +3,15 @@
 All scoring is in bytes (strings become bytes through `text_to_bytes`) and every byte
 sequence is scored the way the harness evaluator scores a window: on its own, from an
 empty context, by the adapter's forward pass (harness.evaluate.window_nll), at most W
-bytes long, W being the run's evaluation window (record["eval"]["window"]).
+bytes long, W being the run's evaluation window (the record's eval window).
 
 - loglikelihood_rolling: the document is cut into consecutive W-byte windows (the last one
   shorter), each scored from an empty context, NLLs summed. A document of exactly W bytes
   is one evaluator window, which is what the task `harness_bpb` uses.
 - loglikelihood(context, continuation): context + continuation, truncated on the left to W
-  bytes. Byte-level adapters (next_byte_logits) give the exact log P(continuation | context)
+  bytes. Byte-level adapters (Adapter.byte_level) give the exact log P(continuation | context)
   as the sum of the continuation bytes' log-probabilities, and is_greedy by argmax under
-  teacher forcing. Adapters that score tokens (next_byte_logits is None) put a token's NLL
+  teacher forcing. Adapters that score tokens (byte_level False) put a token's NLL
   on its last byte, so a token may straddle the boundary; for them the boundary is taken in
   bytes: log P(context + continuation) - log P(context), each string tokenized on its own.
   That is exact for any byte-causal model and, for tokenizers, the difference of two
@@ -38,10 +38,11 @@ from lm_eval.api.registry import model_registry, register_model
 
 from harness.core import data
 from harness.errors import HarnessError
-from harness.core.evaluate import autocast, window_nll
+from harness.core.device import autocast, pick_device
+from harness.core.evaluate import window_nll
 from harness.lm_eval_plugin import bytes_to_text, text_to_bytes
 from harness.core.records import read_record
-from harness.api.registry import load_checkpoint
+from harness.api import load_checkpoint
 
 MODEL_NAME = "harness"
 DEFAULT_BATCH = 32
@@ -58,16 +59,6 @@ def run_directory(pretrained: str | Path) -> Path:
         raise HarnessError(f"pretrained={pretrained}: not a harness run directory (no record.json); "
                            "pass results/SUITE/runs/RUN_ID")
     return path
-
-
-def pick_device(requested: str | None) -> torch.device:
-    if requested in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        log.warning("device %s: no CUDA device is available; using the CPU", requested)  # lm-eval's CLI default is cuda:0
-        return torch.device("cpu")
-    return device
 
 
 def batch_windows(batch_size: int | str | None, max_batch_size: int | None) -> int:
@@ -93,19 +84,17 @@ class HarnessLM(LM):
             log.warning("harness model: ignoring arguments %s", ", ".join(sorted(kwargs)))
         self.run_dir = run_directory(pretrained)
         self.record = read_record(self.run_dir / "record.json")
-        self._device = pick_device(device)
+        self._device = pick_device(device, fall_back=True)  # lm-eval's CLI default is cuda:0
         self.model = load_checkpoint(self.run_dir, self._device)
         self.model.set_eval_variant(eval_variant)  # e.g. ByteFlow's "topk" (the record's test_variants)
         self.eval_variant = eval_variant
-        self.window = int(self.record["eval"]["window"])
+        self.window = int(self.record.eval["window"])
         self.batch_size = batch_windows(batch_size, max_batch_size)
-        with torch.no_grad():
-            probe = torch.zeros(1, self.window, dtype=torch.long, device=self._device)
-            self.byte_level = self.model.next_byte_logits(probe) is not None
+        self.byte_level = self.model.byte_level
 
     def get_model_info(self) -> dict:
-        return {"harness_run": str(self.run_dir), "adapter": self.record["model"]["adapter"],
-                "run_id": self.record["run_id"], "window": self.window, "byte_level": self.byte_level,
+        return {"harness_run": str(self.run_dir), "adapter": self.record.model.adapter,
+                "run_id": self.record.run_id, "window": self.window, "byte_level": self.byte_level,
                 "eval_variant": self.eval_variant}
 
     # ---------------------------------------------------------------- scoring helpers
@@ -189,8 +178,8 @@ class HarnessLM(LM):
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         if not self.byte_level:
-            raise HarnessError(f"adapter {self.record['model']['adapter']!r} scores tokens, not bytes "
-                               "(no next_byte_logits): generate_until needs a byte-level adapter")
+            raise HarnessError(f"adapter {self.record.model.adapter!r} scores tokens, not bytes "
+                               "(not byte-level): generate_until needs a byte-level adapter")
         self.model.eval()
         outputs = []
         for request in requests:

@@ -15,7 +15,6 @@ whole sequence; adapters divide by the bytes the sequence covers.
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -74,6 +73,12 @@ def training_flops_per_byte(forward: dict[str, float], count_auxiliary: bool = T
     return TRAIN_MULTIPLIER * (forward["total"] - auxiliary) + (auxiliary if count_auxiliary else 0.0)
 
 
+def training_steps(budget: float, training_flops_per_byte: float, batch_bytes: int) -> int:
+    """The one conversion of a FLOP budget into optimizer steps: bytes D = C / training FLOPs
+    per byte, steps = floor(D / bytes per batch)."""
+    return int(max(0.0, budget) / training_flops_per_byte // batch_bytes)
+
+
 def measure_forward(fn, *args) -> float:
     """FLOPs that torch's FlopCounterMode counts for fn(*args), with attention on the
     MATH backend (the fused CPU kernel is counted as zero in torch 2.13)."""
@@ -81,27 +86,3 @@ def measure_forward(fn, *args) -> float:
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
         fn(*args)
     return float(counter.get_total_flops())
-
-
-def measure_matmul_peak(device: torch.device, size: int = 1024, seconds: float = 0.5) -> float:
-    """Achievable fp32 matmul FLOP/s on `device`, measured now, never looked up."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    _sync(device)
-    for _ in range(2):
-        a @ b
-    _sync(device)
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        reps += 1
-        if device.type == "cuda" and reps % 8:
-            continue
-        _sync(device)
-    _sync(device)
-    return 2.0 * size**3 * reps / (time.perf_counter() - start)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

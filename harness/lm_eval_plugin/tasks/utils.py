@@ -64,7 +64,7 @@ def resolve_suite(suite: str | None = None, pretrained: str | None = None,
                                "suite to score, e.g. --metadata '{\"suite\": \"suites/smoke.yaml\"}'") from None
         record = read_record(run_dir / "record.json")
         found = _suite_from_json(run_dir.parent.parent / "suite.json")
-        return found, record["corpus"]["label"], record["corpus"]["sha256"], f"run {run_dir}"
+        return found, record.corpus.label, record.corpus.sha256, f"run {run_dir}"
     raise HarnessError("task harness_bpb: which suite's test split? pass --model_args pretrained=RUN_DIR "
                        "(the harness model) or --metadata '{\"suite\": \"SUITE.yaml or RESULTS_DIR\"}'")
 

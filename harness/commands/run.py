@@ -1,0 +1,33 @@
+"""`harness run SUITE`: train and evaluate every run of a suite (harness.core.runner)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from harness.core.runner import run_suite
+
+    out = run_suite(args.suite, Path(args.results), args.device, show_progress=not args.quiet,
+                    save_every_s=args.save_every)
+    print(f"records in {out}/runs; next: harness report {out}")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    run = subparsers.add_parser("run", help="train and evaluate every run of a suite (resumes where it stopped)",
+                         description="Train and evaluate every (model, budget, seed) of a suite file. Runs whose "
+                                     "record exists with the same config are skipped, so an interrupted suite "
+                                     "finishes when started again.")
+    run.add_argument("suite", help="suite YAML file, e.g. suites/smoke.yaml")
+    run.add_argument("--results", default="results", help="root folder for results (default: results); "
+                                                         "records go to RESULTS/SUITE_NAME/runs/RUN_ID/")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                     help="auto takes CUDA when present (bf16 autocast), else CPU")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--save-every", type=float, default=60.0, metavar="SECONDS",
+                     help="save a resumable training state this often (default 60); an interrupted run "
+                          "continues from it")
+    run.set_defaults(func=cmd_run)
+
+    return run

@@ -1,0 +1,93 @@
+"""`harness segment RUN_DIR (--text FILE_OR_STRING | --split SPLIT)`: where a trained model
+with units (ByteFlow, the patchers, MegaByte, SpaceByte, H-Net) cuts a text: the text with
+boundaries marked, and PNGs of the boundary scores and the unit lengths (harness.analysis.segment)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from harness.analysis.segment import Segmentation, marked_text, plot_lengths, plot_segmentation, segment_bytes
+from harness.api import load_checkpoint
+from harness.core.records import RunRecord, read_record
+from harness.core.suite import Suite, load_corpus
+from harness.errors import HarnessError
+
+
+def _split_text(run_dir: Path, record: RunRecord, split: str) -> bytes:
+    """The val/test/train split of the run's corpus, from the suite.json beside runs/."""
+    suite_path = run_dir.parent.parent / "suite.json"
+    if not suite_path.is_file():
+        raise HarnessError(f"{suite_path}: not found; --split needs the suite results folder around the run")
+    suite = Suite(**json.loads(suite_path.read_text())["suite"])
+    splits = load_corpus(suite, record.corpus.label)
+    if splits.sha256 != record.corpus.sha256:
+        raise HarnessError(f"{run_dir}: the corpus has changed since the run (sha256 {splits.sha256[:12]}, "
+                           f"record {record.corpus.sha256[:12]})")
+    return getattr(splits, split)
+
+
+def run_segment(run_dir: str | Path, text: str | None = None, split: str | None = None, offset: int = 0,
+                max_bytes: int = 1024, variant: str | None = None, window: int | None = None,
+                output: str | Path | None = None, marker: str = "|") -> tuple[Segmentation, Path, Path]:
+    run_dir = Path(run_dir)
+    record = read_record(run_dir / "record.json")
+    if (text is None) == (split is None):
+        raise HarnessError("segment: give exactly one of --text and --split")
+    if offset < 0 or max_bytes < 1 or (window is not None and window < 1):
+        raise HarnessError("segment: --offset must be >= 0, --max-bytes and --window >= 1")
+    if split is not None:
+        raw = _split_text(run_dir, record, split)[offset : offset + max_bytes]
+    else:
+        path = Path(text)
+        raw = (path.read_bytes() if path.is_file() else text.encode("utf-8"))[offset : offset + max_bytes]
+    model = load_checkpoint(run_dir)
+    if variant is not None:
+        model.set_eval_variant(variant)
+    seg = segment_bytes(model, raw, window or record.eval["window"])
+    if seg is None:
+        raise HarnessError(f"{run_dir}: adapter {record.model.adapter!r} does not cut bytes into units "
+                           "(token models have no byte boundaries to show)")
+    picture = Path(output) if output else run_dir / "segment.png"
+    picture.parent.mkdir(parents=True, exist_ok=True)
+    histogram = picture.with_name(picture.stem + "_chunk_lengths.png")
+    rule = f", variant {variant}" if variant else ""
+    title = f"{record.run_id} ({record.model.adapter}{rule})"
+    plot_segmentation(seg, picture, title)
+    plot_lengths(seg, histogram, title)
+    return seg, picture, histogram
+
+
+def cmd_segment(args: argparse.Namespace) -> None:
+    seg, picture, histogram = run_segment(args.run_dir, args.text, args.split, args.offset, args.max_bytes,
+                                          args.variant, args.window, args.output, args.marker)
+    lengths = seg.lengths()
+    print(marked_text(seg, args.marker))
+    print(f"\n{len(seg.text)} bytes, {len(lengths)} chunks, mean {lengths.mean():.2f} bytes, median "
+          f"{np.median(lengths):.0f}, longest {lengths.max()} (windows of {seg.window} bytes)")
+    print(f"wrote {picture} and {histogram}")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `segment` on the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "segment", help="show where a trained chunking model (ByteFlow, patchers) cuts a text",
+        description="Print a text with the chunk boundaries of a trained run marked, and write a PNG with the "
+                    "boundary scores as a line over the bytes and the boundaries as ticks (red), plus a chunk-length "
+                    "histogram. The text is cut into windows of the run's evaluation length, each segmented from an "
+                    "empty context with the model's evaluation rule.")
+    p.add_argument("run_dir", help="a run folder holding record.json and model.pt, e.g. results/smoke/runs/RUN_ID")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="a file to read, or else the text itself")
+    source.add_argument("--split", choices=("train", "val", "test"), help="take the text from this split of the run's corpus")
+    p.add_argument("--offset", type=int, default=0, help="first byte of the text or split to use (default 0)")
+    p.add_argument("--max-bytes", type=int, default=1024, help="bytes to segment (default 1024)")
+    p.add_argument("--variant", help="an evaluation variant of the adapter, e.g. topk for ByteFlow")
+    p.add_argument("--window", type=int, help="bytes per window (default: the run's evaluation window)")
+    p.add_argument("-o", "--output", help="PNG path (default RUN_DIR/segment.png); the histogram goes beside it")
+    p.add_argument("--marker", default="|", help="boundary mark in the printed text (default |)")
+    p.set_defaults(func=cmd_segment)
+    return p
