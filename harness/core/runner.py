@@ -17,7 +17,7 @@ from harness import RECORD_FORMAT_VERSION
 from harness.core import data
 
 from harness.api import registry
-from harness.analysis.references import raw_byte_metrics, reference_rows
+from harness.analysis.references import cached_references, raw_byte_metrics
 from harness.errors import HarnessError
 from harness.core.evaluate import evaluate
 from harness.modeling.flops import measure_forward, measure_matmul_peak, training_flops_per_byte
@@ -61,7 +61,7 @@ def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "au
         "suite": suite.model_dump(mode="json"),
         "corpora": {label: {
             "id": splits.corpus_id, "sha256": splits.sha256,
-            "references": {"test": reference_rows(test), "windows": len(test), "window": suite.eval.window},
+            "references": cached_references(splits.train, test, label, log),
             "raw_bytes_tokenizer": raw_byte_metrics(splits.test),
         } for label, (splits, _, test) in corpora.items()},
         "device": str(device),
