@@ -190,3 +190,21 @@ def test_build_report_renders_new_and_old_reference_entries(tmp_path):
         assert "| gzip -9, each window alone (container overhead included) |" in report
         assert "| order-0 entropy of the test windows" in report
         assert ("behind the best primed compressor" in report) == (entry is NEW)
+
+
+def test_a_second_run_of_a_suite_takes_the_references_from_the_cache(cache, write_suite, tmp_path, monkeypatch, capsys):
+    import json
+
+    from harness.core.runner import run_suite
+    from tests.conftest import tiny_suite
+
+    path = write_suite(tiny_suite())
+    out = run_suite(path, tmp_path / "results", "cpu", show_progress=False)
+    first = capsys.readouterr().out
+    assert "references for pydoc-topics: PPMd order" in first and "16/16 windows" in first
+    entry = json.loads((out / "suite.json").read_text())["corpora"]["pydoc-topics"]["references"]
+    assert entry["windows"] == 16 and entry["window"] == 64 and entry["test"]["primed_bpb"]
+    monkeypatch.setattr(references, "compute_references", lambda *a, **k: pytest.fail("computed again"))
+    run_suite(path, tmp_path / "results", "cpu", show_progress=False)
+    assert "references for pydoc-topics: from the cache" in capsys.readouterr().out
+    assert json.loads((out / "suite.json").read_text())["corpora"]["pydoc-topics"]["references"] == entry
