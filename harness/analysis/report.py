@@ -425,7 +425,8 @@ def corpus_section(label: str, records: list[dict], ranking: pd.DataFrame, corpu
         "### Reference rows (same test windows)",
         "",
         ("Primed: each window coded after the training split, the extra bytes C(train + window) - C(train), "
-         "the fair counterpart of a trained model (none for gzip, whose 32 kB window sees almost none of the split, nor for bz2, which re-sorts its whole block). Whole split: all scored windows compressed at once (each window "
+         "the fair counterpart of a trained model (none for gzip, whose 32 kB window sees almost none of the split, "
+         "nor for bz2, which re-sorts its whole block). Whole split: all scored windows compressed at once (each window "
          "after the windows before it, a context the models do not get), comparable with published whole-file figures. "
          "Each window alone: the container's headers dominate a window this short."
          if refs["test"].get("primed_bpb") else
