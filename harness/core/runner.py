@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from harness import RECORD_FORMAT_VERSION
-from harness.analysis.references import raw_byte_metrics, reference_rows
+from harness.analysis.references import cached_references, raw_byte_metrics
 from harness.analysis.segment import segment_bytes
 from harness.api import Adapter, Preparation, RunContext, build
 from harness.core import data
@@ -92,8 +92,7 @@ def write_suite_summary(out: Path, suite: Suite, corpora: dict[str, CorpusData],
         "suite": suite.model_dump(mode="json"),
         "corpora": {label: {
             "id": c.splits.corpus_id, "sha256": c.splits.sha256,
-            "references": {"test": reference_rows(c.test_windows), "windows": len(c.test_windows),
-                           "window": suite.eval.window},
+            "references": cached_references(c.splits.train, c.test_windows, label, log),
             "raw_bytes_tokenizer": raw_byte_metrics(c.splits.test),
         } for label, c in corpora.items()},
         "device": str(device),
