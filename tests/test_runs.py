@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -137,27 +136,6 @@ def test_output_cut_short_by_a_closed_pipe_is_not_an_error():
     os.close(writer)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 0 and b"Traceback" not in err, err.decode()
-
-
-def test_third_party_adapter_through_an_entry_point(tmp_path, monkeypatch):
-    package = tmp_path / "thirdparty_adapter.py"
-    package.write_text(
-        "from baselines.bytes import ByteTransformer\n"
-        "class Tiny(ByteTransformer):\n"
-        "    name = 'third-party-bytes'\n"
-        "    description = 'a byte Transformer from another package'\n"
-    )
-    dist = tmp_path / "thirdparty_adapter-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-adapter\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[harness.adapters]\ntiny = thirdparty_adapter:Tiny\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    from harness.api import registry
-
-    monkeypatch.setattr(registry, "_discovered", False)
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    assert "third-party-bytes" in registry.available()
-    assert registry.build("third-party-bytes", {"d_model": 16, "n_layers": 1, "n_heads": 2}).name == "third-party-bytes"
 
 
 def test_a_killed_run_continues_from_its_saved_state(write_suite, tmp_path):

@@ -10,8 +10,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     from harness.core.runner import run_suite
 
     out = run_suite(args.suite, Path(args.results), args.device, show_progress=not args.quiet,
-                    save_every_s=args.save_every)
-    print(f"records in {out}/runs; next: harness report {out}")
+                    save_every_s=args.save_every, dry_run=args.dry_run)
+    print(f"{'suite.json' if args.dry_run else 'records'} in {out}; next: harness report {out}")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -28,6 +28,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--save-every", type=float, default=60.0, metavar="SECONDS",
                      help="save a resumable training state this often (default 60); an interrupted run "
                           "continues from it")
+    run.add_argument("--dry-run", action="store_true",
+                     help="train nothing: write RESULTS/SUITE_NAME/suite.json (corpora, reference rows) and list "
+                          "which runs are done and which would run")
     run.set_defaults(func=cmd_run)
 
     return run

@@ -46,14 +46,16 @@ class CorpusData:
 
 
 def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "auto", show_progress: bool = True,
-              save_every_s: float = 60.0) -> Path:
+              save_every_s: float = 60.0, dry_run: bool = False) -> Path:
+    """Train and evaluate every run of the suite that has no record yet. With `dry_run`, only
+    write suite.json (corpora, reference rows) and say which runs are done and which are not."""
     suite = load_suite(suite_path)
     device = pick_device(device_name)
     out = results_root / suite.name
     peak = measure_matmul_peak(device)
     corpora = {corpus.label: load_corpus_data(suite, corpus.label, device) for corpus in suite.corpora}
     write_suite_summary(out, suite, corpora, device, peak)
-    if suite.inference_flops_per_byte is not None:
+    if suite.inference_flops_per_byte is not None and not dry_run:
         check_sizes(suite, corpora, device)
     runs = expand(suite)
     for index, run in enumerate(runs, 1):
@@ -65,6 +67,9 @@ def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "au
                 log(f"[{index}/{len(runs)}] {run.run_id}: done already, skipped")
                 continue
             log(f"[{index}/{len(runs)}] {run.run_id}: the suite changed since this record; running again")
+        if dry_run:
+            log(f"[{index}/{len(runs)}] {run.run_id}: to run (dry run)")
+            continue
         log(f"[{index}/{len(runs)}] {run.run_id}: training")
         record = execute(run, suite, corpora[run.corpus.label], device, peak, config_hash, run_dir,
                          show_progress, save_every_s)

@@ -109,7 +109,7 @@ def train(
         state["window_sum"] += value
         state["window_count"] += 1
         for name, term in out.auxiliary.items():
-            state["auxiliary_sums"][name] = state["auxiliary_sums"].get(name, 0.0) + float(term)
+            state["auxiliary_sums"][name] = state["auxiliary_sums"].get(name, 0.0) + term.item()
         if (step + 1) % settings.log_every == 0 or step + 1 == steps:
             count = state["window_count"]
             bpb = state["window_sum"] / count / math.log(2)
