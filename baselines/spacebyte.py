@@ -6,8 +6,9 @@ For a window of W bytes, input t is byte t-1 (BOS at t = 0) and output t predict
 - embed the inputs (B, W, d_local) and run `initial_layers` local blocks over all bytes
   (causal, sliding window `local_window`);
 - global positions: t = 0 (the BOS position) and every t where byte t-1 is space-like and
-  byte t-2 is not (baselines/patching.space_starts, the rule of kjslag's `patch_method=utf8`),
-  at most `global_cap` of them per window (the first ones; see "The cap" below);
+  byte t-2 is not (baselines/patching.space_starts, the rule of kjslag's `patch_method=utf8`;
+  kjslag's BOS is byte 255, itself space-like, so there t = 1 is never global, here it is when
+  byte 0 is space-like), at most `global_cap` of them per window (the first ones; see below);
 - gather the byte stream at those positions into a sequence (B, G, d_local), zero-pad it on
   the left to d_global (no projection: the byte state sits in the last d_local channels),
   and run `global_layers` global blocks over it (causal, full attention over the G positions);
@@ -26,8 +27,8 @@ lets a real slot read them, and their outputs are never added back.
 The cap (kjslag's `global_context_size`, T_G): kjslag fixes T_G = context_size / P (P = 6
 by default, 8 for code in the paper's runs). With fewer boundaries it still runs the global
 blocks on T_G positions (padding); with more, the global blocks run on the first T_G and the
-bytes after the (T_G + 1)-th boundary are dropped from the loss in training and evaluation
-(targets = -1), and generation stops there. Here: the cap is
+predictions from the (T_G + 1)-th global position on are dropped from the loss in training
+and evaluation (targets = -1), and generation stops there. Here: the cap is
 global_cap = floor(max(W, context) / cap_patch_size), where `context` is the window the
 model is prepared for (the run's window; a shorter input keeps the cap, as kjslag's
 min(T_G, T) does, so a prefix is scored as inside the full window). The harness scores
