@@ -50,10 +50,8 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from baselines import patching
-from harness.api.registry import BOS, BYTE_VOCAB, Adapter, AdapterConfig, SizingFields, register
-from harness.core import data
-from harness.errors import HarnessError
-from harness.modeling import flops
+from harness.api import BOS, BYTE_VOCAB, Adapter, AdapterConfig, Preparation, RunContext, SizingFields, register
+from harness.modeling import chunking, flops
 from harness.modeling.nn import Block, Transformer, init_weights
 
 
@@ -70,9 +68,6 @@ class SpaceByteConfig(AdapterConfig):
     cap_patch_size: float = Field(6.0, ge=1, description="at most floor(context / cap_patch_size) global positions per "
                                                          "window (kjslag: global_context_size = context_size / P, P = 6; "
                                                          "1 = no cap)")
-    calibration_window: int = Field(256, ge=2, description="the run's window (bytes): the context the cap is taken from and "
-                                                           "the window the global-position rate is measured on; set it to "
-                                                           "the suite's eval.window")
     calibration_bytes: int = Field(262144, ge=2, description="bytes of the training split (evenly spaced windows) the "
                                                              "global-position rate is measured on")
 
@@ -84,8 +79,6 @@ class SpaceByteConfig(AdapterConfig):
         if self.d_global < self.d_local:
             raise ValueError(f"d_global {self.d_global} is smaller than d_local {self.d_local} (the byte stream is zero-padded "
                              "to d_global, never cut)")
-        if self.calibration_bytes < self.calibration_window:
-            raise ValueError("calibration_bytes is smaller than one calibration_window")
         return self
 
 
@@ -108,10 +101,9 @@ class SpaceByte(Adapter):
         # set in prepare() and kept in checkpoints: the context (the run's window) and the mean
         # count of global positions per window of that length on the training split, and its
         # mean square; before prepare(), kjslag's fixed cost (the cap, always full)
-        cap = self.global_cap(c.calibration_window, c.calibration_window)
-        self.register_buffer("context", torch.tensor(c.calibration_window))
-        self.register_buffer("globals_mean", torch.tensor(float(cap), dtype=torch.float64))
-        self.register_buffer("globals_square", torch.tensor(float(cap * cap), dtype=torch.float64))
+        self.register_buffer("context", torch.tensor(0))
+        self.register_buffer("globals_mean", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("globals_square", torch.tensor(0.0, dtype=torch.float64))
         self.register_buffer("prepared", torch.tensor(False))
 
     # ---- global positions ------------------------------------------------------------------
@@ -154,19 +146,11 @@ class SpaceByte(Adapter):
         return self.head(self.final(x))  # (B, W, 256)
 
     # ---- preparation on the training split ----------------------------------------------------
-    def prepare(self, train_bytes: bytes, seed: int) -> dict:
-        # RunContext interface: `def prepare(self, train_bytes, ctx): return self.measure_globals(train_bytes, ctx.window)`
-        return self.measure_globals(train_bytes, self.config.calibration_window)
-
-    def measure_globals(self, train_bytes: bytes, window: int) -> dict:
-        """Take `window` as the context and measure on evenly spaced windows of it from the
-        training split how many global positions a window gets (nothing is trained)."""
-        c = self.config
-        cal = data.windows(train_bytes, window)
-        if len(cal) == 0:
-            raise HarnessError(f"spacebyte: the training split ({len(train_bytes)} bytes) is shorter than one {window}-byte window")
-        keep = max(1, min(len(cal), c.calibration_bytes // window))
-        cal = cal[torch.linspace(0, len(cal) - 1, keep).round().long()]
+    def prepare(self, train_bytes: bytes, ctx: RunContext) -> Preparation:
+        """Take the run's window as the context and measure on evenly spaced windows of it from
+        the training split how many global positions a window gets (nothing is trained)."""
+        window = ctx.window
+        cal = chunking.calibration_windows(train_bytes, window, max(1, self.config.calibration_bytes // window))
         self.context.fill_(window)
         rule = patching.space_starts(cal)
         kept = self.global_starts(cal)
@@ -175,15 +159,16 @@ class SpaceByte(Adapter):
         self.globals_square.fill_(float(counts.square().mean()))
         self.prepared.fill_(True)
         capped = rule.long().cumsum(1) > self.global_cap(window)  # bytes after the cap (no global position from there on)
-        return {
+        facts = {
             "patcher": "space", "context_window": window, "calibration_bytes": cal.numel(),
             "global_cap": self.global_cap(window), "globals_per_window": float(counts.mean()),
             "rule_starts_per_window": float(rule.sum(1).double().mean()),
             "windows_over_cap": float((rule.sum(1) > self.global_cap(window)).double().mean()),
             "bytes_after_cap": float(capped.double().mean()),
             # bytes from one global position to the next (the last one: to the window's end)
-            **patching.patch_statistics(kept, window),
+            "avg_patch_size": kept.numel() / float(kept.sum()), "patches": int(kept.sum()),
         }
+        return Preparation(facts=facts, unit_length_counts=chunking.length_counts(kept))
 
     def carry_preparation(self, prepared: "SpaceByte") -> None:
         for name in ("context", "globals_mean", "globals_square", "prepared"):
@@ -194,6 +179,9 @@ class SpaceByte(Adapter):
         """Mean and mean square of the global positions per window of `window` bytes: measured
         on the training split for the context window; elsewhere the measured rate per byte
         scaled to `window` and capped (an estimate)."""
+        if not bool(self.prepared):
+            cap = float(self.global_cap(window))
+            return cap, cap * cap
         context = int(self.context)
         mean, square = float(self.globals_mean), float(self.globals_square)
         if window == context:
@@ -203,7 +191,7 @@ class SpaceByte(Adapter):
 
     def units_per_byte(self) -> float:
         context = int(self.context)
-        return self.expected_globals(context)[0] / context
+        return self.expected_globals(context)[0] / context if context else 1.0 / self.config.cap_patch_size
 
     def forward_flops(self, window: int, slots: float, slots_square: float | None = None) -> dict[str, float]:
         """Forward FLOPs of one window of `window` bytes with `slots` global positions: with a

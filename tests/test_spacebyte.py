@@ -19,13 +19,13 @@ from harness.core.records import read_suite_records
 from harness.core.runner import run_suite
 from harness.core.suite import load_corpus, load_suite
 from harness.modeling.flops import measure_forward
-from tests.conftest import tiny_suite
+from tests.conftest import context, tiny_suite
 
 CORPUS = data.embedded_corpus("pydoc-topics", 120_000)
 TRAIN, TEST = CORPUS[:50_000], CORPUS[100_000:]
 WINDOW = 64
 TINY = {"d_local": 32, "d_global": 48, "n_heads_local": 2, "n_heads_global": 2, "local_window": 16,
-        "calibration_window": WINDOW, "calibration_bytes": 16384}
+        "calibration_bytes": 16384}
 SPACED = b"a b c d e f g h i j k l m n o p q r s t u v w x y z " * 3  # a global position every 2 bytes
 
 
@@ -37,7 +37,7 @@ def build(**overrides):
 @pytest.fixture(scope="module")
 def prepared():
     model = build()
-    model.facts = model.prepare(TRAIN, seed=0)
+    model.facts = model.prepare(TRAIN, context(WINDOW)).facts
     return model.eval()
 
 
@@ -112,9 +112,9 @@ def test_flops_match_flop_counter_at_the_batch_global_count(prepared, window):
 def test_flops_per_byte_is_the_mean_cost_of_the_windows_it_was_measured_on(window):
     """Prepared on exactly these windows, the budget's figure is their mean counted cost, window
     by window (no batch padding): the mean and mean square of G make it exact."""
-    model = build(calibration_window=window).eval()
+    model = build().eval()
     windows = data.windows(TEST, window, 12)
-    model.measure_globals(bytes(windows.flatten().tolist()), window)
+    model.prepare(bytes(windows.flatten().tolist()), context(window))
     counted = sum(measure_forward(model, w[None]) for w in windows) / windows.numel()
     assert model.flops_per_byte(window)["total"] == pytest.approx(counted, rel=1e-9)
     counts = model.global_starts(windows).sum(1)
@@ -123,7 +123,7 @@ def test_flops_per_byte_is_the_mean_cost_of_the_windows_it_was_measured_on(windo
 
 def test_flops_before_preparation_assume_a_full_cap():
     model = build()
-    assert model.units_per_byte() == pytest.approx(10 / WINDOW)
+    assert model.units_per_byte() == pytest.approx(1 / 6)  # the cap rate, until measured
     assert model.flops_per_byte(WINDOW)["total"] == pytest.approx(model.forward_flops(WINDOW, 10)["total"] / WINDOW)
 
 
@@ -223,7 +223,7 @@ def test_checkpoint_restores_the_preparation(prepared, tmp_path):
 
 
 @pytest.mark.parametrize("bad", [{"d_global": 24}, {"d_global": 50, "n_heads_global": 2}, {"n_heads_local": 3},
-                                 {"cap_patch_size": 0.5}, {"final_layers": 0}, {"calibration_bytes": 10}])
+                                 {"cap_patch_size": 0.5}, {"final_layers": 0}, {"calibration_bytes": 1}])
 def test_bad_configs_are_rejected(bad):
     with pytest.raises(ValidationError):
         registry.build("spacebyte", TINY | bad)
@@ -241,15 +241,15 @@ def test_trains_and_evaluates_through_the_runner(write_suite, tmp_path):
     records = read_suite_records(run_suite(path, tmp_path, "cpu", show_progress=False))
     assert len(records) == 1
     record = records[0]
-    assert 0 < record["test"]["bpb"] < 8 and math.isfinite(record["val"]["bpb"]) and record["steps"] >= 1
-    assert math.isclose(record["bytes_per_unit"], record["preparation"]["avg_patch_size"], rel_tol=1e-9)
+    assert 0 < record.test.bpb < 8 and math.isfinite(record.val.bpb) and record.steps >= 1
+    assert math.isclose(record.bytes_per_unit, record.preparation.facts["avg_patch_size"], rel_tol=1e-9)
     # the runner counts two test windows one by one: exactly the formula at their global counts
-    model = load_checkpoint(tmp_path / "tiny" / "runs" / record["run_id"])
+    model = load_checkpoint(tmp_path / "tiny" / "runs" / record.run_id)
     splits = load_corpus(load_suite(path))
     windows = data.windows(splits.test, WINDOW, 2)
     expected = sum(model.forward_flops(WINDOW, int(model.global_starts(w[None]).sum()))["total"] for w in windows) / windows.numel()
-    assert record["flops_per_byte"]["measured"] == pytest.approx(expected, rel=1e-9)
-    assert record["flops_per_byte"]["analytic"] == model.flops_per_byte(WINDOW)
-    first, last = record["loss_curve"][0]["train_bpb"], record["loss_curve"][-1]["train_bpb"]
+    assert record.flops_per_byte.measured == pytest.approx(expected, rel=1e-9)
+    assert record.flops_per_byte.analytic == model.flops_per_byte(WINDOW)
+    first, last = record.loss_curve[0].train_bpb, record.loss_curve[-1].train_bpb
     assert last < first
-    assert record["segmentation"]["example_starts"][0] == 0
+    assert record.segmentation.example_starts[0] == 0
