@@ -147,6 +147,7 @@ def test_trains_and_evaluates_through_the_runner(write_suite, tmp_path):
         assert record.bytes_per_unit == patch_size
         assert record.test.bytes == 8 * 60 and math.isfinite(record.test.bpb)
         analytic = record.flops_per_byte.analytic["total"]
-        assert abs(record.flops_per_byte.measured - analytic) <= 0.02 * analytic
+        assert abs(record.flops_per_byte.counted_training - analytic) <= 0.02 * analytic
+        assert abs(record.flops_per_byte.test - analytic) <= 0.02 * analytic
         first, last = record.loss_curve[0].train_bpb, record.loss_curve[-1].train_bpb
         assert last < first - 0.5

@@ -30,7 +30,7 @@ def test_smoke_suite_beats_order0_entropy_and_reports(tmp_path, capsys):
                 "bytes_seen", "epochs", "loss_curve", "val", "test", "bytes_per_unit", "wall_seconds",
                 "achieved_flops_per_s", "mfu", "versions"):
         assert hasattr(bytes_run, key), key
-    assert bytes_run.flops_per_byte.measured == bytes_run.flops_per_byte.analytic["total"]
+    assert bytes_run.flops_per_byte.counted_training == bytes_run.flops_per_byte.analytic["total"]
     assert bytes_run.achieved_flops_per_s > 0 and bytes_run.epochs <= 1
 
     capsys.readouterr()
@@ -161,3 +161,26 @@ def test_a_killed_run_continues_from_its_saved_state(write_suite, tmp_path):
     uninterrupted = read_suite_records(run_suite(path, tmp_path / "straight", "cpu", show_progress=False))[0]
     assert resumed.loss_curve == uninterrupted.loss_curve
     assert resumed.test.bpb == uninterrupted.test.bpb
+
+
+def test_records_count_the_training_forward_and_the_inference_cost_on_the_scored_windows(write_suite, tmp_path):
+    patcher = {"patcher": "space", "d_local": 32, "d_global": 48, "n_heads_local": 2, "n_heads_global": 2,
+               "local_window": 16, "calibration_bytes": 4096}
+    suite = tiny_suite(models=[{"name": "bytes", "adapter": "bytes", "config": {"d_model": 32, "n_layers": 1, "n_heads": 2}},
+                               {"name": "space", "adapter": "patcher", "config": patcher}])
+    out = run_suite(write_suite(suite), tmp_path, "cpu", show_progress=False)
+    records = {r.model.name: r for r in read_suite_records(out)}
+    fixed = records["bytes"].flops_per_byte
+    assert fixed.counted_training == fixed.test == fixed.analytic["total"] and fixed.counted_training_windows == 64
+    # a data-dependent patch count: the inference cost is the formula at each scored window's own count
+    space = records["space"]
+    model = load_checkpoint(out / "runs" / space.run_id)
+    from harness.core import data
+    from harness.core.suite import load_corpus, load_suite
+
+    windows = data.windows(load_corpus(load_suite(write_suite(suite))).test, 64, 16)
+    expected = sum(model.forward_flops(64, int(model.patch_starts(w[None]).sum()))["total"] for w in windows) / windows.numel()
+    assert space.flops_per_byte.test == pytest.approx(expected, rel=1e-9)
+    assert space.flops_per_byte.test != space.flops_per_byte.analytic["total"]
+    assert main(["report", str(out)]) == 0
+    assert "test fwd FLOPs/byte" in (out / "report.md").read_text()

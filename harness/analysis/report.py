@@ -19,6 +19,9 @@ from harness.analysis.segment import Segmentation, plot_segmentation  # noqa: E4
 from harness.core.records import RunRecord, read_suite_records  # noqa: E402
 
 
+COST_TOLERANCE = 0.02  # measured FLOPs further than this from the analytic figure are shown
+
+
 def _groups(records: list[RunRecord]) -> dict[tuple[float, str], list[RunRecord]]:
     """Runs keyed by (budget, model name)."""
     groups: dict[tuple[float, str], list[RunRecord]] = {}
@@ -42,9 +45,30 @@ def summary_table(records: list[RunRecord]) -> pd.DataFrame:
             "budget": budget, "model": model, "adapter": runs[0].model.adapter, "seeds": len(runs),
             "test bpb": mean, "95% CI": f"[{low:.4f}, {high:.4f}]", "interval": method,
             "fwd FLOPs/byte": runs[0].flops_per_byte.analytic["total"], "bytes/unit": runs[0].bytes_per_unit,
-            "_low": low, "_high": high,
+            "_low": low, "_high": high, "_test_flops": _mean_test_cost(runs),
         })
     return pd.DataFrame(rows)
+
+
+def _mean_test_cost(runs: list[RunRecord]) -> float:
+    """Mean forward FLOPs per byte measured on the scored test windows (NaN for records before it)."""
+    costs = [r.flops_per_byte.test for r in runs]
+    return float(np.mean(costs)) if all(c is not None for c in costs) else float("nan")
+
+
+def cost_table(records: list[RunRecord]) -> pd.DataFrame | None:
+    """Runs whose measured FLOPs per byte differ from the analytic training-split figure by more
+    than the tolerance: on the scored test windows (inference cost) or on training windows (the
+    budget's check). None when every run is within it, or for records that predate the counts."""
+    rows = []
+    for r in records:
+        f = r.flops_per_byte
+        test, check = f.test_deviation(), f.training_deviation()
+        if (test is not None and abs(test) > COST_TOLERANCE) or (check is not None and abs(check) > COST_TOLERANCE):
+            rows.append({"run": r.run_id, "analytic FLOPs/byte": f.analytic["total"], "test FLOPs/byte": f.test,
+                         "test vs analytic": test, "counted training FLOPs/byte": f.counted_training,
+                         "training vs analytic": check})
+    return pd.DataFrame(rows) if rows else None
 
 
 def ranking_table(records: list[RunRecord]) -> pd.DataFrame:
@@ -168,6 +192,8 @@ def _markdown(frame: pd.DataFrame) -> str:
         "bytes/token (test)": "{:.3f}", "bytes/token (test windows)": "{:.3f}", "vocab used (test)": "{:.1%}",
         "tokenizer train s": "{:.2f}", "encode MB/s": "{:.2f}",
         "configured FLOPs/byte": "{:.4g}", "target FLOPs/byte": "{:.4g}", "achieved FLOPs/byte": "{:.4g}", "error": "{:+.2%}",
+        "test fwd FLOPs/byte": "{:.3g}", "analytic FLOPs/byte": "{:.4g}", "test FLOPs/byte": "{:.4g}", "counted training FLOPs/byte": "{:.4g}",
+        "test vs analytic": "{:+.1%}", "training vs analytic": "{:+.1%}",
     }
     shown = frame.copy()
     for column, fmt in formats.items():
@@ -389,7 +415,10 @@ def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, 
                                                       "patch_sizes", "chunk_lengths")}
     plot_bpb(summary, "budget", "training FLOPs (budget)", f"{label}: test bpb against training compute",
              plot_dir / plots["bpb_vs_flops"], connect=True)
-    plot_bpb(summary, "fwd FLOPs/byte", "forward FLOPs per byte (inference cost)",
+    measured_cost = bool(summary["_test_flops"].notna().all())  # records before format 3 have the analytic figure only
+    plot_bpb(summary, "_test_flops" if measured_cost else "fwd FLOPs/byte",
+             "forward FLOPs per byte on the test windows (inference cost)" if measured_cost else
+             "forward FLOPs per byte (inference cost)",
              f"{label}: test bpb against inference cost", plot_dir / plots["bpb_vs_inference_flops"], connect=False)
     plot_learning_curves(records, plot_dir / plots["learning_curves"])
     refs = corpus["references"]
@@ -403,7 +432,8 @@ def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, 
         "",
         "### Test bpb per model and budget (95% intervals)",
         "",
-        _markdown(summary.drop(columns=["_low", "_high"])),
+        _markdown(summary.drop(columns=["_low", "_high"]).rename(columns={"_test_flops": "test fwd FLOPs/byte"})
+                  if measured_cost else summary.drop(columns=["_low", "_high", "_test_flops"])),
         "",
         "### Ranking per budget",
         "",
@@ -444,6 +474,13 @@ def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, 
                   "for comparison (a non-causal rule is not a valid likelihood). Means over seeds; the interval "
                   "is a 95% t interval of the per-seed gap (paired: both rules score the same trained model).", "",
                   _markdown(variants), ""]
+    costs = cost_table(records)
+    if costs is not None:
+        lines += ["### Measured FLOPs that differ from the analytic figure", "",
+                  f"Runs whose forward FLOPs per byte, counted window by window, differ by more than {COST_TOLERANCE:.0%} "
+                  "from the analytic figure at the training-split rates (what budgets use): on the scored test windows "
+                  "under the evaluation rule (the inference cost the plot uses), or on training windows (the budget's "
+                  "check). Matched-inference sizing uses the training-split figure.", "", _markdown(costs), ""]
     sizing = sizing_table(records)
     if sizing is not None:
         lines += ["### Sizing to the inference cost", "", _markdown(sizing), ""]

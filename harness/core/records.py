@@ -47,8 +47,21 @@ class Evaluation(Typed):
 
 
 class FlopsPerByte(Typed):
-    analytic: dict[str, float]  # the adapter's breakdown; "total" is what budgets use
-    measured: float | None = None
+    analytic: dict[str, float]  # the adapter's breakdown at the training-split rates; "total" is what budgets use
+    measured: float | None = None  # format 2 only: the training forward counted on 2 test windows
+    counted_training: float | None = None  # the training forward counted on training windows (the check of "total")
+    counted_training_windows: int | None = None
+    test: float | None = None  # the evaluation rule's forward counted on every scored test window: the inference cost
+
+    def training_deviation(self) -> float | None:
+        """Counted training forward / analytic - 1 (the budget's FLOP check)."""
+        if self.counted_training is None:
+            return None
+        return self.counted_training / self.analytic["total"] - 1.0
+
+    def test_deviation(self) -> float | None:
+        """Measured test cost / analytic - 1 (data-dependent units are rarer or commoner on test)."""
+        return None if self.test is None else self.test / self.analytic["total"] - 1.0
 
 
 class PreparationFacts(Typed):

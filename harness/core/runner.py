@@ -31,7 +31,11 @@ from harness.core.sizing import resize, size_to_target
 from harness.core.suite import Run, Suite, expand, load_corpus, load_suite
 from harness.core.train import train
 from harness.errors import HarnessError
+from harness.modeling import chunking
 from harness.modeling.flops import measure_forward, training_flops_per_byte, training_steps
+
+FLOP_CHECK_WINDOWS = 64  # training windows the analytic FLOPs per byte are checked on
+FLOP_TOLERANCE = 0.02  # a larger gap between counted and analytic FLOPs is flagged
 
 
 def log(message: str) -> None:
@@ -205,10 +209,8 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
     ctx = context(suite, run, device)
     model, preparation, sizing = prepare(run, suite, corpus, ctx)
     steps = plan(run, model, preparation, ctx)
-    # the training forward (what budgets count), window by window so no batch padding is counted
-    probe = corpus.test_windows[:2]
-    measured = (sum(measure_forward(model.train(), w[None].to(device)) for w in probe) / probe.numel()
-                + model.uncounted_flops_per_byte(ctx.window))
+    counted_training = counted_flops_per_byte(model.train(), chunking.calibration_windows(
+        corpus.splits.train, ctx.window, FLOP_CHECK_WINDOWS), ctx)
 
     stream = data.TrainStream(corpus.splits.train, ctx.window, run.trainer.batch_windows, run.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -222,6 +224,13 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
 
     calibration = model.finish_training(corpus.splits.train, ctx)
     results = evaluate_run(model, suite, corpus, ctx)
+    flops = FlopsPerByte(analytic=steps.forward_flops_per_byte, counted_training=counted_training,
+                         counted_training_windows=min(FLOP_CHECK_WINDOWS, len(corpus.splits.train) // ctx.window),
+                         test=counted_flops_per_byte(model.eval(), corpus.test_windows, ctx))
+    if abs(flops.training_deviation()) > FLOP_TOLERANCE:
+        warnings.append(f"the training forward counted on {flops.counted_training_windows} training windows is "
+                        f"{flops.training_deviation():+.1%} off the analytic FLOPs per byte that the budget uses")
+        log(f"warning: {run.run_id}: {warnings[-1]}")
 
     training_flops = steps.training_flops_per_byte * training["bytes_seen"]
     achieved = training_flops / training["seconds"]
@@ -234,7 +243,7 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
         corpus=CorpusFacts(label=run.corpus.label, id=splits.corpus_id, sha256=splits.sha256,
                            train_bytes=len(splits.train), val_bytes=len(splits.val), test_bytes=len(splits.test)),
         eval=suite.eval.model_dump(mode="json"), parameters=model.parameter_counts(),
-        flops_per_byte=FlopsPerByte(analytic=steps.forward_flops_per_byte, measured=measured), sizing=sizing,
+        flops_per_byte=flops, sizing=sizing,
         units_per_byte=model.units_per_byte(), bytes_per_unit=1.0 / model.units_per_byte(),
         preparation=PreparationFacts(seconds=preparation.seconds, auxiliary_flops=preparation.auxiliary_flops,
                                      unit_length_counts=preparation.unit_length_counts, facts=preparation.facts),
@@ -249,6 +258,14 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
     )
     write(run_dir, model, record)
     return record
+
+
+def counted_flops_per_byte(model: Adapter, windows: torch.Tensor, ctx: RunContext) -> float:
+    """Forward FLOPs per byte that FlopCounterMode counts over `windows`, one window at a time
+    (real unit counts, no batch padding) in the model's current mode, plus what the counter
+    cannot see."""
+    counted = sum(measure_forward(model, w[None].to(ctx.device)) for w in windows)
+    return counted / windows.numel() + model.uncounted_flops_per_byte(ctx.window)
 
 
 def write(run_dir: Path, model: Adapter, record: RunRecord) -> None:
