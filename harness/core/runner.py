@@ -200,25 +200,32 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
     ctx = context(suite, run, device)
     model, preparation, sizing = prepare(run, suite, corpus, ctx)
     steps = plan(run, model, preparation, ctx)
-    # the training forward (what budgets count), window by window so no batch padding is counted
-    probe = corpus.test_windows[:2]
-    measured = (sum(measure_forward(model.train(), w[None].to(device)) for w in probe) / probe.numel()
-                + model.uncounted_flops_per_byte(ctx.window))
 
     stream = data.TrainStream(corpus.splits.train, ctx.window, run.trainer.batch_windows, run.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     partial = run_dir / "partial.pt"
     training = train(model, stream, run.trainer, steps.steps, device, description=run.run_id,
-                     show_progress=show_progress, resume_path=partial, resume_key=config_hash, save_every_s=save_every_s)
+                     show_progress=show_progress, resume_path=partial, resume_key=config_hash, save_every_s=save_every_s,
+                     budget_flops=run.budget - steps.auxiliary_training_flops)
     warnings = []
+    if training["stopped_by_budget"] and training["steps"] < steps.steps:
+        warnings.append(f"the budget was spent after {training['steps']} of {steps.steps} planned steps "
+                        "(the learned unit rate ran above its target; the schedule was cut short)")
+        log(f"warning: {run.run_id}: {warnings[-1]}")
     if training["epochs"] > 1:
         warnings.append(f"trained for {training['epochs']:.2f} epochs over the training split (data repeats)")
         log(f"warning: {run.run_id}: {warnings[-1]}")
 
     calibration = model.finish_training(corpus.splits.train, ctx)
+    # the training forward, window by window so no batch padding is counted; after training, where
+    # a learned chunk rate (H-Net) has settled, against the analytic figure at that rate
+    probe = corpus.test_windows[:2]
+    measured = (sum(measure_forward(model.train(), w[None].to(device)) for w in probe) / probe.numel()
+                + model.uncounted_flops_per_byte(ctx.window))
     results = evaluate_run(model, suite, corpus, ctx)
 
-    training_flops = steps.training_flops_per_byte * training["bytes_seen"]
+    # what train() charged when the adapter reports the FLOPs each step ran (a learned rate), else the plan's rate
+    training_flops = training["flops"] if training["flops"] is not None else steps.training_flops_per_byte * training["bytes_seen"]
     achieved = training_flops / training["seconds"]
     splits = corpus.splits
     record = RunRecord(
@@ -229,14 +236,15 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
         corpus=CorpusFacts(label=run.corpus.label, id=splits.corpus_id, sha256=splits.sha256,
                            train_bytes=len(splits.train), val_bytes=len(splits.val), test_bytes=len(splits.test)),
         eval=suite.eval.model_dump(mode="json"), parameters=model.parameter_counts(),
-        flops_per_byte=FlopsPerByte(analytic=steps.forward_flops_per_byte, measured=measured), sizing=sizing,
+        flops_per_byte=FlopsPerByte(analytic=model.flops_per_byte(ctx.window), measured=measured), sizing=sizing,
         units_per_byte=model.units_per_byte(), bytes_per_unit=1.0 / model.units_per_byte(),
         preparation=PreparationFacts(seconds=preparation.seconds, auxiliary_flops=preparation.auxiliary_flops,
                                      unit_length_counts=preparation.unit_length_counts, facts=preparation.facts),
         steps=steps.steps, batch_bytes=steps.batch_bytes, bytes_seen=training["bytes_seen"], epochs=training["epochs"],
         training_flops=training_flops, auxiliary_training_flops=steps.auxiliary_training_flops,
         count_auxiliary_flops=suite.count_auxiliary_flops, total_flops=training_flops + steps.auxiliary_training_flops,
-        training_flops_per_byte=steps.training_flops_per_byte, calibration=calibration,
+        training_flops_per_byte=(steps.training_flops_per_byte if training["flops"] is None
+                                 else training_flops / training["bytes_seen"]), calibration=calibration,
         loss_curve=training["curve"], tokenizer=model.tokenizer_metrics(splits.test, ctx.window),
         train_seconds=training["seconds"], resumed_at_step=training["resumed_at_step"],
         wall_seconds=time.perf_counter() - started, achieved_flops_per_s=achieved, matmul_peak_flops_per_s=peak,
