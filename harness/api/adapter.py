@@ -55,11 +55,14 @@ class TrainingLoss:
     """One training forward: the per-byte NLL (B, W) that is the objective, plus scalar
     auxiliary losses (e.g. H-Net's ratio loss) that the trainer adds to it and records in the
     loss curve; the evaluator never sees them. `forward_flops`: FLOPs this batch actually ran,
-    for adapters whose cost moves during training (None: the analytic figure holds)."""
+    for adapters whose cost moves during training (None: the analytic figure holds); the trainer
+    charges 3 x those to the budget. `units`: the units (chunks) this batch ran, for the loss
+    curve's bytes per unit."""
 
     nll: torch.Tensor
     auxiliary: dict[str, torch.Tensor] = field(default_factory=dict)
     forward_flops: float | None = None
+    units: int | None = None
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,8 @@ class CurvePoint(Typed):
     bytes: int
     train_bpb: float
     auxiliary: dict[str, float] | None = None  # training-only losses, averaged like train_bpb
+    flops: float | None = None  # training FLOPs spent so far, for adapters that report what each step ran
+    bytes_per_unit: float | None = None  # since the previous point, for adapters whose unit rate is learned
 
 
 class SegmentationExample(Typed):

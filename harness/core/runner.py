@@ -209,22 +209,29 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
     ctx = context(suite, run, device)
     model, preparation, sizing = prepare(run, suite, corpus, ctx)
     steps = plan(run, model, preparation, ctx)
-    counted_training = counted_flops_per_byte(model.train(), chunking.calibration_windows(
-        corpus.splits.train, ctx.window, FLOP_CHECK_WINDOWS), ctx)
 
     stream = data.TrainStream(corpus.splits.train, ctx.window, run.trainer.batch_windows, run.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     partial = run_dir / "partial.pt"
     training = train(model, stream, run.trainer, steps.steps, device, description=run.run_id,
-                     show_progress=show_progress, resume_path=partial, resume_key=config_hash, save_every_s=save_every_s)
+                     show_progress=show_progress, resume_path=partial, resume_key=config_hash, save_every_s=save_every_s,
+                     budget_flops=run.budget - steps.auxiliary_training_flops)
     warnings = []
+    if training["stopped_by_budget"] and training["steps"] < steps.steps:
+        warnings.append(f"the budget was spent after {training['steps']} of {steps.steps} planned steps "
+                        "(the learned unit rate ran above its target; the schedule was cut short)")
+        log(f"warning: {run.run_id}: {warnings[-1]}")
     if training["epochs"] > 1:
         warnings.append(f"trained for {training['epochs']:.2f} epochs over the training split (data repeats)")
         log(f"warning: {run.run_id}: {warnings[-1]}")
 
     calibration = model.finish_training(corpus.splits.train, ctx)
+    # the training forward, window by window so no batch padding is counted; after training, where
+    # a learned chunk rate (H-Net) has settled, against the analytic figure at that rate
+    counted_training = counted_flops_per_byte(model.train(), chunking.calibration_windows(
+        corpus.splits.train, ctx.window, FLOP_CHECK_WINDOWS), ctx)
     results = evaluate_run(model, suite, corpus, ctx)
-    flops = FlopsPerByte(analytic=steps.forward_flops_per_byte, counted_training=counted_training,
+    flops = FlopsPerByte(analytic=model.flops_per_byte(ctx.window), counted_training=counted_training,
                          counted_training_windows=min(FLOP_CHECK_WINDOWS, len(corpus.splits.train) // ctx.window),
                          test=counted_flops_per_byte(model.eval(), corpus.test_windows, ctx))
     if abs(flops.training_deviation()) > FLOP_TOLERANCE:
@@ -232,7 +239,8 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
                         f"{flops.training_deviation():+.1%} off the analytic FLOPs per byte that the budget uses")
         log(f"warning: {run.run_id}: {warnings[-1]}")
 
-    training_flops = steps.training_flops_per_byte * training["bytes_seen"]
+    # what train() charged when the adapter reports the FLOPs each step ran (a learned rate), else the plan's rate
+    training_flops = training["flops"] if training["flops"] is not None else steps.training_flops_per_byte * training["bytes_seen"]
     achieved = training_flops / training["seconds"]
     splits = corpus.splits
     record = RunRecord(
@@ -250,7 +258,8 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
         steps=steps.steps, batch_bytes=steps.batch_bytes, bytes_seen=training["bytes_seen"], epochs=training["epochs"],
         training_flops=training_flops, auxiliary_training_flops=steps.auxiliary_training_flops,
         count_auxiliary_flops=suite.count_auxiliary_flops, total_flops=training_flops + steps.auxiliary_training_flops,
-        training_flops_per_byte=steps.training_flops_per_byte, calibration=calibration,
+        training_flops_per_byte=(steps.training_flops_per_byte if training["flops"] is None
+                                 else training_flops / training["bytes_seen"]), calibration=calibration,
         loss_curve=training["curve"], tokenizer=model.tokenizer_metrics(splits.test, ctx.window),
         train_seconds=training["seconds"], resumed_at_step=training["resumed_at_step"],
         wall_seconds=time.perf_counter() - started, achieved_flops_per_s=achieved, matmul_peak_flops_per_s=peak,

@@ -22,6 +22,7 @@ from harness.core.data import TrainStream
 from harness.core.device import autocast, synchronize
 from harness.core.records import save_checkpoint_atomic
 from harness.core.suite import TrainerSettings
+from harness.modeling.flops import TRAIN_MULTIPLIER
 
 
 def lr_factor(step: int, total: int, warmup_fraction: float, min_ratio: float) -> float:
@@ -51,12 +52,21 @@ def train(
     resume_path: Path | None = None,
     resume_key: str = "",
     save_every_s: float = 60.0,
+    budget_flops: float | None = None,
 ) -> dict:
     """Train for `steps` optimizer steps. The objective is the mean NLL per byte plus the
     adapter's auxiliary training losses (Adapter.training_loss). Returns the loss curve (bits
     per byte of the training batches, and each auxiliary loss), training seconds and the
     epochs over the training split. With `resume_path`, a saved state whose `resume_key`
-    matches is continued."""
+    matches is continued.
+
+    An adapter whose cost moves during training (H-Net's learned chunk rate) reports the forward
+    FLOPs each batch ran (TrainingLoss.forward_flops): each step is then charged
+    TRAIN_MULTIPLIER x those, the curve records the FLOPs spent (and bytes per unit, when the
+    adapter reports its units), and with `budget_flops` training stops after the step that
+    leaves less budget than that step cost. `steps` stays the schedule's length: if the steps
+    run out first, the rest of the budget is left unspent. An adapter that reports nothing runs
+    exactly `steps` steps, whatever the budget."""
     model.train()
     optimizer = make_optimizer(model, settings)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -64,7 +74,7 @@ def train(
     )
     trained = [p for group in optimizer.param_groups for p in group["params"]]  # clipped: only what is trained
     state = {"step": 0, "curve": [], "window_sum": 0.0, "window_count": 0, "auxiliary_sums": {}, "bytes_seen": 0,
-             "seconds": 0.0}
+             "seconds": 0.0, "flops": None, "window_units": 0}
     resumed_at = None
     if resume_path is not None and resume_path.exists():
         saved = load_state(resume_path, device)
@@ -76,6 +86,7 @@ def train(
             torch.set_rng_state(saved["rng"])
             state = saved["state"]
             state.setdefault("auxiliary_sums", {})
+            state = {"flops": None, "window_units": 0} | state
             resumed_at = state["step"]
             tqdm.write(f"{description}: resuming at step {state['step']} of {steps}")
 
@@ -90,6 +101,7 @@ def train(
     last_save = time.perf_counter()
     bar = tqdm(range(state["step"], steps), initial=state["step"], total=steps, desc=description, unit="step",
                disable=not show_progress, leave=False, dynamic_ncols=True)
+    stopped_by_budget = False
     for step in bar:
         batch = stream.next_batch().to(device, non_blocking=True)
         with autocast(device):
@@ -109,16 +121,27 @@ def train(
         state["window_sum"] += value
         state["window_count"] += 1
         for name, term in out.auxiliary.items():
-            state["auxiliary_sums"][name] = state["auxiliary_sums"].get(name, 0.0) + term.item()
-        if (step + 1) % settings.log_every == 0 or step + 1 == steps:
+            state["auxiliary_sums"][name] = state["auxiliary_sums"].get(name, 0.0) + float(term.detach())
+        if out.forward_flops is not None:  # the cost moves: charge what this step ran
+            step_flops = TRAIN_MULTIPLIER * float(out.forward_flops)
+            state["flops"] = (state["flops"] or 0.0) + step_flops
+            stopped_by_budget = budget_flops is not None and budget_flops - state["flops"] < step_flops
+        state["window_units"] += out.units or 0
+        if (step + 1) % settings.log_every == 0 or step + 1 == steps or stopped_by_budget:
             count = state["window_count"]
             bpb = state["window_sum"] / count / math.log(2)
             point = {"step": step + 1, "bytes": state["bytes_seen"], "train_bpb": round(bpb, 5)}
             if state["auxiliary_sums"]:
                 point["auxiliary"] = {name: round(total / count, 6) for name, total in state["auxiliary_sums"].items()}
+            if state["flops"] is not None:
+                point["flops"] = state["flops"]
+            if state["window_units"]:
+                point["bytes_per_unit"] = round(count * batch.numel() / state["window_units"], 5)
             state["curve"].append(point)
             bar.set_postfix(bpb=f"{bpb:.3f}", MB=f"{state['bytes_seen'] / 1e6:.2f}")
-            state["window_sum"], state["window_count"], state["auxiliary_sums"] = 0.0, 0, {}
+            state["window_sum"], state["window_count"], state["auxiliary_sums"], state["window_units"] = 0.0, 0, {}, 0
+        if stopped_by_budget:
+            break
         if resume_path is not None and time.perf_counter() - last_save >= save_every_s and step + 1 < steps:
             state["seconds"] = time.perf_counter() - start
             save()
@@ -126,6 +149,9 @@ def train(
     synchronize(device)
     return {
         "curve": state["curve"],
+        "steps": state["step"],
+        "flops": state["flops"],  # training FLOPs spent, when the adapter reports what it ran; else None
+        "stopped_by_budget": stopped_by_budget,
         "seconds": time.perf_counter() - start,
         "bytes_seen": state["bytes_seen"],
         "epochs": state["bytes_seen"] / (stream.windows_per_epoch * stream.data.shape[1]),
