@@ -33,7 +33,9 @@ from torch import nn
 from baselines import patching
 from baselines.bytes import ByteTransformer, ByteTransformerConfig
 from harness.api import BYTE_VOCAB, Adapter, AdapterConfig, Preparation, RunContext, SizingFields, register
+from harness.analysis.references import order0_entropy
 from harness.core import data
+from harness.core.evaluate import evaluate
 from harness.core.suite import TrainerSettings
 from harness.core.train import train
 from harness.errors import HarnessError
@@ -41,6 +43,9 @@ from harness.modeling import chunking, flops
 from harness.modeling.nn import CrossAttention, Transformer, init_weights
 
 HASH_PRIME = 2_147_483_647  # 2^31 - 1: rolling-hash modulus (no int64 overflow)
+# The entropy model must beat the order-0 entropy of its held-out bytes by this much (bits per
+# byte) before its patches count as informed; otherwise the preparation facts carry a warning.
+ENTROPY_MODEL_MARGIN_BPB = 0.25
 
 
 class PatcherConfig(AdapterConfig):
@@ -54,7 +59,8 @@ class PatcherConfig(AdapterConfig):
     decoder_layers: int = Field(1, ge=1, description="local decoder blocks (causal, over bytes)")
     local_window: int = Field(64, ge=0, description="sliding attention window of local blocks in bytes (0 = full)")
     mlp_ratio: float = Field(8 / 3, gt=0, description="SwiGLU hidden width / width")
-    pool: Literal["mean", "max"] = Field("mean", description="initial patch query: mean or max of its bytes' encoder states")
+    pool: Literal["mean", "max"] = Field("max", description="initial patch query: max (BLT's reference code) or mean of its "
+                                                           "bytes' encoder states")
     hash_ngrams: tuple[Annotated[int, Field(ge=3, le=8)], ...] = Field(
         (), description="n of the hashed byte n-gram embeddings added to the byte embedding (BLT; none by default)")
     hash_buckets: int = Field(4096, ge=1, description="buckets per hashed n-gram table")
@@ -66,11 +72,17 @@ class PatcherConfig(AdapterConfig):
     target_patch_size: float = Field(4.5, ge=1, description="entropy: average patch size (bytes) theta is calibrated to; "
                                                             "space, entropy: the assumed size before prepare()")
     entropy_model: ByteTransformerConfig = Field(
-        ByteTransformerConfig(d_model=32, n_layers=1, n_heads=2), description="entropy: the byte LM's config")
+        ByteTransformerConfig(d_model=16, n_layers=1, n_heads=2, window=64), description="entropy: the byte LM's config")
     entropy_steps: int = Field(200, ge=1, description="entropy: optimizer steps of the entropy model")
     entropy_flops: float | None = Field(None, gt=0, description="entropy: training FLOPs of the entropy model (overrides entropy_steps)")
-    entropy_batch_windows: int = Field(16, ge=1, description="entropy: windows per entropy-model step")
-    entropy_lr: float = Field(3e-3, gt=0, description="entropy: peak learning rate of the entropy model")
+    entropy_budget_share: float | None = Field(
+        None, gt=0, lt=1, description="entropy: share of the run's training budget spent training the entropy model "
+                                      "(overrides entropy_steps; its calibration and held-out scoring are charged on top)")
+    entropy_batch_windows: int = Field(2, ge=1, description="entropy: windows per entropy-model step")
+    entropy_lr: float = Field(1e-2, gt=0, description="entropy: peak learning rate of the entropy model")
+    entropy_holdout_bytes: int = Field(
+        16384, ge=1, description="entropy: bytes at the end of the training split that the entropy model does not train "
+                                 "on; its bpb is measured there against their order-0 entropy")
     calibration_bytes: int = Field(262144, ge=2, description="bytes of the training split (evenly spaced windows) used to "
                                                              "calibrate theta and measure patch sizes")
 
@@ -80,6 +92,8 @@ class PatcherConfig(AdapterConfig):
             raise ValueError(f"target_patch_size {self.target_patch_size} exceeds max_patch {self.max_patch}")
         if len(set(self.hash_ngrams)) != len(self.hash_ngrams):
             raise ValueError("hash_ngrams lists an n twice")
+        if self.entropy_flops is not None and self.entropy_budget_share is not None:
+            raise ValueError("set entropy_flops or entropy_budget_share, not both")
         return self
 
 
@@ -196,14 +210,22 @@ class Patcher(Adapter):
 
     # ---- preparation on the training split -----------------------------------------------
     def prepare(self, train_bytes: bytes, ctx: RunContext) -> Preparation:
-        """Train the entropy model (entropy rule), calibrate theta, and measure how often a patch
-        starts at each position of the run's window, on evenly spaced training windows."""
+        """Train the entropy model (entropy rule) and measure it on held-out bytes, calibrate
+        theta, and measure how often a patch starts at each position of the run's window, on
+        evenly spaced training windows. facts["warnings"] lists what a reader must know (an
+        entropy model that does not clearly beat the order-0 entropy)."""
         c = self.config
         cal = chunking.calibration_windows(train_bytes, ctx.window, max(1, c.calibration_bytes // ctx.window))
         facts: dict = {"patcher": c.patcher, "calibration_bytes": cal.numel()}
+        warnings: list[str] = []
         auxiliary_flops = 0.0
         if c.patcher == "entropy":
-            facts["entropy_model"] = self._train_entropy_model(train_bytes, ctx)
+            facts["entropy_model"] = entropy_facts = self._train_entropy_model(train_bytes, ctx)
+            if entropy_facts["test_bpb"] > entropy_facts["order0_bpb"] - ENTROPY_MODEL_MARGIN_BPB:
+                warnings.append(
+                    f"entropy model: {entropy_facts['test_bpb']:.3f} bpb on held-out training bytes, not "
+                    f"{ENTROPY_MODEL_MARGIN_BPB} below their order-0 entropy {entropy_facts['order0_bpb']:.3f}: its patch "
+                    "boundaries are close to noise (train it longer: entropy_budget_share, entropy_steps)")
             device = next(self.entropy_model.parameters()).device
             entropy = torch.cat([self.entropies(chunk.to(device)).cpu() for chunk in cal.split(64)])
             inference = self.entropy_model.flops_per_byte(ctx.window)["total"] * cal.numel()
@@ -211,7 +233,7 @@ class Patcher(Adapter):
                 score = patching.entropy_score(entropy, c.entropy_rule)
                 self.theta.fill_(chunking.threshold_for_mean_length(score, c.target_patch_size, c.max_patch))
             starts = self.starts_from_entropy(entropy.to(self.theta.device)).cpu()
-            auxiliary_flops = facts["entropy_model"]["training_flops"] + inference
+            auxiliary_flops = entropy_facts["training_flops"] + entropy_facts["holdout_flops"] + inference
             facts.update({
                 "theta": float(self.theta), "theta_calibrated": c.theta is None, "entropy_rule": c.entropy_rule,
                 "target_patch_size": c.target_patch_size, "mean_entropy_nats": float(entropy[:, 1:].mean()),
@@ -221,8 +243,12 @@ class Patcher(Adapter):
             starts = self.patch_starts(cal.to(self.theta.device)).cpu()
         self.start_rate = starts.double().mean(0).tolist()
         self.prepared.fill_(True)
+        # how often a patch starts right after a space-like byte, against how often such a byte occurs
+        after_space = patching.space_like(cal[:, :-1])
         facts.update({"avg_patch_size": starts.numel() / float(starts.sum()), "patches": int(starts.sum()),
-                      "patch_size_limit": self.patch_limit})
+                      "patch_size_limit": self.patch_limit,
+                      "starts_after_space_like": float(after_space[starts[:, 1:]].double().mean()),
+                      "space_like_rate": float(after_space.double().mean()), "warnings": warnings})
         return Preparation(auxiliary_flops=auxiliary_flops, facts=facts,
                            unit_length_counts=chunking.length_counts(starts, self.patch_limit))
 
@@ -235,20 +261,31 @@ class Patcher(Adapter):
         self.start_rate = list(prepared.start_rate)
 
     def _train_entropy_model(self, train_bytes: bytes, ctx: RunContext) -> dict:
-        """Train the entropy model through the one trainer; its FLOPs are charged to the run."""
+        """Train the entropy model through the one trainer on the training split less its last
+        entropy_holdout_bytes, for entropy_steps, entropy_flops, or entropy_budget_share of the
+        run's budget; then score those held-out bytes. Its FLOPs are charged to the run."""
         c, model = self.config, self.entropy_model
+        if c.entropy_holdout_bytes < ctx.window:
+            raise HarnessError(f"patcher: entropy_holdout_bytes {c.entropy_holdout_bytes} is less than one "
+                               f"{ctx.window}-byte window")
+        fit, held_out = train_bytes[: -c.entropy_holdout_bytes], train_bytes[-c.entropy_holdout_bytes :]
+        held = data.windows(held_out, ctx.window)
         fpb = model.flops_per_byte(ctx.window)["total"]
         batch_bytes = c.entropy_batch_windows * ctx.window
-        steps = c.entropy_steps
-        if c.entropy_flops is not None:
-            steps = flops.training_steps(c.entropy_flops, flops.TRAIN_MULTIPLIER * fpb, batch_bytes)
+        steps, budget = c.entropy_steps, c.entropy_flops
+        if c.entropy_budget_share is not None:
+            if ctx.budget_flops <= 0:
+                raise HarnessError("patcher: entropy_budget_share needs the run's budget (RunContext.budget_flops)")
+            budget = c.entropy_budget_share * ctx.budget_flops
+        if budget is not None:
+            steps = flops.training_steps(budget, flops.TRAIN_MULTIPLIER * fpb, batch_bytes)
             if steps < 1:
-                raise HarnessError(f"patcher: entropy_flops {c.entropy_flops:.3g} is less than one entropy-model step")
+                raise HarnessError(f"patcher: {budget:.3g} FLOPs for the entropy model is less than one step")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed)  # the same entropy model for a seed, however this module was built
             init_weights(model)
         settings = TrainerSettings(batch_windows=c.entropy_batch_windows, lr=c.entropy_lr, log_every=max(1, steps // 10))
-        stream = data.TrainStream(train_bytes, ctx.window, c.entropy_batch_windows, ctx.seed)
+        stream = data.TrainStream(fit, ctx.window, c.entropy_batch_windows, ctx.seed)
         device = next(model.parameters()).device
         model.requires_grad_(True)
         try:
@@ -257,11 +294,16 @@ class Patcher(Adapter):
             model.requires_grad_(False)
             model.zero_grad(set_to_none=True)  # frozen from here on: no gradient left behind
             model.eval()
+        test = evaluate(model, held, 64, device)
         return {
             "config": c.entropy_model.model_dump(), "parameters": model.parameter_counts()["total"], "steps": steps,
-            "bytes_seen": result["bytes_seen"], "epochs": result["epochs"], "seconds": result["seconds"],
-            "final_train_bpb": result["curve"][-1]["train_bpb"], "flops_per_byte": fpb,
+            "batch_windows": c.entropy_batch_windows, "lr": c.entropy_lr, "budget_share": c.entropy_budget_share,
+            "training_bytes": len(fit), "bytes_seen": result["bytes_seen"], "epochs": result["epochs"],
+            "seconds": result["seconds"], "final_train_bpb": result["curve"][-1]["train_bpb"], "flops_per_byte": fpb,
             "training_flops": flops.TRAIN_MULTIPLIER * fpb * result["bytes_seen"],
+            # held out: the split's last entropy_holdout_bytes, never trained on
+            "holdout_bytes": held.numel(), "test_bpb": test.bpb,
+            "order0_bpb": order0_entropy(held_out[: held.numel()]), "holdout_flops": fpb * held.numel(),
         }
 
     # ---- accounting ------------------------------------------------------------------------

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from baselines import patching
+from baselines.patcher import ENTROPY_MODEL_MARGIN_BPB
 from harness.core import data
-from harness.api import registry
+from harness.api import RunContext, registry
 from harness.analysis.audit import assert_causal, causality_audit
 from harness.errors import HarnessError
 from harness.modeling.flops import measure_forward
@@ -102,6 +103,38 @@ def test_calibration_is_deterministic_for_a_seed_and_recorded(prepared):
     assert sum(facts.unit_length_counts) == facts.facts["patches"] and len(facts.unit_length_counts) == 16
     assert facts.auxiliary_flops > facts.facts["entropy_model"]["training_flops"] > 0
     assert math.isclose(float(prepared["entropy"].theta), facts.facts["theta"])
+
+
+def test_entropy_model_beats_order0_within_its_budget_share():
+    """Trained for a tenth of a 1e10-FLOP run on 42 kB, the entropy model scores the 8 kB it
+    never saw clearly below their order-0 entropy, and the preparation says so."""
+    torch.manual_seed(0)
+    model = build(patcher="entropy", entropy_budget_share=0.1, entropy_batch_windows=2, entropy_holdout_bytes=8192)
+    prep = model.prepare(TRAIN, RunContext(window=WINDOW, seed=0, budget_flops=1e10))
+    facts = prep.facts["entropy_model"]
+    assert facts["training_flops"] <= 0.1 * 1e10 and facts["budget_share"] == 0.1
+    assert facts["training_bytes"] == len(TRAIN) - 8192 and facts["holdout_bytes"] == 8192
+    assert facts["test_bpb"] < facts["order0_bpb"] - ENTROPY_MODEL_MARGIN_BPB, facts
+    assert prep.facts["warnings"] == []
+    assert prep.auxiliary_flops > facts["training_flops"] + facts["holdout_flops"] > facts["training_flops"]
+    # informed patches start after a space-like byte far more often than such bytes occur
+    assert prep.facts["starts_after_space_like"] > 1.5 * prep.facts["space_like_rate"]
+
+
+def test_an_undertrained_entropy_model_is_flagged():
+    model = build(patcher="entropy", entropy_steps=2)
+    facts = model.prepare(TRAIN, context(WINDOW)).facts
+    assert len(facts["warnings"]) == 1 and "order-0" in facts["warnings"][0]
+    assert facts["entropy_model"]["test_bpb"] > facts["entropy_model"]["order0_bpb"] - ENTROPY_MODEL_MARGIN_BPB
+
+
+def test_entropy_budget_share_needs_the_run_budget():
+    with pytest.raises(HarnessError, match="budget"):
+        build(patcher="entropy", entropy_budget_share=0.1).prepare(TRAIN, context(WINDOW))
+    with pytest.raises(ValueError, match="not both"):
+        registry.get("patcher").Config(entropy_flops=1e9, entropy_budget_share=0.1)
+    with pytest.raises(HarnessError, match="holdout"):
+        build(patcher="entropy", entropy_holdout_bytes=WINDOW - 1).prepare(TRAIN, context(WINDOW))
 
 
 def test_given_theta_is_used_and_monotonic_rule_calibrates():

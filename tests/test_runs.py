@@ -25,6 +25,10 @@ def test_smoke_suite_beats_order0_entropy_and_reports(tmp_path, capsys):
     order0 = suite["corpora"]["pydoc-topics"]["references"]["test"]["order0_entropy_bpb"]
     bytes_run = next(r for r in records if r.model.adapter == "bytes")
     assert bytes_run.test.bpb < order0
+    # BLT's entropy model learned something: below the order-0 entropy of bytes it never trained on
+    blt = next(r for r in records if r.model.name == "blt-entropy")
+    entropy_model = blt.preparation.facts["entropy_model"]
+    assert entropy_model["test_bpb"] < entropy_model["order0_bpb"] and blt.preparation.facts["warnings"] == []
     # the record holds what DESIGN.md section 5 lists
     for key in ("suite", "run_id", "config_hash", "corpus", "parameters", "flops_per_byte", "budget_flops",
                 "bytes_seen", "epochs", "loss_curve", "val", "test", "bytes_per_unit", "wall_seconds",
