@@ -1,6 +1,7 @@
 """`harness`: run suites, report results, list adapters.
 
-Errors a user can fix print one line (`harness: error: ...`) and exit with status 2.
+Errors a user can fix print one line (`harness: error: ...`) and exit with status 2, and so
+do the system's refusals (OSError: a read-only folder, a full disk).
 """
 
 from __future__ import annotations
@@ -54,7 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `harness list | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
         return 0
+    except OSError as e:  # the system refused: a read-only folder, a full disk, ...
+        print(f"harness: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line naming the file, e.g. `results/x/runs/RUN_ID/model.pt: No space left on device`."""
+    reason = error.strerror or str(error) or type(error).__name__
+    if error.filename is None:
+        return reason
+    return f"{error.filename}: {reason}" + (f" (and {error.filename2})" if error.filename2 else "")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ window, format) and keeps the answer in a per-user cache (see `cache_dir`).
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import hashlib
 import json
@@ -235,12 +236,14 @@ def cached_references(train: bytes, windows: torch.Tensor, label: str = "", log:
     except (OSError, ValueError, AttributeError):
         pass
     entry = compute_references(train, windows, label, log)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         temporary.write_text(json.dumps({"key": key, "entry": entry}, indent=1))
         os.replace(temporary, path)
     except OSError as e:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)  # a full disk leaves half a file
         log(f"warning: cannot write the reference cache {path} ({e.strerror}); set HARNESS_CACHE_DIR to cache them")
     return entry
 

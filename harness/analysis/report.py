@@ -4,6 +4,7 @@ record in RESULTS_DIR (suite.json and runs/*/record.json)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -16,7 +17,7 @@ import pandas as pd  # noqa: E402
 from harness.analysis import stats  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
 from harness.analysis.segment import Segmentation, plot_segmentation  # noqa: E402
-from harness.core.records import RunRecord, read_suite_records  # noqa: E402
+from harness.core.records import RunFailure, RunRecord, read_failures, read_suite_records  # noqa: E402
 
 
 COST_TOLERANCE = 0.02  # measured FLOPs further than this from the analytic figure are shown
@@ -194,6 +195,7 @@ def _markdown(frame: pd.DataFrame) -> str:
         "configured FLOPs/byte": "{:.4g}", "target FLOPs/byte": "{:.4g}", "achieved FLOPs/byte": "{:.4g}", "error": "{:+.2%}",
         "test fwd FLOPs/byte": "{:.3g}", "analytic FLOPs/byte": "{:.4g}", "test FLOPs/byte": "{:.4g}", "counted training FLOPs/byte": "{:.4g}",
         "test vs analytic": "{:+.1%}", "training vs analytic": "{:+.1%}",
+        "last finite loss": "{:.4g}",
     }
     shown = frame.copy()
     for column, fmt in formats.items():
@@ -353,6 +355,29 @@ def plot_learning_curves(records: list[RunRecord], path: Path) -> None:
           path, legend_size=7)
 
 
+def failure_table(failures: list[RunFailure]) -> pd.DataFrame:
+    """Runs that did not finish (runs/RUN_ID/failure.json): how and why, never a bpb."""
+    rows = [{"run": f.run_id, "model": f.model, "budget": f.budget_flops, "seed": f.seed,
+             "outcome": f"diverged at step {f.step}" if f.kind == "diverged" else "failed",
+             "last finite loss": f.last_finite_loss,
+             "reason": f.reason if f.kind == "failed" else ""} for f in failures]
+    return pd.DataFrame(rows)
+
+
+def epoch_cap_lines(records: list[RunRecord]) -> list[str]:
+    """A sentence for the runs that the suite's max_epochs stopped short of their budget."""
+    capped = [r for r in records if r.epoch_cap is not None]
+    if not capped:
+        return []
+    runs = ", ".join(f"{r.run_id} ({r.steps} of {r.epoch_cap.budget_steps} steps)" for r in capped)
+    return [f"Stopped at max_epochs {capped[0].epoch_cap.max_epochs:g} over the training split, short of their "
+            f"budget (train FLOPs above are what they ran): {runs}.", ""]
+
+
+def _warn(message: str) -> None:
+    print(f"harness: warning: {message}; skipped", file=sys.stderr)
+
+
 def _peak_sentence(records: list[RunRecord]) -> str:
     """The fp32 matmul peak that each run measured when it started (its MFU's denominator)."""
     peaks = [r.matmul_peak_flops_per_s for r in records]
@@ -368,10 +393,18 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
     suite_file = results_dir / "suite.json"
     if not suite_file.exists():
         raise HarnessError(f"{results_dir}: no suite.json (run `harness run SUITE` first)")
-    suite = json.loads(suite_file.read_text())
-    records = read_suite_records(results_dir)
+    try:
+        suite = json.loads(suite_file.read_text())
+    except ValueError:  # also UnicodeDecodeError
+        suite = None
+    if not isinstance(suite, dict) or not {"suite", "corpora"} <= suite.keys():
+        raise HarnessError(f"{suite_file}: not a valid suite summary (run the suite again to rewrite it)")
+    records = read_suite_records(results_dir, on_error=_warn)  # an unreadable record is left out, with a warning
+    finished = {r.run_id for r in records}
+    failures = [f for f in read_failures(results_dir) if f.run_id not in finished]
     if not records:
-        raise HarnessError(f"{results_dir}: no finished runs yet")
+        unfinished = f" ({len(failures)} did not finish; see failure.json in their run folders)" if failures else ""
+        raise HarnessError(f"{results_dir}: no finished runs yet{unfinished}")
     plot_dir = report_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     spec = suite["suite"]
@@ -403,6 +436,12 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
     for label, ranking in rankings.items():
         lines += [f"Corpus `{label}`:", "", *leader_summary(ranking), *byte_versus_token_summary(by_corpus[label]),
                   *primed_summary(ranking, suite["corpora"][label]), ""]
+    if failures:
+        lines += ["## Runs that did not finish", "",
+                  "These runs have no bpb and are in no table below: a diverged run's training loss stopped being "
+                  "finite (the last finite loss is nats per byte); a failed run stopped with the reason given. "
+                  "`harness run SUITE --retry-failed` runs them again.", "",
+                  _markdown(failure_table(failures)), ""]
     for label, runs in by_corpus.items():
         lines += corpus_section(label, runs, rankings[label], suite["corpora"][label], plot_dir)
     return "\n".join(lines)
@@ -446,6 +485,7 @@ def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, 
         "",
         _markdown(runs_table(records)),
         "",
+        *epoch_cap_lines(records),
     ]
     tokenizers = tokenizer_table(records, corpus)
     if tokenizers is not None:

@@ -78,7 +78,7 @@ class SizingFields:
 class AdapterConfig(BaseModel):
     """Base for adapter configs: unknown keys are errors, fields are typed."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Adapter(nn.Module, metaclass=ABCMeta):

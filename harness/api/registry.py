@@ -11,7 +11,7 @@ that is not installed as a package (a test, a notebook) can call @register direc
 from __future__ import annotations
 
 import difflib
-import pickle
+import warnings
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -73,10 +73,17 @@ def build(name: str, config: dict) -> Adapter:
 def load_state(path: Path, device: str | torch.device = "cpu") -> dict:
     """A checkpoint's tensors and plain values, loaded without executing pickled code."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, OSError) as e:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a damaged file fails anywhere in the unpickler (struct.error, IndexError, KeyError, ...)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if reason.startswith("Weights only load failed"):
+            reason = "it holds pickled objects besides tensors and plain values; they are not loaded, as that could run code"
         raise HarnessError(f"{path}: not a loadable checkpoint ({reason[:160]})") from None
+    if not isinstance(state, dict):
+        raise HarnessError(f"{path}: not a loadable checkpoint (it holds a {type(state).__name__}, not a mapping of tensors)")
+    return state
 
 
 def load_checkpoint(run_dir: Path, device: str | torch.device = "cpu") -> Adapter:
@@ -90,7 +97,7 @@ def load_checkpoint(run_dir: Path, device: str | torch.device = "cpu") -> Adapte
         raise HarnessError(f"{run_dir}: no model.pt checkpoint (was the run finished?)")
     try:
         model.load_state_dict(load_state(checkpoint, device))
-    except RuntimeError as e:
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:  # e.g. a tokenizer state that is not one
         raise HarnessError(f"{checkpoint}: does not fit adapter {record.model.adapter!r} "
                            f"({str(e).splitlines()[0][:160]})") from None
     return model.to(device).eval()

@@ -22,7 +22,10 @@ def _split_text(run_dir: Path, record: RunRecord, split: str) -> bytes:
     suite_path = run_dir.parent.parent / "suite.json"
     if not suite_path.is_file():
         raise HarnessError(f"{suite_path}: not found; --split needs the suite results folder around the run")
-    suite = Suite(**json.loads(suite_path.read_text())["suite"])
+    try:
+        suite = Suite(**json.loads(suite_path.read_text())["suite"])
+    except (ValueError, TypeError, KeyError):  # ValueError: also bad JSON and pydantic's ValidationError
+        raise HarnessError(f"{suite_path}: not a valid suite summary (run the suite again to rewrite it)") from None
     splits = load_corpus(suite, record.corpus.label)
     if splits.sha256 != record.corpus.sha256:
         raise HarnessError(f"{run_dir}: the corpus has changed since the run (sha256 {splits.sha256[:12]}, "

@@ -42,6 +42,15 @@ PRESETS = {
 }
 
 
+class CorpusError(HarnessError):
+    """A corpus that cannot be read; `key` is the corpus key at fault (files, field, url, sha256,
+    member), so that the suite can name it (harness.core.suite.load_corpus)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
 @dataclass(frozen=True)
 class Splits:
     corpus_id: str
@@ -74,9 +83,13 @@ def embedded_corpus(name: str, limit: int) -> bytes:
 
 
 def files_corpus(pattern: str, field: str, limit: int) -> bytes:
-    paths = sorted(glob.glob(pattern, recursive=True))
+    matches = sorted(glob.glob(pattern, recursive=True))
+    paths = [p for p in matches if not os.path.isdir(p)]
+    if not paths and matches:
+        raise CorpusError("files", f"{pattern!r} matches only folders; name the files, e.g. "
+                                   f"'{os.path.join(matches[0], '*.txt')}'")
     if not paths:
-        raise HarnessError(f"corpus files {pattern!r}: no file matches")
+        raise CorpusError("files", f"no file matches {pattern!r}")
     documents, size = [], 0
     for path in paths:
         for doc in _read_documents(Path(path), field):
@@ -88,20 +101,31 @@ def files_corpus(pattern: str, field: str, limit: int) -> bytes:
 
 
 def _read_documents(path: Path, field: str) -> list[bytes]:
+    try:
+        content = path.read_bytes()
+    except OSError as e:
+        raise CorpusError("files", f"{path}: cannot be read ({e.strerror})") from None
     if path.suffix == ".jsonl":
         docs = []
-        for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        for number, line in enumerate(content.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise HarnessError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+                raise CorpusError("files", f"{path}:{number}: not valid JSON ({e.msg})") from None
+            except UnicodeDecodeError as e:  # JSON is text; the raw bytes of a .txt file need not be
+                raise CorpusError("files", f"{path}:{number}: not UTF-8 (byte 0x{line[e.start]:02x}); JSON lines must "
+                                           "be UTF-8 text (a .txt file is read as raw bytes)") from None
             if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-                raise HarnessError(f"{path}:{number}: no string field {field!r}")
-            docs.append(obj[field].encode("utf-8"))
+                raise CorpusError("field", f"{path}:{number}: no string field {field!r}")
+            try:
+                docs.append(obj[field].encode("utf-8"))
+            except UnicodeEncodeError:  # a lone surrogate written as a \ud800 escape
+                raise CorpusError("files", f"{path}:{number}: field {field!r} holds an unpaired surrogate escape, "
+                                           "which is no text") from None
         return docs
-    return [path.read_bytes()]
+    return [content]
 
 
 def url_corpus(url: str, sha256: str, member: str | None, cache_dir: Path, limit: int) -> bytes:
@@ -113,18 +137,24 @@ def url_corpus(url: str, sha256: str, member: str | None, cache_dir: Path, limit
             with urllib.request.urlopen(url, timeout=60) as response:
                 payload = response.read()
         except (urllib.error.URLError, OSError, ValueError) as e:
-            raise HarnessError(f"corpus url {url}: download failed ({e})") from None
+            raise CorpusError("url", f"{url}: download failed ({getattr(e, 'reason', None) or e})") from None
         if member is not None:
             try:
                 payload = zipfile.ZipFile(io.BytesIO(payload)).read(member)
             except (zipfile.BadZipFile, KeyError) as e:
-                raise HarnessError(f"corpus url {url}: cannot read member {member!r} ({e})") from None
+                reason = e.args[0] if isinstance(e, KeyError) and e.args else e
+                raise CorpusError("member", f"cannot read {member!r} from {url} ({reason})") from None
         digest = hashlib.sha256(payload).hexdigest()
         if digest != sha256:
-            raise HarnessError(f"corpus url {url}: sha256 is {digest}, expected {sha256}")
+            raise CorpusError("sha256", f"{url}{f' member {member}' if member else ''} has sha256 {digest}, "
+                                        f"not {sha256}")
         temporary = target.with_suffix(f".tmp{os.getpid()}")
-        temporary.write_bytes(payload)
-        os.replace(temporary, target)
+        try:
+            temporary.write_bytes(payload)
+            os.replace(temporary, target)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
     with open(target, "rb") as f:
         return f.read(limit)
 
@@ -144,6 +174,8 @@ def split(corpus_id: str, data: bytes, train_bytes: int, val_bytes: int, test_by
 
 
 def to_tensor(data: bytes) -> torch.Tensor:
+    if not data:  # frombuffer refuses an empty buffer
+        return torch.empty(0, dtype=torch.long)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
 
 

@@ -5,11 +5,13 @@ formats are migrated on reading, so committed studies stay readable (docs/protoc
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
 import tempfile
 from pathlib import Path
+from typing import Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -88,6 +90,11 @@ class SegmentationExample(Typed):
     window: int
 
 
+class EpochCap(Typed):
+    max_epochs: float  # the suite's cap on epochs over the training split
+    budget_steps: int  # the steps the budget alone would have bought (the run took fewer)
+
+
 class RunRecord(Typed):
     format_version: int = RECORD_FORMAT_VERSION
     suite: str
@@ -110,6 +117,7 @@ class RunRecord(Typed):
     batch_bytes: int
     bytes_seen: int
     epochs: float
+    epoch_cap: EpochCap | None = None  # set when the suite's max_epochs stopped the run short of its budget
     training_flops: float
     auxiliary_training_flops: float
     count_auxiliary_flops: bool
@@ -130,6 +138,28 @@ class RunRecord(Typed):
     mfu: float
     device: str
     warnings: list[str]
+    versions: dict[str, str]
+
+
+class RunFailure(Typed):
+    """runs/RUN_ID/failure.json: a run that did not finish. A RunRecord is only ever a finished
+    run; this small marker says why the run stopped, so the runner skips it (unless asked to
+    retry) and the report lists it. `diverged`: the training loss stopped being finite;
+    `failed`: the run raised an error that names its cause (e.g. a tokenizer that cannot be
+    trained on the corpus)."""
+
+    kind: Literal["diverged", "failed"]
+    suite: str
+    run_id: str
+    config_hash: str
+    model: str
+    adapter: str
+    budget_flops: float
+    seed: int
+    corpus: str
+    step: int | None = None  # the optimizer step whose loss was not finite
+    last_finite_loss: float | None = None  # the training loss of the step before it
+    reason: str
     versions: dict[str, str]
 
 
@@ -166,6 +196,8 @@ def read_record(path: Path) -> RunRecord:
         raw = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise HarnessError(f"{path}: no such record") from None
+    except OSError as e:
+        raise HarnessError(f"{path}: cannot be read ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise HarnessError(f"{path}: not a valid JSON record") from None
     return parse_record(raw, path)
@@ -175,10 +207,33 @@ def write_record(path: Path, record: RunRecord) -> None:
     write_json_atomic(path, record.model_dump(mode="json"))
 
 
+def read_failure(path: Path) -> RunFailure | None:
+    """The failure marker at `path`, or None if there is none or it cannot be read (a marker
+    that cannot be read is as good as none: the run is attempted again)."""
+    try:
+        return RunFailure(**json.loads(Path(path).read_text()))
+    except (OSError, ValueError, TypeError):  # pydantic's ValidationError is a ValueError
+        return None
+
+
+def read_failures(results_dir: Path) -> list[RunFailure]:
+    """The failure markers under results_dir/runs, sorted by run id."""
+    found = (read_failure(p) for p in sorted((results_dir / "runs").glob("*/failure.json")))
+    return [f for f in found if f is not None]
+
+
+def file_mode() -> int:
+    """The mode a new file gets from open(): 0o666 less the umask (0o644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_json_atomic(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())  # mkstemp makes 0o600; records are read like any other file
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, indent=1, sort_keys=False)
             f.flush()
@@ -194,16 +249,39 @@ def save_checkpoint_atomic(path: Path, state: dict) -> None:
     try:
         torch.save(state, temporary)
         os.replace(temporary, path)
+    except RuntimeError as e:  # torch's own file writer: a full disk or a folder it cannot write
+        temporary.unlink(missing_ok=True)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else "write failed"
+        raise OSError(errno.EIO, f"torch.save failed ({reason[:120]}); is the disk full or the folder read-only?",
+                      str(path)) from None
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def remove_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files that a killed writer left in `folder` (`.NAME.tmpPID` of
+    save_checkpoint_atomic, `.NAME.XXXX.tmp` of write_json_atomic). Only for a folder that no
+    other process is writing to (a run folder whose lock is held)."""
+    removed = [p for p in folder.glob(".*.tmp*") if p.is_file()]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
 
 
 def versions() -> dict[str, str]:
     return {"python": platform.python_version(), "torch": torch.__version__, "harness": __version__}
 
 
-def read_suite_records(results_dir: Path) -> list[RunRecord]:
-    """Every finished run record under results_dir/runs, sorted by run id."""
-    paths = sorted((results_dir / "runs").glob("*/record.json"))
-    return [read_record(p) for p in paths]
+def read_suite_records(results_dir: Path, on_error: Callable[[str], None] | None = None) -> list[RunRecord]:
+    """Every finished run record under results_dir/runs, sorted by run id. With `on_error`, a
+    record that cannot be read is skipped and its error (one line) handed to on_error."""
+    records = []
+    for path in sorted((results_dir / "runs").glob("*/record.json")):
+        try:
+            records.append(read_record(path))
+        except HarnessError as e:
+            if on_error is None:
+                raise
+            on_error(str(e))
+    return records

@@ -5,6 +5,12 @@ and is simply run again (from its saved training state, if any).
 
 A run goes through five named steps: prepare (build the adapter, fit it to the training
 split, size it), plan (its budget in optimizer steps), train, evaluate, write.
+
+A run that diverges (its training loss stops being finite) or fails with an error that
+names its cause leaves runs/RUN_ID/failure.json (records.RunFailure) instead of a record,
+and the suite goes on; such a run is skipped later unless `retry_failed`. Each run is
+done under a lock (runs/RUN_ID/run.lock), so processes that share a results folder never
+train one run twice: a run another process holds is left for later, then waited for.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from harness import RECORD_FORMAT_VERSION
@@ -24,12 +31,12 @@ from harness.api import Adapter, Preparation, RunContext, build
 from harness.core import data
 from harness.core.device import measure_matmul_peak, pick_device
 from harness.core.evaluate import evaluate
-from harness.core.records import (CorpusFacts, FlopsPerByte, ModelSpec, PreparationFacts, RunRecord,
-                                  SegmentationExample, read_record, save_checkpoint_atomic, versions, write_json_atomic,
-                                  write_record)
+from harness.core.records import (CorpusFacts, EpochCap, FlopsPerByte, ModelSpec, PreparationFacts, RunFailure,
+                                  RunRecord, SegmentationExample, read_failure, read_record, remove_temporaries,
+                                  save_checkpoint_atomic, versions, write_json_atomic, write_record)
 from harness.core.sizing import resize, size_to_target
 from harness.core.suite import Run, Suite, expand, load_corpus, load_suite
-from harness.core.train import train
+from harness.core.train import Diverged, train
 from harness.errors import HarnessError
 from harness.modeling import chunking
 from harness.modeling.flops import measure_forward, training_flops_per_byte, training_steps
@@ -50,9 +57,10 @@ class CorpusData:
 
 
 def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "auto", show_progress: bool = True,
-              save_every_s: float = 60.0, dry_run: bool = False) -> Path:
-    """Train and evaluate every run of the suite that has no record yet. With `dry_run`, only
-    write suite.json (corpora, reference rows) and say which runs are done and which are not."""
+              save_every_s: float = 60.0, retry_failed: bool = False, dry_run: bool = False) -> Path:
+    """Every run of the suite that has no record yet; returns the suite's results folder. Raises
+    a one-line HarnessError at the end if any run diverged or failed (the others are done). With
+    `dry_run`, only write suite.json (corpora, reference rows) and say which runs are done."""
     suite = load_suite(suite_path)
     device = pick_device(device_name)
     out = results_root / suite.name
@@ -62,24 +70,119 @@ def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "au
     if suite.inference_flops_per_byte is not None and not dry_run:
         check_sizes(suite, corpora, device)
     runs = expand(suite)
-    for index, run in enumerate(runs, 1):
-        run_dir = out / "runs" / run.run_id
-        config_hash = run.config_hash(suite)
-        record_path = run_dir / "record.json"
-        if record_path.exists():
-            if read_record(record_path).config_hash == config_hash:
-                log(f"[{index}/{len(runs)}] {run.run_id}: done already, skipped")
-                continue
-            log(f"[{index}/{len(runs)}] {run.run_id}: the suite changed since this record; running again")
-        if dry_run:
-            log(f"[{index}/{len(runs)}] {run.run_id}: to run (dry run)")
-            continue
-        log(f"[{index}/{len(runs)}] {run.run_id}: training")
-        record = execute(run, suite, corpora[run.corpus.label], device, peak, config_hash, run_dir,
-                         show_progress, save_every_s)
-        log(f"[{index}/{len(runs)}] {run.run_id}: val {record.val.bpb:.4f} bpb, test {record.test.bpb:.4f} bpb, "
-            f"{record.wall_seconds:.1f}s, {record.achieved_flops_per_s / 1e9:.2f} GFLOP/s")
+    failures: list[RunFailure] = []
+    if dry_run:
+        for index, run in enumerate(runs, 1):
+            tag = f"[{index}/{len(runs)}] {run.run_id}"
+            if not finished(out / "runs" / run.run_id, run.config_hash(suite), retry_failed, tag, failures, "done already"):
+                log(f"{tag}: to run (dry run)")
+        return out
+    held: list[tuple[int, Run]] = []
+    for index, run in enumerate(runs, 1):  # runs another process holds are left for the second pass
+        if not attempt(run, index, len(runs), suite, corpora, device, peak, out, show_progress, save_every_s,
+                       retry_failed, failures, wait=False):
+            held.append((index, run))
+    for index, run in held:
+        attempt(run, index, len(runs), suite, corpora, device, peak, out, show_progress, save_every_s, retry_failed,
+                failures, wait=True)
+    if failures:
+        raise HarnessError(failure_summary(failures, len(runs), out))
     return out
+
+
+def attempt(run: Run, index: int, total: int, suite: Suite, corpora: dict[str, "CorpusData"], device: torch.device,
+            peak: float, out: Path, show_progress: bool, save_every_s: float, retry_failed: bool,
+            failures: list[RunFailure], wait: bool) -> bool:
+    """Do one run unless it is done, or failed before (then add its marker to `failures`), under
+    its lock. Returns False, doing nothing, if another process holds the run and not `wait`."""
+    tag = f"[{index}/{total}] {run.run_id}"
+    run_dir = out / "runs" / run.run_id
+    config_hash = run.config_hash(suite)
+    if finished(run_dir, config_hash, retry_failed, tag, failures, "done already"):
+        return True
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(run_dir / "run.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if not wait:
+            log(f"{tag}: another process is running it; coming back to it at the end")
+            return False
+        log(f"{tag}: waiting for the other process that is running it")
+        lock.acquire()
+    try:
+        if finished(run_dir, config_hash, retry_failed, tag, failures, "done by another process", quiet=True):
+            return True
+        remove_temporaries(run_dir)  # left by a process killed while writing; no one else writes here now
+        (run_dir / "failure.json").unlink(missing_ok=True)
+        log(f"{tag}: training")
+        try:
+            record = execute(run, suite, corpora[run.corpus.label], device, peak, config_hash, run_dir,
+                             show_progress, save_every_s)
+        except (Diverged, HarnessError) as e:
+            failure = record_failure(run, suite, config_hash, run_dir, e)
+            failures.append(failure)
+            log(f"{tag}: {describe(failure)}; the suite goes on")
+            return True
+        log(f"{tag}: val {record.val.bpb:.4f} bpb, test {record.test.bpb:.4f} bpb, "
+            f"{record.wall_seconds:.1f}s, {record.achieved_flops_per_s / 1e9:.2f} GFLOP/s")
+        return True
+    finally:
+        lock.release()
+
+
+def finished(run_dir: Path, config_hash: str, retry_failed: bool, tag: str, failures: list[RunFailure],
+             done: str, quiet: bool = False) -> bool:
+    """Whether the run needs no attempt: its record is there with this config, or it diverged or
+    failed with this config and is not to be retried (its marker is added to `failures`). A
+    record that cannot be read is run again, with a warning (unless `quiet`: said already)."""
+    record_path = run_dir / "record.json"
+    if record_path.exists():
+        try:
+            if read_record(record_path).config_hash == config_hash:
+                log(f"{tag}: {done}, skipped")
+                return True
+            if not quiet:
+                log(f"{tag}: the suite changed since this record; running again")
+        except HarnessError as e:
+            if not quiet:
+                log(f"warning: {e}; running {run_dir.name} again")
+    failure = read_failure(run_dir / "failure.json")
+    if failure is not None and failure.config_hash == config_hash and not retry_failed:
+        failures.append(failure)
+        log(f"{tag}: {describe(failure)} before, skipped (--retry-failed runs it again)")
+        return True
+    return False
+
+
+def describe(failure: RunFailure) -> str:
+    if failure.kind == "diverged":
+        last = "none" if failure.last_finite_loss is None else f"{failure.last_finite_loss:.4g}"
+        return f"diverged at step {failure.step} (last finite loss {last})"
+    return f"failed: {failure.reason}"
+
+
+def record_failure(run: Run, suite: Suite, config_hash: str, run_dir: Path, error: Exception) -> RunFailure:
+    """runs/RUN_ID/failure.json for a run that stopped. A diverged run's training state goes
+    too: resumed, it would only diverge again."""
+    diverged = isinstance(error, Diverged)
+    failure = RunFailure(
+        kind="diverged" if diverged else "failed", suite=suite.name, run_id=run.run_id, config_hash=config_hash,
+        model=run.model.name, adapter=run.model.adapter, budget_flops=run.budget, seed=run.seed,
+        corpus=run.corpus.label, step=error.step if diverged else None,
+        last_finite_loss=error.last_finite_loss if diverged else None, reason=str(error), versions=versions())
+    write_json_atomic(run_dir / "failure.json", failure.model_dump(mode="json"))
+    if diverged:
+        (run_dir / "partial.pt").unlink(missing_ok=True)
+    return failure
+
+
+def failure_summary(failures: list[RunFailure], total: int, out: Path) -> str:
+    """One line: which runs did not finish, and where to read why."""
+    shown = "; ".join(f"{f.run_id} {describe(f)}" for f in failures[:3])
+    more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
+    return (f"{len(failures)} of {total} runs did not finish: {shown}{more} (failure.json in each run folder under "
+            f"{out / 'runs'}; `harness run --retry-failed` tries them again); the other runs are done")
 
 
 def load_corpus_data(suite: Suite, label: str, device: torch.device) -> CorpusData:
@@ -154,10 +257,14 @@ class Plan:
     auxiliary_training_flops: float  # charged to the budget before training
     batch_bytes: int
     steps: int
+    epoch_cap: EpochCap | None = None  # the suite's max_epochs, when it cut the steps the budget bought
+    warnings: tuple[str, ...] = ()
 
 
-def plan(run: Run, model: Adapter, preparation: Preparation, ctx: RunContext) -> Plan:
-    """The run's budget, less what preparation charged, in optimizer steps."""
+def plan(run: Run, model: Adapter, preparation: Preparation, ctx: RunContext, train_bytes: int,
+         max_epochs: float | None = None) -> Plan:
+    """The run's budget, less what preparation charged, in optimizer steps; at most `max_epochs`
+    over the training split's windows. Warns when the data would repeat."""
     forward = model.flops_per_byte(ctx.window)
     auxiliary = preparation.auxiliary_flops if ctx.count_auxiliary_flops else 0.0
     per_byte = training_flops_per_byte(forward, ctx.count_auxiliary_flops)
@@ -166,7 +273,20 @@ def plan(run: Run, model: Adapter, preparation: Preparation, ctx: RunContext) ->
     if steps < 1:
         raise HarnessError(f"{run.run_id}: budget {run.budget:.3g} FLOPs leaves {run.budget - auxiliary:.3g} after "
                            f"preparation, less than one optimizer step ({per_byte * batch_bytes:.3g} FLOPs)")
-    return Plan(forward, per_byte, auxiliary, batch_bytes, steps)
+    epoch_bytes = train_bytes // ctx.window * ctx.window
+    epochs = steps * batch_bytes / epoch_bytes
+    cap, warnings = None, []
+    if max_epochs is not None and epochs > max_epochs:
+        cap = EpochCap(max_epochs=max_epochs, budget_steps=steps)
+        steps = max(1, int(max_epochs * epoch_bytes // batch_bytes))
+        warnings.append(f"the budget buys {epochs:.3g} epochs over the training split; max_epochs {max_epochs:g} "
+                        f"stops it at step {steps} of {cap.budget_steps} ({steps / cap.budget_steps:.1%} of the budget)")
+    elif epochs > 1:
+        warnings.append(f"the budget buys {epochs:.3g} epochs over the training split (the data repeats; a suite's "
+                        "max_epochs caps it)")
+    for warning in warnings:
+        log(f"warning: {run.run_id}: {warning}")
+    return Plan(forward, per_byte, auxiliary, batch_bytes, steps, cap, tuple(warnings))
 
 
 def evaluate_run(model: Adapter, suite: Suite, corpus: CorpusData, ctx: RunContext) -> dict:
@@ -208,7 +328,7 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
     started = time.perf_counter()
     ctx = context(suite, run, device)
     model, preparation, sizing = prepare(run, suite, corpus, ctx)
-    steps = plan(run, model, preparation, ctx)
+    steps = plan(run, model, preparation, ctx, len(corpus.splits.train), suite.max_epochs)
 
     stream = data.TrainStream(corpus.splits.train, ctx.window, run.trainer.batch_windows, run.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -216,13 +336,10 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
     training = train(model, stream, run.trainer, steps.steps, device, description=run.run_id,
                      show_progress=show_progress, resume_path=partial, resume_key=config_hash, save_every_s=save_every_s,
                      budget_flops=run.budget - steps.auxiliary_training_flops)
-    warnings = []
+    warnings = list(steps.warnings)
     if training["stopped_by_budget"] and training["steps"] < steps.steps:
         warnings.append(f"the budget was spent after {training['steps']} of {steps.steps} planned steps "
                         "(the learned unit rate ran above its target; the schedule was cut short)")
-        log(f"warning: {run.run_id}: {warnings[-1]}")
-    if training["epochs"] > 1:
-        warnings.append(f"trained for {training['epochs']:.2f} epochs over the training split (data repeats)")
         log(f"warning: {run.run_id}: {warnings[-1]}")
 
     calibration = model.finish_training(corpus.splits.train, ctx)
@@ -256,6 +373,7 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
         preparation=PreparationFacts(seconds=preparation.seconds, auxiliary_flops=preparation.auxiliary_flops,
                                      unit_length_counts=preparation.unit_length_counts, facts=preparation.facts),
         steps=steps.steps, batch_bytes=steps.batch_bytes, bytes_seen=training["bytes_seen"], epochs=training["epochs"],
+        epoch_cap=steps.epoch_cap,
         training_flops=training_flops, auxiliary_training_flops=steps.auxiliary_training_flops,
         count_auxiliary_flops=suite.count_auxiliary_flops, total_flops=training_flops + steps.auxiliary_training_flops,
         training_flops_per_byte=(steps.training_flops_per_byte if training["flops"] is None

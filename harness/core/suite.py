@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from harness.core import data
 
@@ -24,7 +24,7 @@ SUITE_FORMAT_VERSION = 1
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # .inf and .nan are never a setting
 
 
 class EmbeddedCorpus(Strict):
@@ -90,7 +90,7 @@ class TrainerSettings(Strict):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr / peak lr of the cosine")
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
     grad_clip: float = Field(1.0, gt=0)
     log_every: int = Field(10, gt=0, description="steps between loss-curve points")
 
@@ -114,7 +114,7 @@ class ModelEntry(Strict):
 
 
 class Suite(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", description="the results folder's name: not . or ..")
     version: int = Field(SUITE_FORMAT_VERSION, description="suite format version")
     description: str = ""
     corpus: Annotated[Union[Corpus, list[Corpus]], Field(
@@ -122,14 +122,18 @@ class Suite(Strict):
     split: SplitSizes
     eval: EvalSettings
     budgets: list[Annotated[float, Field(gt=0)]] = Field(min_length=1, description="training FLOPs per run")
-    seeds: list[int] = Field([0], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, lt=2**32)]] = Field([0], min_length=1)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     inference_flops_per_byte: float | None = Field(
         None, gt=0, description="matched inference cost: size every model to this many forward FLOPs per byte "
                                 "(within 5%) by its main width, then depth (harness.sizing); none keeps configured sizes")
     count_auxiliary_flops: bool = Field(
         True, description="charge auxiliary models (e.g. BLT's entropy model) to the budget; the BLT paper does not")
+    max_epochs: float | None = Field(
+        None, gt=0, description="cap on epochs over the training split: a run whose budget would repeat the data more "
+                                "often stops there, short of its budget (its record says so); none: the budget decides")
     models: list[ModelEntry] = Field(min_length=1)
+    _source: str | None = PrivateAttr(None)  # the suite file, for errors found after loading
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -142,7 +146,17 @@ class Suite(Strict):
             raise ValueError("corpus: the list is empty")
         if len(set(labels)) != len(labels):
             raise ValueError(f"corpus: two corpora share the label {max(labels, key=labels.count)!r} (run ids need distinct ones)")
+        for split in ("val", "test"):
+            size = getattr(self.split, f"{split}_bytes")
+            if self.eval.window > size:
+                raise ValueError(f"eval.window: {self.eval.window} bytes is longer than the {split} split "
+                                 f"(split.{split}_bytes {size}); it would hold no window to score")
         return self
+
+    @property
+    def source(self) -> str:
+        """The suite file, or the suite's name when it was not loaded from one."""
+        return self._source or f"suite {self.name!r}"
 
     @property
     def corpora(self) -> list[Corpus]:
@@ -189,6 +203,8 @@ class Run(BaseModel):
         }
         if suite.inference_flops_per_byte is not None:  # absent otherwise, so older hashes still match
             payload["inference_flops_per_byte"] = suite.inference_flops_per_byte
+        if suite.max_epochs is not None:  # likewise
+            payload["max_epochs"] = suite.max_epochs
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -242,8 +258,14 @@ def load_suite(path: str | Path) -> Suite:
     path = Path(path)
     if not path.is_file():
         raise HarnessError(f"{path}: no such suite file")
+    content = path.read_bytes()
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = content[:e.start].count(b"\n") + 1
+        raise HarnessError(f"{path}: line {line}: not UTF-8 text (byte 0x{content[e.start]:02x})") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.constructor.ConstructorError as e:
         line = e.problem_mark.line + 1 if e.problem_mark else "?"
         raise HarnessError(f"{path}: line {line}: {e.problem}") from None
@@ -261,6 +283,7 @@ def load_suite(path: str | Path) -> Suite:
         raise HarnessError(f"{path}: version: this harness reads suite format {SUITE_FORMAT_VERSION}, not {suite.version}")
     corpora = [_relative_to(path, c) for c in suite.corpora]
     suite = suite.model_copy(update={"corpus": corpora if isinstance(suite.corpus, list) else corpora[0]})
+    suite._source = str(path)
     _check_models(path, suite)
     return suite
 
@@ -286,7 +309,12 @@ def _check_models(path: Path, suite: Suite) -> None:
             raise _first_error(path, e, prefix=f"models[{i}].config") from None
         except (ValueError, HarnessError) as e:
             raise HarnessError(f"{path}: models[{i}].config: {e}") from None
-        batch = (entry.trainer.batch_windows or suite.trainer.batch_windows) * suite.eval.window
+        batch_windows = entry.trainer.batch_windows or suite.trainer.batch_windows
+        if batch_windows * suite.eval.window > suite.split.train_bytes:
+            key = f"models[{i}].trainer.batch_windows" if entry.trainer.batch_windows else "trainer.batch_windows"
+            raise HarnessError(f"{path}: {key}: a batch of {batch_windows} windows of {suite.eval.window} bytes is more "
+                               f"than the training split holds (split.train_bytes {suite.split.train_bytes})")
+        batch = batch_windows * suite.eval.window
         forward = model.flops_per_byte(suite.eval.window)
         if suite.inference_flops_per_byte is not None:  # the model will be resized to about this cost
             forward = {"total": suite.inference_flops_per_byte}
@@ -314,16 +342,24 @@ def expand(suite: Suite) -> list[Run]:
 
 
 def load_corpus(suite: Suite, label: str | None = None) -> data.Splits:
-    """The splits of the suite's corpus with this label (None: its only corpus)."""
+    """The splits of the suite's corpus with this label (None: its only corpus). Errors name the
+    suite file and the key, e.g. `suites/x.yaml: corpus.files: no file matches 'data/*.txt'`."""
     c, s = suite.corpus_named(label), suite.split
+    key = f"corpus[{suite.corpora.index(c)}]" if isinstance(suite.corpus, list) else "corpus"
     need = s.train_bytes + s.val_bytes + s.test_bytes
-    if isinstance(c, EmbeddedCorpus):
-        name, raw = c.embedded, data.embedded_corpus(c.embedded, need)
-    elif isinstance(c, FilesCorpus):
-        name, raw = f"files:{c.files}", data.files_corpus(c.files, c.field, need)
-    elif isinstance(c, PresetCorpus):
-        preset = data.PRESETS[c.preset]
-        name, raw = c.preset, data.url_corpus(preset["url"], preset["sha256"], preset["member"], Path(c.cache_dir), need)
-    else:
-        name, raw = f"url:{c.url}", data.url_corpus(c.url, c.sha256, c.member, Path(c.cache_dir), need)
-    return data.split(name, raw, s.train_bytes, s.val_bytes, s.test_bytes)
+    try:
+        if isinstance(c, EmbeddedCorpus):
+            name, raw = c.embedded, data.embedded_corpus(c.embedded, need)
+        elif isinstance(c, FilesCorpus):
+            name, raw = f"files:{c.files}", data.files_corpus(c.files, c.field, need)
+        elif isinstance(c, PresetCorpus):
+            preset = data.PRESETS[c.preset]
+            name, raw = c.preset, data.url_corpus(preset["url"], preset["sha256"], preset["member"], Path(c.cache_dir), need)
+        else:
+            name, raw = f"url:{c.url}", data.url_corpus(c.url, c.sha256, c.member, Path(c.cache_dir), need)
+    except data.CorpusError as e:
+        raise HarnessError(f"{suite.source}: {key}.{'preset' if isinstance(c, PresetCorpus) else e.key}: {e}") from None
+    try:
+        return data.split(name, raw, s.train_bytes, s.val_bytes, s.test_bytes)
+    except HarnessError as e:
+        raise HarnessError(f"{suite.source}: split: {e}") from None

@@ -22,7 +22,16 @@ from harness.core.data import TrainStream
 from harness.core.device import autocast, synchronize
 from harness.core.records import save_checkpoint_atomic
 from harness.core.suite import TrainerSettings
+from harness.errors import HarnessError
 from harness.modeling.flops import TRAIN_MULTIPLIER
+
+
+class Diverged(FloatingPointError):
+    """The training loss stopped being finite at `step`; `last_finite_loss` is that of the step before."""
+
+    def __init__(self, step: int, last_finite_loss: float | None, loss: float):
+        super().__init__(f"training loss became {loss} at step {step}")
+        self.step, self.last_finite_loss = step, last_finite_loss
 
 
 def lr_factor(step: int, total: int, warmup_fraction: float, min_ratio: float) -> float:
@@ -39,6 +48,66 @@ def make_optimizer(model: torch.nn.Module, settings: TrainerSettings) -> torch.o
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas)
+
+
+STATE_KEYS = ("key", "model", "optimizer", "schedule", "stream", "rng", "state")
+
+
+def saved_state(path: Path, key: str, steps: int, model: Adapter, optimizer: torch.optim.Optimizer,
+                device: torch.device, description: str) -> dict | None:
+    """The training state saved at `path` if it continues this run (its `key` is the run's), else
+    None. A file that cannot be loaded, or does not fit the model and optimizer, is deleted with
+    a warning and the run starts over; a state of another config is left to be overwritten."""
+    if not path.exists():
+        return None
+    try:
+        saved = load_state(path, device)
+    except HarnessError as e:
+        problem = str(e)
+    else:
+        if saved.get("key") != key:
+            return None
+        problem = _misfit(saved, steps, model, optimizer)
+        if problem is None:
+            return saved
+        problem = f"{path}: {problem}"
+    tqdm.write(f"warning: {description}: {problem}; deleted it, the run starts over")
+    path.unlink(missing_ok=True)
+    return None
+
+
+def _misfit(saved: dict, steps: int, model: Adapter, optimizer: torch.optim.Optimizer) -> str | None:
+    """Why `saved` cannot continue this run's training, or None. Checked before anything is
+    loaded, so a bad file never leaves the model half overwritten."""
+    missing = [k for k in STATE_KEYS if k not in saved]
+    if missing:
+        return f"not a training state (no {', '.join(missing)})"
+    state, stream = saved["state"], saved["stream"]
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and 0 <= state["step"] <= steps
+            and isinstance(state.get("curve"), list)):
+        return f"its training progress does not fit a run of {steps} steps"
+    expected = model.state_dict()
+    weights = saved["model"]
+    if not isinstance(weights, dict) or set(weights) != set(expected) or any(
+            torch.is_tensor(v) and (not torch.is_tensor(weights[k]) or weights[k].shape != v.shape)
+            for k, v in expected.items()):
+        return "its weights do not fit the model"
+    groups = saved["optimizer"].get("param_groups") if isinstance(saved["optimizer"], dict) else None
+    if not (isinstance(groups, list) and isinstance(saved["optimizer"].get("state"), dict)
+            and len(groups) == len(optimizer.param_groups)
+            and all(isinstance(g, dict) and len(g.get("params", ())) == len(mine["params"])
+                    for g, mine in zip(groups, optimizer.param_groups))):
+        return "its optimizer state does not fit the model"
+    if not isinstance(saved["schedule"], dict):
+        return "its schedule is damaged"
+    generator = torch.Generator().get_state()
+    if not (isinstance(stream, dict) and torch.is_tensor(stream.get("generator"))
+            and stream["generator"].shape == generator.shape and torch.is_tensor(stream.get("order"))
+            and isinstance(stream.get("cursor"), int) and isinstance(stream.get("epoch"), int)):
+        return "its data position is damaged"
+    if not (torch.is_tensor(saved["rng"]) and saved["rng"].shape == torch.get_rng_state().shape):
+        return "its random state is damaged"
+    return None
 
 
 def train(
@@ -76,19 +145,19 @@ def train(
     state = {"step": 0, "curve": [], "window_sum": 0.0, "window_count": 0, "auxiliary_sums": {}, "bytes_seen": 0,
              "seconds": 0.0, "flops": None, "window_units": 0}
     resumed_at = None
-    if resume_path is not None and resume_path.exists():
-        saved = load_state(resume_path, device)
-        if saved.get("key") == resume_key and saved["state"]["step"] <= steps:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            schedule.load_state_dict(saved["schedule"])
-            stream.load_state_dict(saved["stream"])
-            torch.set_rng_state(saved["rng"])
-            state = saved["state"]
-            state.setdefault("auxiliary_sums", {})
-            state = {"flops": None, "window_units": 0} | state
-            resumed_at = state["step"]
-            tqdm.write(f"{description}: resuming at step {state['step']} of {steps}")
+    saved = None if resume_path is None else saved_state(resume_path, resume_key, steps, model, optimizer, device,
+                                                         description)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        stream.load_state_dict(saved["stream"])
+        torch.set_rng_state(saved["rng"])
+        state = saved["state"]
+        state.setdefault("auxiliary_sums", {})
+        state = {"flops": None, "window_units": 0} | state
+        resumed_at = state["step"]
+        tqdm.write(f"{description}: resuming at step {state['step']} of {steps}")
 
     def save() -> None:
         save_checkpoint_atomic(resume_path, {
@@ -115,7 +184,8 @@ def train(
         schedule.step()
         value = nll.item()
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {step + 1}")
+            raise Diverged(step + 1, state.get("last_loss"), loss.item())
+        state["last_loss"] = loss.item()
         state["step"] = step + 1
         state["bytes_seen"] += batch.numel()
         state["window_sum"] += value
