@@ -81,3 +81,31 @@ def test_runs_use_the_chosen_settings_and_record_which_trials_chose_them(write_s
     before = {p: p.stat().st_mtime for p in out.glob("**/record.json")}
     runner.run_suite(path, tmp_path, "cpu", show_progress=False)
     assert before == {p: p.stat().st_mtime for p in out.glob("**/record.json")}
+
+
+def test_the_report_shows_the_tuning_table_plot_and_gap(tmp_path):
+    from harness.analysis.tuning_report import tuning_section
+
+    trials = lambda scores: [{"lr": lr, "run_ids": [f"tune__m__lr{lr:.2e}"], "val_bpb": v} for lr, v in scores.items()]
+    entries = [
+        {"corpus": "c", "model": "bytes", "budget": 1e9, "seeds": [0], "chosen": {"lr": 1e-2}, "val_bpb": 4.0,
+         "extensions": 0, "untuned": {"lr": 3e-3}, "trials": trials({1e-3: 4.5, 3e-3: 4.2, 1e-2: 4.0, 3e-2: 4.1})},
+        {"corpus": "c", "model": "bytes", "budget": 1e10, "seeds": [0], "chosen": {"lr": 3e-3}, "val_bpb": 3.0,
+         "extensions": 1, "untuned": {"lr": 3e-3}, "trials": trials({1e-3: 3.2, 3e-3: 3.0, 1e-2: 3.1})},
+    ]
+    (tmp_path / "tuning.json").write_text(json.dumps({"selected_on": "val", "entries": entries}))
+    (tmp_path / "plots").mkdir()
+    text = "\n".join(tuning_section(tmp_path, tmp_path / "plots"))
+    assert "## Tuning" in text and "| 0.2 " in text  # the untuned - tuned gap at 1e9
+    assert "chosen lr 0.01 at 1.00e+09 -> 0.003 at 1.00e+10 FLOPs" in text  # the drift between budgets
+    assert (tmp_path / "plots" / "tuning_c_1.00e09.png").stat().st_size > 1000
+    assert tuning_section(tmp_path / "elsewhere", tmp_path) == []
+
+
+def test_a_bad_tune_section_names_the_file_and_key(write_suite):
+    path = write_suite(tiny_suite(tune={"budgets": [1e9], "lr": [1e-3]}))
+    with pytest.raises(HarnessError, match=r"suite\.yaml: tune\.lr: List should have at least 2 items"):
+        load_suite(path)
+    path = write_suite(tiny_suite(tune={"budgets": [1e3]}))
+    with pytest.raises(HarnessError, match=r"suite\.yaml: tune\.budgets: 1e\+03 FLOPs is less than one optimizer step"):
+        load_suite(path)

@@ -17,6 +17,7 @@ from harness.analysis import stats  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
 from harness.analysis.segment import Segmentation, plot_segmentation  # noqa: E402
 from harness.core.records import RunRecord, read_suite_records  # noqa: E402
+from harness.analysis.tuning_report import tuning_section  # noqa: E402
 
 
 COST_TOLERANCE = 0.02  # measured FLOPs further than this from the analytic figure are shown
@@ -405,6 +406,7 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
                   *primed_summary(ranking, suite["corpora"][label]), ""]
     for label, runs in by_corpus.items():
         lines += corpus_section(label, runs, rankings[label], suite["corpora"][label], plot_dir)
+    lines += tuning_section(results_dir, plot_dir)
     return "\n".join(lines)
 
 
