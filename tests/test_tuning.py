@@ -109,3 +109,24 @@ def test_a_bad_tune_section_names_the_file_and_key(write_suite):
     path = write_suite(tiny_suite(tune={"budgets": [1e3]}))
     with pytest.raises(HarnessError, match=r"suite\.yaml: tune\.budgets: 1e\+03 FLOPs is less than one optimizer step"):
         load_suite(path)
+
+
+def test_warmup_and_batch_grids_are_crossed_with_the_lr_search(write_suite, tmp_path, monkeypatch):
+    tune = {"budgets": [2e9], "lr": [1e-3, 3e-3, 1e-2], "warmup_fraction": [0.0, 0.1], "batch_windows": [4, 8]}
+    suite = load_suite(write_suite(tiny_suite(tune=tune)))
+    calls = []
+
+    def execute(run, *args):
+        calls.append(run.run_id)
+        t = run.trainer
+        val = bowl(3e-3)(t.lr) + (0.0 if t.warmup_fraction == 0.1 else 0.5) + (0.0 if t.batch_windows == 4 else 0.2)
+        return SimpleNamespace(val=SimpleNamespace(bpb=val))
+
+    monkeypatch.setattr(runner, "execute", execute)
+    (entry,) = tune_suite(suite, tmp_path, {"pydoc-topics": None}, torch.device("cpu"), 1.0)
+    assert entry["chosen"] == {"lr": 3e-3, "warmup_fraction": 0.1, "batch_windows": 4}
+    assert len(entry["trials"]) == len(calls) == 12 and "tune__bytes__lr3.00e-03__wu0.1__b4__C2.00e09__s0" in calls
+    assert entry["untuned"] == {"lr": 3e-3, "warmup_fraction": 0.05, "batch_windows": 8}
+    (run,) = apply_tuning(runner.expand(suite), [entry])
+    assert (run.trainer.lr, run.trainer.warmup_fraction, run.trainer.batch_windows) == (3e-3, 0.1, 4)
+    assert run.tuning["selected_on"] == "val" and len(run.tuning["trials"]) == 12
