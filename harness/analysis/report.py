@@ -17,6 +17,7 @@ import pandas as pd  # noqa: E402
 from harness.analysis import stats  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
 from harness.analysis.segment import Segmentation, plot_segmentation  # noqa: E402
+from harness.analysis.tuning_report import tuning_section  # noqa: E402
 from harness.core.records import RunFailure, RunRecord, read_failures, read_suite_records  # noqa: E402
 
 
@@ -444,6 +445,7 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
                   _markdown(failure_table(failures)), ""]
     for label, runs in by_corpus.items():
         lines += corpus_section(label, runs, rankings[label], suite["corpora"][label], plot_dir)
+    lines += tuning_section(results_dir, plot_dir)
     return "\n".join(lines)
 
 

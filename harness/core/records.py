@@ -139,6 +139,7 @@ class RunRecord(Typed):
     device: str
     warnings: list[str]
     versions: dict[str, str]
+    tuning: dict | None = None  # the tuning trials that chose the trainer settings (harness.core.tuning)
 
 
 class RunFailure(Typed):

@@ -70,6 +70,10 @@ def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "au
     if suite.inference_flops_per_byte is not None and not dry_run:
         check_sizes(suite, corpora, device)
     runs = expand(suite)
+    if suite.tune is not None:  # each model's trainer settings chosen on validation first (harness.core.tuning)
+        from harness.core.tuning import apply_tuning, tune_suite
+
+        runs = apply_tuning(runs, tune_suite(suite, out, corpora, device, peak, show_progress, save_every_s, dry_run))
     failures: list[RunFailure] = []
     if dry_run:
         for index, run in enumerate(runs, 1):
@@ -381,7 +385,7 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
         loss_curve=training["curve"], tokenizer=model.tokenizer_metrics(splits.test, ctx.window),
         train_seconds=training["seconds"], resumed_at_step=training["resumed_at_step"],
         wall_seconds=time.perf_counter() - started, achieved_flops_per_s=achieved, matmul_peak_flops_per_s=peak,
-        mfu=achieved / peak, device=str(device), warnings=warnings, versions=versions(), **results,
+        mfu=achieved / peak, device=str(device), warnings=warnings, versions=versions(), tuning=run.tuning, **results,
     )
     write(run_dir, model, record)
     return record

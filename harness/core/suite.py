@@ -113,6 +113,22 @@ class ModelEntry(Strict):
     trainer: TrainerOverrides = Field(default_factory=TrainerOverrides)
 
 
+class TuneSettings(Strict):
+    """Per-model learning-rate search on validation bpb (harness.core.tuning; README, "Tuning")."""
+
+    budgets: list[Annotated[float, Field(gt=0)]] = Field(
+        min_length=1, description="training FLOPs of each trial; a run uses the choice at the nearest (log) budget")
+    seeds: list[int] = Field([0], min_length=1, description="trial seeds; a value is scored by its mean val bpb")
+    lr: list[Annotated[float, Field(gt=0)]] = Field(
+        [1e-3, 3e-3, 1e-2], min_length=2, description="starting grid of peak learning rates")
+    factor: float = Field(3.0, gt=1, description="an optimum at an edge adds lr x factor (or / factor) beyond it")
+    max_extensions: int = Field(2, ge=0, description="grid extensions per model and budget before giving up")
+    warmup_fraction: list[Annotated[float, Field(ge=0, lt=1)]] | None = Field(
+        None, min_length=1, description="optional: also search these warmup fractions (crossed with lr)")
+    batch_windows: list[Annotated[int, Field(gt=0)]] | None = Field(
+        None, min_length=1, description="optional: also search these batch sizes (crossed with lr)")
+
+
 class Suite(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", description="the results folder's name: not . or ..")
     version: int = Field(SUITE_FORMAT_VERSION, description="suite format version")
@@ -133,6 +149,7 @@ class Suite(Strict):
         None, gt=0, description="cap on epochs over the training split: a run whose budget would repeat the data more "
                                 "often stops there, short of its budget (its record says so); none: the budget decides")
     models: list[ModelEntry] = Field(min_length=1)
+    tune: TuneSettings | None = Field(None, description="choose each model's trainer settings on validation first")
     _source: str | None = PrivateAttr(None)  # the suite file, for errors found after loading
 
     @model_validator(mode="after")
@@ -183,6 +200,7 @@ class Run(BaseModel):
     seed: int
     trainer: TrainerSettings
     name_corpus: bool = Field(False, description="put the corpus label in the run id (suites with several corpora)")
+    tuning: dict | None = Field(None, description="which tuning trials chose the trainer settings (harness.core.tuning)")
 
     @property
     def run_id(self) -> str:
@@ -320,10 +338,11 @@ def _check_models(path: Path, suite: Suite) -> None:
             forward = {"total": suite.inference_flops_per_byte}
         per_byte = training_flops_per_byte(forward, suite.count_auxiliary_flops)
         step_flops = per_byte * batch
-        for budget in suite.budgets:
+        tune_budgets = [("tune.budgets", b) for b in suite.tune.budgets] if suite.tune else []
+        for key, budget in [("budgets", b) for b in suite.budgets] + tune_budgets:
             if training_steps(budget, per_byte, batch) < 1:
                 raise HarnessError(
-                    f"{path}: budgets: {budget:.3g} FLOPs is less than one optimizer step of "
+                    f"{path}: {key}: {budget:.3g} FLOPs is less than one optimizer step of "
                     f"model {entry.name!r} ({step_flops:.3g} FLOPs)"
                 )
 

@@ -1,0 +1,199 @@
+"""Tuning: each model at its own learning rate, chosen on validation bpb and bracketed.
+
+A suite's `tune:` section names trial budgets, seeds and a starting grid of peak learning
+rates (optionally warmup fractions and batch sizes, crossed with it). For every model (on
+every corpus, at every tuning budget) each grid point is an ordinary run: trained by the
+runner's `execute`, recorded under RESULTS/SUITE/tuning/runs/RUN_ID, skipped when its record
+exists with the same config hash. A value is scored by its mean validation bpb over the
+tuning seeds; test bpb is never read. When the best lr sits at an edge of the grid, the grid
+is extended by `factor` past that edge, at most `max_extensions` times; an optimum still at
+the edge stops the suite with a one-line error. The choices go to tuning.json, and the
+suite's runs then train with them (the config hash includes the chosen lr) and record which
+trials chose them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from harness.core import runner
+from harness.core.records import read_record, write_json_atomic
+from harness.core.suite import Run, Suite
+from harness.errors import HarnessError
+
+TUNING_FILE = "tuning.json"
+
+
+# ---- the search: a pure function of an objective ----------------------------------------------
+
+@dataclass
+class Search:
+    scores: dict[float, float]  # value -> objective (lower is better)
+    best: float
+    extensions: int
+    added: list[float] = field(default_factory=list)  # values the extensions added, in order
+
+
+def _key(score: float) -> float:
+    return math.inf if math.isnan(score) else score  # a diverged trial never wins
+
+
+def bracketed_search(objective: Callable[[float], float], grid: list[float], factor: float = 3.0,
+                     max_extensions: int = 2, what: str = "lr") -> Search:
+    """Minimise `objective` over `grid` (positive values); while the best value is the smallest
+    or largest one tried, try best / factor or best * factor, at most `max_extensions` times.
+    Raises HarnessError when the best value is still at an edge."""
+    if len(set(grid)) < 2 or factor <= 1:
+        raise HarnessError(f"a bracketed search needs at least 2 distinct {what} values and a factor above 1")
+    scores = {v: objective(v) for v in sorted(set(grid))}
+    added: list[float] = []
+    while True:
+        values = sorted(scores)
+        best = min(values, key=lambda v: _key(scores[v]))
+        if not math.isfinite(_key(scores[best])):
+            raise HarnessError(f"every {what} in {_fmt(values)} gave a non-finite objective")
+        if values[0] < best < values[-1]:
+            return Search(scores, best, len(added), added)
+        if len(added) >= max_extensions:
+            side = "largest" if best == values[-1] else "smallest"
+            raise HarnessError(f"the best {what} {best:.3g} is still the {side} of {_fmt(values)} after "
+                               f"{len(added)} extension(s); widen the grid or raise tune.max_extensions")
+        new = best * factor if best == values[-1] else best / factor
+        scores[new] = objective(new)
+        added.append(new)
+
+
+def _fmt(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.3g}" for v in values) + "]"
+
+
+# ---- tuning a suite ---------------------------------------------------------------------------
+
+class TrialRun(Run):
+    """A tuning trial: an ordinary run whose id names its trial settings."""
+
+    label: str
+
+    @property
+    def run_id(self) -> str:
+        prefix = f"{self.corpus.label}__" if self.name_corpus else ""
+        return f"tune__{prefix}{self.model.name}__{self.label}__C{self.budget:.2e}__s{self.seed}".replace("+", "")
+
+
+def trial_label(settings: dict) -> str:
+    parts = [f"lr{settings['lr']:.2e}"]
+    if "warmup_fraction" in settings:
+        parts.append(f"wu{settings['warmup_fraction']:g}")
+    if "batch_windows" in settings:
+        parts.append(f"b{settings['batch_windows']}")
+    return "__".join(parts)
+
+
+def tune_suite(suite: Suite, out: Path, corpora: dict, device, peak: float, show_progress: bool = False,
+               save_every_s: float = 60.0, dry_run: bool = False) -> list[dict]:
+    """Run (or reuse) every tuning trial and write out/tuning.json. Returns its entries, one per
+    (corpus, model, tuning budget): trials, the chosen settings, how often the grid was extended.
+    With `dry_run`, trains nothing and returns the entries of an existing tuning.json (or none)."""
+    tune = suite.tune
+    if dry_run:
+        existing = read_tuning(out)
+        log = runner.log
+        log("tuning: " + ("using the choices in tuning.json (dry run)" if existing else
+                          "no tuning.json yet; the runs below show untuned settings (dry run)"))
+        return existing["entries"] if existing else []
+    others = {k: v for k, v in (("warmup_fraction", tune.warmup_fraction), ("batch_windows", tune.batch_windows)) if v}
+    entries = []
+    for corpus in suite.corpora:
+        for entry in suite.models:
+            base = suite.trainer.model_copy(update=entry.trainer.model_dump(exclude_none=True))
+            for budget in tune.budgets:
+                best = None
+                trials = []
+                for combo in itertools.product(*others.values()):
+                    fixed = dict(zip(others, combo))
+
+                    def objective(lr: float, fixed=fixed) -> float:
+                        settings = {"lr": lr, **fixed}
+                        ids, vals = [], []
+                        for seed in tune.seeds:
+                            run = TrialRun(suite=suite.name, corpus=corpus, model=entry, budget=budget, seed=seed,
+                                           trainer=base.model_copy(update=settings), label=trial_label(settings),
+                                           name_corpus=len(suite.corpora) > 1)
+                            ids.append(run.run_id)
+                            vals.append(_val_bpb(run, suite, out, corpora[corpus.label], device, peak,
+                                                 show_progress, save_every_s))
+                        score = sum(vals) / len(vals)
+                        trials.append({**settings, "run_ids": ids, "val_bpb": score, "val_bpb_per_seed": vals})
+                        return score
+
+                    what = f"{corpus.label} {entry.name} at {budget:.2e} FLOPs" + \
+                        "".join(f", {k} {v}" for k, v in fixed.items())
+                    try:
+                        search = bracketed_search(objective, tune.lr, tune.factor, tune.max_extensions, what="lr")
+                    except HarnessError as e:
+                        raise HarnessError(f"tuning {what}: {e}") from None
+                    chosen = {"lr": search.best, **fixed}
+                    score = search.scores[search.best]
+                    if best is None or score < best[1]:
+                        best = (chosen, score, search.extensions)
+                for trial in trials:
+                    trial["extension"] = trial["lr"] not in tune.lr
+                chosen, score, extensions = best
+                untuned = {"lr": base.lr} | {k: getattr(base, k) for k in others}
+                entries.append({
+                    "corpus": corpus.label, "model": entry.name, "budget": budget, "seeds": list(tune.seeds),
+                    "trials": sorted(trials, key=lambda t: tuple(t[k] for k in ("lr", *others))),
+                    "chosen": chosen, "val_bpb": score, "extensions": extensions, "untuned": untuned,
+                })
+                runner.log(f"tuning {corpus.label} {entry.name} at {budget:.2e} FLOPs: chose "
+                           + ", ".join(f"{k} {v:.3g}" for k, v in chosen.items())
+                           + f" (val {score:.4f} bpb, {len(trials)} trials, {extensions} extension(s))")
+    write_json_atomic(out / TUNING_FILE, {"selected_on": "val", "settings": tune.model_dump(mode="json"),
+                                          "entries": entries})
+    return entries
+
+
+def _val_bpb(run: TrialRun, suite: Suite, out: Path, corpus, device, peak: float, show_progress: bool,
+             save_every_s: float) -> float:
+    """The trial's validation bpb: from its record when it is done with this config, else trained now."""
+    run_dir = out / "tuning" / "runs" / run.run_id
+    config_hash = run.config_hash(suite)
+    record_path = run_dir / "record.json"
+    if record_path.exists():
+        record = read_record(record_path)
+        if record.config_hash == config_hash:
+            runner.log(f"tuning {run.run_id}: done already, skipped")
+            return record.val.bpb
+    runner.log(f"tuning {run.run_id}: training")
+    record = runner.execute(run, suite, corpus, device, peak, config_hash, run_dir, show_progress, save_every_s)
+    runner.log(f"tuning {run.run_id}: val {record.val.bpb:.4f} bpb")
+    return record.val.bpb
+
+
+def read_tuning(out: Path) -> dict | None:
+    import json
+
+    path = out / TUNING_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def apply_tuning(runs: list[Run], entries: list[dict]) -> list[Run]:
+    """Each run with its model's chosen settings from the tuning budget nearest its own (in log
+    FLOPs), and the provenance: which trials chose them, on which split."""
+    tuned = []
+    for run in runs:
+        candidates = [e for e in entries if e["model"] == run.model.name and e["corpus"] == run.corpus.label]
+        if not candidates:
+            tuned.append(run)
+            continue
+        entry = min(candidates, key=lambda e: abs(math.log(e["budget"] / run.budget)))
+        provenance = {"chosen": entry["chosen"], "budget": entry["budget"], "seeds": entry["seeds"],
+                      "val_bpb": entry["val_bpb"], "extensions": entry["extensions"], "selected_on": "val",
+                      "trials": [i for t in entry["trials"] for i in t["run_ids"]]}
+        tuned.append(run.model_copy(update={"trainer": run.trainer.model_copy(update=entry["chosen"]),
+                                            "tuning": provenance}))
+    return tuned

@@ -1,0 +1,132 @@
+"""Tuning (harness.core.tuning): selection on validation only, a bracketed grid, provenance."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from harness.core import runner
+from harness.core.records import read_suite_records
+from harness.core.suite import load_suite
+from harness.core.tuning import apply_tuning, bracketed_search, tune_suite
+from harness.errors import HarnessError
+from tests.conftest import tiny_suite
+
+
+def bowl(optimum):
+    """A tiny objective: squared distance in log10(lr) from `optimum`."""
+    return lambda lr: (math.log10(lr) - math.log10(optimum)) ** 2
+
+
+def test_the_grid_extends_past_an_edge_optimum_until_it_is_bracketed():
+    up = bracketed_search(bowl(0.05), [1e-3, 3e-3, 1e-2], factor=3.0, max_extensions=3)
+    assert up.added == pytest.approx([3e-2, 9e-2]) and up.best == pytest.approx(3e-2) and up.extensions == 2
+    down = bracketed_search(bowl(2e-4), [1e-3, 3e-3, 1e-2], factor=3.0, max_extensions=3)
+    assert down.added == pytest.approx([1e-3 / 3, 1e-3 / 9]) and down.best == pytest.approx(1e-3 / 3)
+    inside = bracketed_search(bowl(3e-3), [1e-3, 3e-3, 1e-2], factor=3.0, max_extensions=0)
+    assert inside.added == [] and inside.best == 3e-3
+    # bounded: an optimum still at the edge stops with one line saying so
+    with pytest.raises(HarnessError, match=r"best lr 0\.03 is still the largest .* after 1 extension"):
+        bracketed_search(bowl(1.0), [1e-3, 3e-3, 1e-2], factor=3.0, max_extensions=1)
+    # a diverged (NaN) trial never wins
+    nan_top = bracketed_search(lambda lr: math.nan if lr > 5e-3 else bowl(2e-3)(lr), [1e-3, 3e-3, 1e-2])
+    assert nan_top.best == 3e-3
+
+
+def fake_execute(val_optimum, test_optimum, calls):
+    """An `execute` that trains nothing: val and test bpb are bowls with different optima."""
+    def execute(run, suite, corpus, device, peak, config_hash, run_dir, show_progress, save_every_s):
+        calls.append(run.run_id)
+        lr = run.trainer.lr
+        val = 2.0 + bowl(val_optimum)(lr) + 0.01 * run.seed
+        return SimpleNamespace(val=SimpleNamespace(bpb=val), test=SimpleNamespace(bpb=2.0 + bowl(test_optimum)(lr)))
+    return execute
+
+
+def test_selection_uses_validation_only(write_suite, tmp_path, monkeypatch):
+    tune = {"budgets": [2e9], "seeds": [0, 1], "lr": [1e-3, 3e-3, 1e-2], "factor": 3.0, "max_extensions": 2}
+    suite = load_suite(write_suite(tiny_suite(tune=tune)))
+    calls = []
+    monkeypatch.setattr(runner, "execute", fake_execute(val_optimum=1e-3, test_optimum=1e-2, calls=calls))
+    entries = tune_suite(suite, tmp_path, {"pydoc-topics": None}, torch.device("cpu"), 1.0)
+    (entry,) = entries
+    # test favours 1e-2; val favours 1e-3, an edge: the grid extends down once and brackets it
+    assert entry["chosen"] == {"lr": 1e-3} and entry["extensions"] == 1
+    assert [t["lr"] for t in entry["trials"]] == pytest.approx([1e-3 / 3, 1e-3, 3e-3, 1e-2])
+    assert entry["val_bpb"] == pytest.approx(2.005)  # the mean over the tuning seeds
+    assert len(calls) == 8 and "tune__bytes__lr1.00e-03__C2.00e09__s1" in calls
+    written = (tmp_path / "tuning.json").read_text()
+    assert json.loads(written)["selected_on"] == "val" and "test" not in written
+
+
+def test_runs_use_the_chosen_settings_and_record_which_trials_chose_them(write_suite, tmp_path):
+    # a bad untuned lr (3e-4); at 1e9 FLOPs the tiny bytes model's val optimum is near 3e-2
+    # (measured: val 6.67 / 5.11 / 4.95 / 4.96 bpb at lr 3e-3 / 1e-2 / 3e-2 / 9e-2)
+    suite = tiny_suite(budgets=[1e9], trainer={"batch_windows": 8, "log_every": 2, "lr": 3e-4},
+                       tune={"budgets": [1e9], "lr": [1e-2, 3e-2, 9e-2], "max_extensions": 1})
+    path = write_suite(suite)
+    out = runner.run_suite(path, tmp_path, "cpu", show_progress=False)
+    tuning = json.loads((out / "tuning.json").read_text())
+    (entry,) = tuning["entries"]
+    assert entry["untuned"] == {"lr": 3e-4} and entry["chosen"]["lr"] == pytest.approx(3e-2)
+    (record,) = read_suite_records(out)  # tuning trials are not the suite's runs
+    assert record.trainer["lr"] == entry["chosen"]["lr"]
+    assert record.tuning["selected_on"] == "val" and record.tuning["chosen"] == entry["chosen"]
+    assert len(record.tuning["trials"]) == 3
+    for run_id in record.tuning["trials"]:
+        assert (out / "tuning" / "runs" / run_id / "record.json").exists()
+    # resumable: a second pass trains nothing
+    before = {p: p.stat().st_mtime for p in out.glob("**/record.json")}
+    runner.run_suite(path, tmp_path, "cpu", show_progress=False)
+    assert before == {p: p.stat().st_mtime for p in out.glob("**/record.json")}
+
+
+def test_the_report_shows_the_tuning_table_plot_and_gap(tmp_path):
+    from harness.analysis.tuning_report import tuning_section
+
+    trials = lambda scores: [{"lr": lr, "run_ids": [f"tune__m__lr{lr:.2e}"], "val_bpb": v} for lr, v in scores.items()]
+    entries = [
+        {"corpus": "c", "model": "bytes", "budget": 1e9, "seeds": [0], "chosen": {"lr": 1e-2}, "val_bpb": 4.0,
+         "extensions": 0, "untuned": {"lr": 3e-3}, "trials": trials({1e-3: 4.5, 3e-3: 4.2, 1e-2: 4.0, 3e-2: 4.1})},
+        {"corpus": "c", "model": "bytes", "budget": 1e10, "seeds": [0], "chosen": {"lr": 3e-3}, "val_bpb": 3.0,
+         "extensions": 1, "untuned": {"lr": 3e-3}, "trials": trials({1e-3: 3.2, 3e-3: 3.0, 1e-2: 3.1})},
+    ]
+    (tmp_path / "tuning.json").write_text(json.dumps({"selected_on": "val", "entries": entries}))
+    (tmp_path / "plots").mkdir()
+    text = "\n".join(tuning_section(tmp_path, tmp_path / "plots"))
+    assert "## Tuning" in text and "| 0.2 " in text  # the untuned - tuned gap at 1e9
+    assert "chosen lr 0.01 at 1.00e+09 -> 0.003 at 1.00e+10 FLOPs" in text  # the drift between budgets
+    assert (tmp_path / "plots" / "tuning_c_1.00e09.png").stat().st_size > 1000
+    assert tuning_section(tmp_path / "elsewhere", tmp_path) == []
+
+
+def test_a_bad_tune_section_names_the_file_and_key(write_suite):
+    path = write_suite(tiny_suite(tune={"budgets": [1e9], "lr": [1e-3]}))
+    with pytest.raises(HarnessError, match=r"suite\.yaml: tune\.lr: List should have at least 2 items"):
+        load_suite(path)
+    path = write_suite(tiny_suite(tune={"budgets": [1e3]}))
+    with pytest.raises(HarnessError, match=r"suite\.yaml: tune\.budgets: 1e\+03 FLOPs is less than one optimizer step"):
+        load_suite(path)
+
+
+def test_warmup_and_batch_grids_are_crossed_with_the_lr_search(write_suite, tmp_path, monkeypatch):
+    tune = {"budgets": [2e9], "lr": [1e-3, 3e-3, 1e-2], "warmup_fraction": [0.0, 0.1], "batch_windows": [4, 8]}
+    suite = load_suite(write_suite(tiny_suite(tune=tune)))
+    calls = []
+
+    def execute(run, *args):
+        calls.append(run.run_id)
+        t = run.trainer
+        val = bowl(3e-3)(t.lr) + (0.0 if t.warmup_fraction == 0.1 else 0.5) + (0.0 if t.batch_windows == 4 else 0.2)
+        return SimpleNamespace(val=SimpleNamespace(bpb=val))
+
+    monkeypatch.setattr(runner, "execute", execute)
+    (entry,) = tune_suite(suite, tmp_path, {"pydoc-topics": None}, torch.device("cpu"), 1.0)
+    assert entry["chosen"] == {"lr": 3e-3, "warmup_fraction": 0.1, "batch_windows": 4}
+    assert len(entry["trials"]) == len(calls) == 12 and "tune__bytes__lr3.00e-03__wu0.1__b4__C2.00e09__s0" in calls
+    assert entry["untuned"] == {"lr": 3e-3, "warmup_fraction": 0.05, "batch_windows": 8}
+    (run,) = apply_tuning(runner.expand(suite), [entry])
+    assert (run.trainer.lr, run.trainer.warmup_fraction, run.trainer.batch_windows) == (3e-3, 0.1, 4)
+    assert run.tuning["selected_on"] == "val" and len(run.tuning["trials"]) == 12
