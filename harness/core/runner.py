@@ -29,7 +29,7 @@ from harness.core.records import (CorpusFacts, FlopsPerByte, ModelSpec, Preparat
                                   write_record)
 from harness.core.sizing import resize, size_to_target
 from harness.core.suite import Run, Suite, expand, load_corpus, load_suite
-from harness.core.train import train
+from harness.core.train import TENSORBOARD_MISSING, tensorboard_available, tensorboard_writer, train
 from harness.errors import HarnessError
 from harness.modeling.flops import measure_forward, training_flops_per_byte, training_steps
 
@@ -46,11 +46,15 @@ class CorpusData:
 
 
 def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "auto", show_progress: bool = True,
-              save_every_s: float = 60.0, dry_run: bool = False) -> Path:
+              save_every_s: float = 60.0, dry_run: bool = False, tensorboard_dir: Path | None = None) -> Path:
     """Train and evaluate every run of the suite that has no record yet. With `dry_run`, only
-    write suite.json (corpora, reference rows) and say which runs are done and which are not."""
+    write suite.json (corpora, reference rows) and say which runs are done and which are not.
+    With `tensorboard_dir`, each run's training curves go to TENSORBOARD_DIR/SUITE/RUN_ID."""
     suite = load_suite(suite_path)
     device = pick_device(device_name)
+    if tensorboard_dir is not None and not tensorboard_available():
+        log(f"warning: {TENSORBOARD_MISSING}")
+        tensorboard_dir = None
     out = results_root / suite.name
     peak = measure_matmul_peak(device)
     corpora = {corpus.label: load_corpus_data(suite, corpus.label, device) for corpus in suite.corpora}
@@ -72,7 +76,8 @@ def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "au
             continue
         log(f"[{index}/{len(runs)}] {run.run_id}: training")
         record = execute(run, suite, corpora[run.corpus.label], device, peak, config_hash, run_dir,
-                         show_progress, save_every_s)
+                         show_progress, save_every_s,
+                         tensorboard_dir / suite.name / run.run_id if tensorboard_dir is not None else None)
         log(f"[{index}/{len(runs)}] {run.run_id}: val {record.val.bpb:.4f} bpb, test {record.test.bpb:.4f} bpb, "
             f"{record.wall_seconds:.1f}s, {record.achieved_flops_per_s / 1e9:.2f} GFLOP/s")
     return out
@@ -200,7 +205,7 @@ def segmentation_example(model: Adapter, test: bytes, window: int, example_bytes
 
 
 def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, peak: float, config_hash: str,
-            run_dir: Path, show_progress: bool, save_every_s: float) -> RunRecord:
+            run_dir: Path, show_progress: bool, save_every_s: float, tensorboard_dir: Path | None = None) -> RunRecord:
     started = time.perf_counter()
     ctx = context(suite, run, device)
     model, preparation, sizing = prepare(run, suite, corpus, ctx)
@@ -213,8 +218,14 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
     stream = data.TrainStream(corpus.splits.train, ctx.window, run.trainer.batch_windows, run.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     partial = run_dir / "partial.pt"
-    training = train(model, stream, run.trainer, steps.steps, device, description=run.run_id,
-                     show_progress=show_progress, resume_path=partial, resume_key=config_hash, save_every_s=save_every_s)
+    writer = tensorboard_writer(tensorboard_dir) if tensorboard_dir is not None else None
+    try:
+        training = train(model, stream, run.trainer, steps.steps, device, description=run.run_id,
+                         show_progress=show_progress, resume_path=partial, resume_key=config_hash,
+                         save_every_s=save_every_s, tensorboard=writer)
+    finally:
+        if writer is not None:
+            writer.close()
     warnings = []
     if training["epochs"] > 1:
         warnings.append(f"trained for {training['epochs']:.2f} epochs over the training split (data repeats)")
