@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import time
 from abc import abstractmethod
@@ -52,6 +51,7 @@ from torch import nn
 from harness.modeling import flops
 from harness.errors import HarnessError
 from harness.modeling.nn import Transformer, init_weights
+from harness.core.cache import cache_dir as shared_cache_dir
 from harness.core.records import write_json_atomic
 from harness.api import Adapter, AdapterConfig, Preparation, RunContext, SizingFields
 
@@ -129,9 +129,9 @@ class Vocabulary:
 
 
 def cache_dir() -> Path:
-    """Where trained tokenizers are kept: $HARNESS_CACHE_DIR/tokenizers, by default
-    .cache/harness/tokenizers under the working directory."""
-    return Path(os.environ.get("HARNESS_CACHE_DIR", ".cache/harness")) / "tokenizers"
+    """Where trained tokenizers are kept: $HARNESS_CACHE_DIR/tokenizers if set, else the user's
+    cache folder ($XDG_CACHE_HOME or ~/.cache)/tokenizer-harness/tokenizers (harness.core.cache)."""
+    return shared_cache_dir("tokenizers")
 
 
 class TokenLM(Adapter):

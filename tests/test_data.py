@@ -124,3 +124,87 @@ def test_presets_pin_the_well_known_files():
     assert set(data.PRESETS) == {"enwik8", "text8"}
     for preset in data.PRESETS.values():
         assert len(preset["sha256"]) == 64 and preset["url"].endswith(".zip")
+
+
+# ---- corpus labels, Hugging Face datasets, missing files ---------------------------------------
+
+def test_every_corpus_may_carry_a_label(tmp_path, write_suite):
+    from harness.core.suite import expand
+
+    (tmp_path / "notes.txt").write_bytes(b"some notes " * 1000)
+    suite = load_suite(write_suite(tiny_suite(corpus=[
+        {"files": "notes.txt"}, {"files": "notes.txt", "label": "notes-again"},
+        {"embedded": "pydoc-topics", "label": "prose_v1.2"}])))
+    assert [c.label for c in suite.corpora] == ["notes", "notes-again", "prose_v1.2"]  # default: the file stem
+    assert {r.run_id.split("__")[0] for r in expand(suite)} == {"notes", "notes-again", "prose_v1.2"}
+    runs = expand(suite)
+    assert runs[0].config_hash(suite) == runs[1].config_hash(suite)  # the label names a run, it does not change it
+    with pytest.raises(HarnessError, match=r"suite.yaml: corpus.label: 'my notes': letters, digits"):
+        load_suite(write_suite(tiny_suite(corpus={"files": "notes.txt", "label": "my notes"})))
+    with pytest.raises(HarnessError, match=r"corpus\[1\].label: 'a/b'"):
+        load_suite(write_suite(tiny_suite(corpus=[{"embedded": "pydoc-topics"}, {"files": "notes.txt", "label": "a/b"}])))
+    with pytest.raises(HarnessError, match="share the label 'notes'"):
+        load_suite(write_suite(tiny_suite(corpus=[{"files": "notes.txt"}, {"embedded": "pydoc-topics", "label": "notes"}])))
+
+
+def test_a_missing_files_corpus_is_found_before_any_corpus_is_loaded(tmp_path, write_suite, monkeypatch):
+    monkeypatch.setattr(data, "embedded_corpus", lambda *a: pytest.fail("a corpus was loaded"))
+    with pytest.raises(HarnessError, match=r"suite.yaml: corpus\[1\].files: no file matches '.*missing\*.txt'"):
+        load_suite(write_suite(tiny_suite(corpus=[{"embedded": "pydoc-topics"}, {"files": "missing*.txt"}])))
+    with pytest.raises(HarnessError, match=r"suite.yaml: corpus.files: no file matches"):
+        load_suite(write_suite(tiny_suite(corpus={"files": "nothing.jsonl"})))
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"id": i, "body": f"row {i}: caf\u00e9 and some more text to fill the corpus"} for i in range(n)]
+
+
+def test_hf_corpus_from_a_local_parquet_file_and_folder(tmp_path, write_suite):
+    import datasets
+
+    (tmp_path / "ds").mkdir()
+    datasets.Dataset.from_list(_rows(400)).to_parquet(str(tmp_path / "rows.parquet"))
+    with open(tmp_path / "ds" / "train.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in _rows(400))
+    sizes = {"train_bytes": 5000, "val_bytes": 2000, "test_bytes": 2000}
+    expected = b"\n\n".join(row["body"].encode() for row in _rows(400))[:9000]
+    from_file = load_suite(write_suite(tiny_suite(corpus={"hf": "rows.parquet", "field": "body"}, split=sizes)))
+    assert from_file.corpora[0].label == "rows"
+    splits = load_corpus(from_file)
+    assert splits.train + splits.val + splits.test == expected
+    assert splits.sha256 == hashlib.sha256(expected).hexdigest()
+    assert splits.corpus_id == f"hf:{tmp_path / 'rows.parquet'}:train.body"
+    from_folder = load_suite(write_suite(tiny_suite(corpus={"hf": "ds", "field": "body", "label": "mine"}, split=sizes)))
+    folder_splits = load_corpus(from_folder)
+    assert folder_splits.sha256 == splits.sha256 and folder_splits.corpus_id.endswith("ds:train.body")
+    with pytest.raises(HarnessError, match="no string field 'text'"):
+        load_corpus(load_suite(write_suite(tiny_suite(corpus={"hf": "ds"}, split=sizes))))
+    with pytest.raises(HarnessError, match="cannot load it"):
+        load_corpus(load_suite(write_suite(tiny_suite(corpus={"hf": "ds", "field": "body", "split": "nope"}, split=sizes))))
+
+
+def test_hf_corpus_reads_only_the_rows_it_needs(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(_rows(20_000)).to_parquet(str(tmp_path / "big.parquet"))
+    corpus_id, raw = data.hf_corpus(str(tmp_path / "big.parquet"), None, "train", None, "body", 1000)
+    assert len(raw) == 1000 and raw.startswith(b"row 0: caf\xc3\xa9")
+
+
+def test_hf_corpus_on_the_hub_names_the_commit_it_was_pinned_to(monkeypatch):
+    import datasets
+
+    seen = {}
+
+    def load_dataset(**arguments):
+        seen.update(arguments)
+        return iter([{"text": "hub text " * 50}])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    corpus_id, raw = data.hf_corpus("someone/corpus", "en", "train", commit, "text", 100)
+    assert corpus_id == f"hf:someone/corpus@{commit}/en:train.text" and len(raw) == 100
+    assert seen["revision"] == commit and seen["streaming"] is True
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HarnessError, match="cannot resolve revision main"):
+        data.hf_corpus("someone/corpus", None, "train", None, "text", 100)

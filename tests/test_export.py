@@ -85,6 +85,27 @@ def test_export_subcommand(tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json", "harness_export.json"} <= set(os.listdir(tmp_path / "out"))
 
 
+
+def test_export_says_the_trained_context_and_writes_a_model_card(tmp_path):
+    import json
+
+    from transformers import AutoTokenizer
+
+    make_run(tmp_path / "run")  # its record: windows of 64 bytes, test bpb 1.0
+    export_run(tmp_path / "run", tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 65  # BOS + at most one token per byte of a 64-byte window
+    assert config["eos_token_id"] is None  # the BPE vocabulary has BOS only
+    assert AutoTokenizer.from_pretrained(tmp_path / "out", local_files_only=True).model_max_length == 65
+    facts = json.loads((tmp_path / "out" / "harness_export.json").read_text())
+    assert facts["trained_window_bytes"] == 64 and facts["max_tokens"] == 65 and facts["eos_token_id"] is None
+    card = (tmp_path / "out" / "README.md").read_text()
+    for expected in ("# run", "Adapter: `bpe`", "sha256 `" + "0" * 64 + "`", "windows of **64 bytes**",
+                     "**1.0000 bits per byte**", "no EOS token (BOS only)",
+                     f"harness export {tmp_path / 'run'} {tmp_path / 'out'}"):
+        assert expected in card, expected
+
+
 def test_export_refuses_other_adapters_and_missing_runs(tmp_path):
     make_run(tmp_path / "sp", adapter="sentencepiece", vocab_size=400)
     with pytest.raises(HarnessError, match="adapter 'sentencepiece' cannot be exported"):

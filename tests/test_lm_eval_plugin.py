@@ -25,6 +25,7 @@ from harness.api import registry
 from harness.errors import HarnessError
 from harness.core.evaluate import window_nll
 from harness.lm_eval_plugin import RAW_BYTE_BASE, TASKS_DIR, HarnessLM, bytes_to_text, task_manager, text_to_bytes
+from harness.lm_eval_plugin.model import scoring_windows
 from harness.commands.lm_eval import add_parser
 from harness.core.records import read_record, read_suite_records
 from harness.core.runner import run_suite
@@ -175,9 +176,41 @@ def test_loglikelihood_sums_the_continuation_bytes(bytes_lm):
     assert truncated == pytest.approx(same, rel=1e-5)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.integers(2, 40), st.integers(0, 200), st.integers(0, 200))
+def test_scoring_windows_score_every_continuation_byte_once_with_enough_context(window, context, continuation):
+    total = context + continuation
+    windows = scoring_windows(context, total, window)
+    scored = [q for start, end, n in windows for q in range(end - n, end)]
+    assert scored == list(range(context, total))  # every continuation byte, once, in order
+    for start, end, n in windows:
+        assert 0 <= start < end <= total and end - start <= window and 1 <= n <= end - start
+        first_context = end - n - start  # the context the first scored byte sees inside the window
+        assert first_context == end - n or first_context >= window // 2
+    if total <= window:
+        assert windows == ([(0, total, continuation)] if continuation else [])
+
+
+def test_loglikelihood_scores_every_byte_of_a_continuation_longer_than_the_window(bytes_lm):
+    context = b"Question: name the bytes. Answer:" * 2
+    continuation = bytes(range(32, 127)) + "é日本".encode() * 10  # 155 bytes, about 2.4 windows
+    (ll, greedy), = bytes_lm.loglikelihood([request("loglikelihood", bytes_to_text(context), bytes_to_text(continuation))])
+    joint = context + continuation
+    expected = 0.0
+    with torch.no_grad():  # directly: one forward pass per continuation byte, over its window's bytes up to it
+        for start, end, n in scoring_windows(len(context), len(joint), WINDOW):
+            for q in range(end - n, end):
+                inputs = torch.tensor(list(joint[start : q + 1])).view(1, -1)
+                logprobs = F.log_softmax(bytes_lm.model.next_byte_logits(inputs).float(), dim=-1)
+                expected += float(logprobs[0, -1, joint[q]])
+    assert ll == pytest.approx(expected, rel=1e-5)
+    assert len(scoring_windows(len(context), len(joint), WINDOW)) >= 3 and greedy is False
+
+
 def test_token_path_joint_minus_context_is_exact_for_a_byte_model(bytes_lm, monkeypatch):
     """The tokenizer route, log P(ctx + cont) - log P(ctx), equals the byte-level route on a byte-causal model."""
-    pairs = [("Question: what is 2 + 2?\nAnswer:", " 4"), ("", "hello"), ("abc" * 30, " défi")]
+    pairs = [("Question: what is 2 + 2?\nAnswer:", " 4"), ("", "hello"), ("abc" * 30, " défi"),
+             ("context " * 12, "a continuation longer than the window, scored in several windows " * 2)]
     exact = bytes_lm.loglikelihood([request("loglikelihood", c, x) for c, x in pairs])
     monkeypatch.setattr(bytes_lm, "byte_level", False)
     approx = bytes_lm.loglikelihood([request("loglikelihood", c, x) for c, x in pairs])
@@ -303,6 +336,60 @@ def test_harness_lm_eval_command_runs_the_plugin_task_and_arc_easy_offline(runs,
         best = max(range(len(lls)), key=lambda i: lls[i][0])
         correct.append(best == doc["choices"]["label"].index(doc["answerKey"]))
     assert output["results"]["arc_easy"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
+
+
+def test_a_users_multiple_choice_task_from_a_local_file_runs_quietly(runs, tmp_path, bytes_lm, no_network, capfd,
+                                                                   monkeypatch):
+    """A 4-way multiple choice over a local JSONL file, passed with --include_path, run outside a git
+    checkout: no "fatal: not a git repository" (lm-eval's git probe) and no `--metadata` hint."""
+    questions = [
+        {"question": "Which word names a colour?", "choices": ["table", "green", "river", "seven"], "answer": 1},
+        {"question": "What does a harness measure?", "choices": ["bits per byte", "apples", "rain",
+                                                                  "a choice much longer than the evaluation window, "
+                                                                  "so that it is scored in more than one window"],
+         "answer": 0},
+        {"question": "Pick the number.", "choices": ["cat", "dog", "bird", "42"], "answer": 3},
+    ]
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "my_choice.yaml").write_text(yaml.safe_dump({
+        "task": "my_choice", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "output_type": "multiple_choice", "test_split": "test", "doc_to_text": "Question: {{question}}\nAnswer:",
+        "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0}}))
+    top = argparse.ArgumentParser(prog="harness")
+    add_parser(top.add_subparsers(dest="command"))
+    monkeypatch.chdir(tmp_path)  # not a git checkout
+    monkeypatch.setattr("lm_eval.tasks.TaskManager.__init__", _no_builtin_index(), raising=True)
+    args = top.parse_args(["lm-eval", "--model", "harness", "--model_args", f"pretrained={runs['bytes']}",
+                           "--tasks", "my_choice,harness_bpb", "--include_path", str(tasks), "--device", "cpu",
+                           "--output_path", str(tmp_path / "out")])
+    args.func(args)
+    err = capfd.readouterr().err
+    assert "not a git repository" not in err and "--metadata" not in err
+    output = json.loads(next((tmp_path / "out").rglob("results*.json")).read_text())
+    correct = []
+    for q in questions:
+        lls = bytes_lm.loglikelihood([request("loglikelihood", f"Question: {q['question']}\nAnswer:", f" {choice}")
+                                      for choice in q["choices"]])
+        correct.append(max(range(4), key=lambda i: lls[i][0]) == q["answer"])
+    assert output["results"]["my_choice"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
+
+
+def _no_builtin_index():
+    """TaskManager.__init__ without lm-eval's ~15k built-in task files (about 20 s)."""
+    import lm_eval.tasks
+
+    real = lm_eval.tasks.TaskManager.__init__
+
+    def init(self, *args, **kwargs):
+        kwargs["include_defaults"] = False
+        real(self, *args, **kwargs)
+
+    return init
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import zstandard
 
 from harness.analysis import references
 from harness.analysis.references import cached_references, compressors, compute_references, order0_entropy
-from harness.analysis.report import primed_summary, reference_table
+from harness.analysis.report import primed_clause, reference_table, summary_sentences
 
 
 def _text(seed: int, n: int) -> bytes:
@@ -157,15 +157,15 @@ def test_the_report_lists_primed_then_whole_then_alone_then_entropy():
 
 
 def test_the_summary_compares_the_best_model_with_the_best_primed_compressor():
-    ranking = pd.DataFrame([{"budget": 6e11, "rank": 1, "model": "bpe", "test bpb": 1.943},
-                            {"budget": 6e11, "rank": 2, "model": "bytes", "test bpb": 2.1},
-                            {"budget": 2e12, "rank": 1, "model": "bytes", "test bpb": 1.80}])
-    assert primed_summary(ranking, {"references": NEW}) == [
-        "- At 6e+11 training FLOPs, the best model, **bpe** (1.9430 bpb), is 0.1030 bpb behind the best primed "
-        "compressor, PPMd order 16 primed with the training split (1.8400 bpb).",
-        "- At 2e+12 training FLOPs, the best model, **bytes** (1.8000 bpb), is 0.0400 bpb ahead of the best primed "
+    assert primed_clause(1.943, {"references": NEW}) == (
+        "it is 0.1030 bpb behind the best primed compressor, PPMd order 16 primed with the training split (1.8400 bpb)")
+    assert primed_clause(1.80, {"references": NEW}) == (
+        "it is 0.0400 bpb ahead of the best primed compressor, PPMd order 16 primed with the training split (1.8400 bpb)")
+    assert primed_clause(1.80, {"references": OLD}) is None
+    ranking = pd.DataFrame([{"budget": 6e11, "rank": 1, "model": "bytes", "test bpb": 1.80}])
+    assert summary_sentences(ranking, {"bytes": "tokenizer-free"}, {"references": NEW}) == [
+        "- At 6e+11 training FLOPs, **bytes** leads with 1.8000 bpb; it is 0.0400 bpb ahead of the best primed "
         "compressor, PPMd order 16 primed with the training split (1.8400 bpb)."]
-    assert primed_summary(ranking, {"references": OLD}) == []
 
 
 def test_build_report_renders_new_and_old_reference_entries(tmp_path):

@@ -36,6 +36,8 @@ from typing import Callable
 
 import torch
 
+from harness.core.cache import cache_dir as shared_cache_dir
+
 # Version of the cached entry (and of the "references" entry of suite.json that it fills);
 # bump it when a compressor's settings or the way a figure is computed changes.
 REFERENCES_FORMAT = 2
@@ -208,11 +210,8 @@ def compute_references(train: bytes, windows: torch.Tensor, label: str = "",
 
 def cache_dir() -> Path:
     """Where references are kept: $HARNESS_CACHE_DIR/references if set, else the user's
-    cache folder ($XDG_CACHE_HOME or ~/.cache)/tokenizer-harness/references."""
-    if os.environ.get("HARNESS_CACHE_DIR"):
-        return Path(os.environ["HARNESS_CACHE_DIR"]) / "references"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tokenizer-harness" / "references"
+    cache folder ($XDG_CACHE_HOME or ~/.cache)/tokenizer-harness/references (harness.core.cache)."""
+    return shared_cache_dir("references")
 
 
 def cache_key(train: bytes, windows: torch.Tensor) -> dict:

@@ -16,12 +16,29 @@ import pandas as pd  # noqa: E402
 
 from harness.analysis import stats  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
-from harness.analysis.segment import Segmentation, plot_segmentation  # noqa: E402
+from harness.analysis.segment import Segmentation, plot_segmentation, segmentation_threshold  # noqa: E402
 from harness.analysis.tuning_report import tuning_section  # noqa: E402
 from harness.core.records import RunFailure, RunRecord, read_failures, read_suite_records  # noqa: E402
 
 
 COST_TOLERANCE = 0.02  # measured FLOPs further than this from the analytic figure are shown
+
+
+def model_colours(names) -> dict[str, tuple]:
+    """One colour per model name, the same in every plot of a report: the names sorted, then
+    matplotlib's tab10 (tab20 beyond ten models) in that order."""
+    names = sorted(set(names))
+    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    return {name: palette(i % palette.N) for i, name in enumerate(names)}
+
+
+WINDOW_TEST = "paired t over windows"  # stats.difference_p_value's test for single runs
+WINDOW_NOTE = "one seed: this p reflects sampling over test windows only, not training noise"
+
+
+def _with_caveat(test: str) -> str:
+    """The test's name, with the caveat that a p over windows leaves out seed-to-seed variation."""
+    return f"{test}; {WINDOW_NOTE}" if test == WINDOW_TEST else test
 
 
 def _groups(records: list[RunRecord]) -> dict[tuple[float, str], list[RunRecord]]:
@@ -94,41 +111,54 @@ def ranking_table(records: list[RunRecord]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def leader_summary(ranking: pd.DataFrame) -> list[str]:
-    """One generated sentence per budget: who leads and by how much."""
+def model_kinds(records: list[RunRecord]) -> dict[str, str]:
+    """Model name -> "tokenized" (records with tokenizer metrics) or "tokenizer-free"."""
+    return {r.model.name: "tokenized" if r.tokenizer else "tokenizer-free" for r in records}
+
+
+def _against(row: pd.Series, name: str, detail: str = "") -> str:
+    """How far a ranking row is behind the best, with the verdict, p and test (and its caveat)."""
+    return (f"{row['Δ vs best']:.4f} bpb ahead of {name} "
+            f"({detail}{row['vs best']}, p = {row['p']:.3g}, {_with_caveat(row['test'])})")
+
+
+def summary_sentences(ranking: pd.DataFrame, kinds: dict[str, str], corpus: dict | None = None) -> list[str]:
+    """One generated sentence per budget, saying each fact once: who leads and by how much over
+    the runner-up; over the best model of the other kind (tokenized / tokenizer-free) when
+    that is not the runner-up; and where the best compressor primed with the training split
+    stands (none for a record without primed references)."""
     lines = []
     for budget, group in ranking.groupby("budget"):
         best = group.iloc[0]
-        sentence = f"- At {budget:.3g} training FLOPs, **{best['model']}** leads with {best['test bpb']:.4f} bpb"
+        both_kinds = len({kinds.get(m) for m in group["model"]}) > 1
+        kind = f" ({kinds[best['model']]})" if both_kinds else ""
+        sentence = f"- At {budget:.3g} training FLOPs, **{best['model']}**{kind} leads with {best['test bpb']:.4f} bpb"
+        clauses = []
         if len(group) > 1:
             second = group.iloc[1]
-            sentence += (f", {second['Δ vs best']:.4f} bpb ahead of {second['model']} "
-                         f"({second['vs best']}, p = {second['p']:.3g}, {second['test']})")
+            other = f" ({kinds[second['model']]})" if both_kinds and kinds[second["model"]] != kinds[best["model"]] else ""
+            clauses.append(_against(second, f"{second['model']}{other}"))
+            rivals = group[[kinds.get(m) != kinds.get(best["model"]) for m in group["model"]]]
+            if both_kinds and rivals.iloc[0]["model"] != second["model"]:  # the best of the other kind, if not said
+                rival = rivals.iloc[0]
+                clauses.append(_against(rival, f"the best {kinds[rival['model']]} model, {rival['model']}",
+                                        f"{rival['test bpb']:.4f} bpb; "))
+        sentence += (": " + " and ".join(clauses)) if clauses else ""
+        primed = primed_clause(best["test bpb"], corpus)
+        sentence += f"; {primed}" if primed else ""
         lines.append(sentence + ".")
     return lines
 
 
-def byte_versus_token_summary(records: list[RunRecord]) -> list[str]:
-    """One generated sentence per budget: the best tokenizer-free model against the best
-    model with a trained tokenizer (records with tokenizer metrics), with the test used."""
-    lines = []
-    groups = _groups(records)
-    for budget in sorted({b for b, _ in groups}):
-        kinds: dict[bool, list[tuple[float, str, list[RunRecord]]]] = {True: [], False: []}
-        for (b, model), runs in groups.items():
-            if b == budget:
-                kinds[bool(runs[0].tokenizer)].append((float(np.mean([r.test.bpb for r in runs])), model, runs))
-        if not kinds[True] or not kinds[False]:
-            continue
-        byte_bpb, byte_model, byte_runs = min(kinds[False], key=lambda k: k[0])
-        token_bpb, token_model, token_runs = min(kinds[True], key=lambda k: k[0])
-        p, test = stats.difference_p_value(byte_runs, token_runs)
-        verdict = "significant" if p < stats.ALPHA else "not significant"
-        side = "behind" if byte_bpb > token_bpb else "ahead of"
-        lines.append(f"- At {budget:.3g} training FLOPs, the best tokenizer-free model, **{byte_model}** "
-                     f"({byte_bpb:.4f} bpb), is {abs(byte_bpb - token_bpb):.4f} bpb {side} the best tokenized model, "
-                     f"{token_model} ({token_bpb:.4f}; {verdict}, p = {p:.3g}, {test}).")
-    return lines
+def primed_clause(bpb: float, corpus: dict | None) -> str | None:
+    """Where a bpb stands against the best compressor primed with the training split (None for a
+    record without primed references)."""
+    primed = (corpus or {}).get("references", {}).get("test", {}).get("primed_bpb")
+    if not primed:
+        return None
+    name, reference = min(primed.items(), key=lambda item: item[1])
+    side = "behind" if bpb > reference else "ahead of"
+    return f"it is {abs(bpb - reference):.4f} bpb {side} the best primed compressor, {name} {PRIMED} ({reference:.4f} bpb)"
 
 
 PRIMED = "primed with the training split"
@@ -147,29 +177,13 @@ def reference_table(refs: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def primed_summary(ranking: pd.DataFrame, corpus: dict) -> list[str]:
-    """One generated sentence per budget: the best model against the best compressor primed
-    with the training split (none for a record without primed references)."""
-    primed = corpus["references"]["test"].get("primed_bpb")
-    if not primed:
-        return []
-    name, reference = min(primed.items(), key=lambda item: item[1])
-    lines = []
-    for budget, group in ranking.groupby("budget"):
-        best = group.iloc[0]
-        side = "behind" if best["test bpb"] > reference else "ahead of"
-        lines.append(f"- At {budget:.3g} training FLOPs, the best model, **{best['model']}** ({best['test bpb']:.4f} bpb), "
-                     f"is {abs(best['test bpb'] - reference):.4f} bpb {side} the best primed compressor, "
-                     f"{name} {PRIMED} ({reference:.4f} bpb).")
-    return lines
-
-
 def runs_table(records: list[RunRecord]) -> pd.DataFrame:
     rows = []
     for r in records:
         rows.append({
             "model": r.model.name,
             "adapter": r.model.adapter,
+            "budget": r.budget_flops,
             "seed": r.seed,
             "params": r.parameters["total"],
             "fwd FLOPs/byte": r.flops_per_byte.analytic["total"],
@@ -183,7 +197,7 @@ def runs_table(records: list[RunRecord]) -> pd.DataFrame:
             "FLOP/s": r.achieved_flops_per_s,
             "MFU": r.mfu,
         })
-    return pd.DataFrame(rows).sort_values(["train FLOPs", "test bpb"], kind="stable")
+    return pd.DataFrame(rows).sort_values(["model", "budget", "seed"], kind="stable")
 
 
 def _markdown(frame: pd.DataFrame) -> str:
@@ -236,9 +250,12 @@ def representative_runs(records: list[RunRecord], key: str) -> dict[str, RunReco
     return chosen
 
 
-def plot_segmentation_examples(records: list[RunRecord], plot_dir: Path, label: str) -> list[str]:
+def plot_segmentation_examples(records: list[RunRecord], plot_dir: Path, label: str,
+                               colours: dict[str, tuple] | None = None) -> list[str]:
     """One picture per chunking model: the start of the test split with its boundaries
-    (and scores), as the evaluation rule cut it. Returns markdown image lines."""
+    (and scores, and the threshold where the rule has one), as the evaluation rule cut it.
+    Returns markdown image lines."""
+    colours = colours or model_colours(r.model.name for r in records)
     lines = []
     for name, r in representative_runs(records, "segmentation").items():
         seg = r.segmentation
@@ -247,7 +264,8 @@ def plot_segmentation_examples(records: list[RunRecord], plot_dir: Path, label: 
         scores = None if seg.example_scores is None else np.asarray(seg.example_scores)
         example = Segmentation(text=bytes(seg.example_bytes), scores=scores, starts=starts, window=seg.window)
         path = plot_dir / f"segment_{name}_{label}.png"
-        plot_segmentation(example, path, f"{name} ({r.run_id}), test split, evaluation rule")
+        plot_segmentation(example, path, f"{name} ({r.run_id}), test split, evaluation rule",
+                          threshold=segmentation_threshold(r) if scores is not None else None, colour=colours[name])
         lines += [f"![{name}: chunk boundaries on the test split](plots/{path.name})", ""]
     return lines
 
@@ -264,32 +282,37 @@ def _save(fig, ax, xlabel: str, ylabel: str, title: str, path: Path, legend_size
     plt.close(fig)
 
 
-def plot_length_distributions(curves: dict[str, np.ndarray], path: Path, title: str) -> bool:
-    """Fraction of chunks of each length, one line per label; counts[i] = chunks of i bytes.
-    Returns False, drawing nothing, when there is no curve."""
+def plot_length_distributions(curves: dict[str, np.ndarray], path: Path, title: str,
+                              colours: dict[str, tuple] | None = None) -> bool:
+    """Fraction of chunks of each length, one line per model; counts[i] = chunks of i bytes.
+    A curve's key is the model name or (name, label shown). Returns False, drawing nothing,
+    when there is no curve."""
     if not curves:
         return False
+    colours = colours or model_colours(k[0] if isinstance(k, tuple) else k for k in curves)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, counts in curves.items():
+    for key, counts in curves.items():
+        name, label = key if isinstance(key, tuple) else (key, key)
         counts = np.asarray(counts, dtype=float)
         lengths = np.arange(len(counts))
         mean = (lengths * counts).sum() / counts.sum()
-        ax.plot(lengths[1:], counts[1:] / counts.sum(), marker="o", markersize=3, linewidth=1, label=f"{label} (mean {mean:.2f} B)")
+        ax.plot(lengths[1:], counts[1:] / counts.sum(), marker="o", markersize=3, linewidth=1, color=colours[name],
+                label=f"{label} (mean {mean:.2f} B)")
     _save(fig, ax, "chunk length (bytes)", "fraction of chunks", title, path, legend_size=7)
     return True
 
 
-def plot_patch_sizes(records: list[RunRecord], path: Path) -> bool:
+def plot_patch_sizes(records: list[RunRecord], path: Path, colours: dict[str, tuple] | None = None) -> bool:
     """Patch sizes each patcher measured on the training split (the record's preparation)."""
-    curves = {f"{r.model.name} ({r.preparation.facts.get('patcher', '?')})": [0] + r.preparation.unit_length_counts
+    curves = {(r.model.name, f"{r.model.name} ({r.preparation.facts.get('patcher', '?')})"): [0] + r.preparation.unit_length_counts
               for r in representative_runs(records, "preparation").values() if r.preparation.unit_length_counts}
-    return plot_length_distributions(curves, path, "patch sizes on the training split")
+    return plot_length_distributions(curves, path, "patch sizes on the training split", colours)
 
 
-def plot_chunk_lengths(records: list[RunRecord], path: Path) -> bool:
+def plot_chunk_lengths(records: list[RunRecord], path: Path, colours: dict[str, tuple] | None = None) -> bool:
     """Chunk (patch) lengths on the test windows under each chunking model's evaluation rule."""
     curves = {name: r.segmentation.chunk_length_counts for name, r in representative_runs(records, "segmentation").items()}
-    return plot_length_distributions(curves, path, "chunk lengths on the test windows (evaluation rule)")
+    return plot_length_distributions(curves, path, "chunk lengths on the test windows (evaluation rule)", colours)
 
 
 def variant_table(records: list[RunRecord]) -> pd.DataFrame | None:
@@ -333,25 +356,33 @@ def calibration_table(records: list[RunRecord]) -> pd.DataFrame | None:
     return pd.DataFrame(rows) if rows else None
 
 
-def plot_bpb(summary: pd.DataFrame, x: str, xlabel: str, title: str, path: Path, connect: bool) -> None:
+def plot_bpb(summary: pd.DataFrame, x: str, xlabel: str, title: str, path: Path, connect: bool,
+             colours: dict[str, tuple] | None = None) -> None:
     """Test bpb (95% intervals) against column `x` of the summary, one series per model;
-    `connect` joins a model's budgets with a line."""
+    `connect` joins a model's budgets with a line, otherwise each point is labelled with its
+    budget (several budgets of a model share its colour and may share its x)."""
+    colours = colours or model_colours(summary["model"])
     fig, ax = plt.subplots(figsize=(6, 4))
     for model, group in summary.groupby("model"):
         group = group.sort_values("budget")
         errors = [group["test bpb"] - group["_low"], group["_high"] - group["test bpb"]]
         ax.errorbar(group[x], group["test bpb"], yerr=errors, marker="o", capsize=3, label=model,
-                    linestyle="-" if connect else "none")
+                    linestyle="-" if connect else "none", color=colours[model])
+        if not connect:
+            for px, py, budget in zip(group[x], group["test bpb"], group["budget"]):
+                ax.annotate(f"C={budget:.2g}", (px, py), textcoords="offset points", xytext=(4, 4), fontsize=6,
+                            color=colours[model])
     ax.set_xscale("log")
     _save(fig, ax, xlabel, "test bits per byte", title, path, legend_size=8)
 
 
-def plot_learning_curves(records: list[RunRecord], path: Path) -> None:
+def plot_learning_curves(records: list[RunRecord], path: Path, colours: dict[str, tuple] | None = None) -> None:
     """Train bpb against bytes seen: one line per model, its largest budget and lowest seed."""
+    colours = colours or model_colours(r.model.name for r in records)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in representative_runs(records, "loss_curve").items():
         curve = r.loss_curve
-        ax.plot([p.bytes for p in curve], [p.train_bpb for p in curve], label=name, linewidth=1)
+        ax.plot([p.bytes for p in curve], [p.train_bpb for p in curve], label=name, linewidth=1, color=colours[name])
     _save(fig, ax, "training bytes seen", "train bits per byte", "learning curves (each model: largest budget, lowest seed)",
           path, legend_size=7)
 
@@ -412,6 +443,7 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
     by_corpus = {label: [r for r in records if r.corpus.label == label] for label in suite["corpora"]}
     by_corpus = {label: runs for label, runs in by_corpus.items() if runs}
     rankings = {label: ranking_table(runs) for label, runs in by_corpus.items()}
+    colours = model_colours(r.model.name for r in records)  # one colour per model in every plot
     lines = [
         f"# Suite `{spec['name']}`",
         "",
@@ -435,8 +467,8 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
                   "the sizing table of each corpus lists what changed.", ""]
     lines += ["## Summary", ""]
     for label, ranking in rankings.items():
-        lines += [f"Corpus `{label}`:", "", *leader_summary(ranking), *byte_versus_token_summary(by_corpus[label]),
-                  *primed_summary(ranking, suite["corpora"][label]), ""]
+        lines += [f"Corpus `{label}`:", "", *summary_sentences(ranking, model_kinds(by_corpus[label]),
+                                                                suite["corpora"][label]), ""]
     if failures:
         lines += ["## Runs that did not finish", "",
                   "These runs have no bpb and are in no table below: a diverged run's training loss stopped being "
@@ -444,24 +476,27 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
                   "`harness run SUITE --retry-failed` runs them again.", "",
                   _markdown(failure_table(failures)), ""]
     for label, runs in by_corpus.items():
-        lines += corpus_section(label, runs, rankings[label], suite["corpora"][label], plot_dir)
+        lines += corpus_section(label, runs, rankings[label], suite["corpora"][label], plot_dir, colours)
     lines += tuning_section(results_dir, plot_dir)
     return "\n".join(lines)
 
 
-def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, corpus: dict, plot_dir: Path) -> list[str]:
+def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, corpus: dict, plot_dir: Path,
+                   colours: dict[str, tuple] | None = None) -> list[str]:
     """The tables and plots of one corpus's runs, as markdown lines."""
+    colours = colours or model_colours(r.model.name for r in records)
     summary = summary_table(records)
     plots = {name: f"{name}_{label}.png" for name in ("bpb_vs_flops", "bpb_vs_inference_flops", "learning_curves",
                                                       "patch_sizes", "chunk_lengths")}
     plot_bpb(summary, "budget", "training FLOPs (budget)", f"{label}: test bpb against training compute",
-             plot_dir / plots["bpb_vs_flops"], connect=True)
+             plot_dir / plots["bpb_vs_flops"], connect=True, colours=colours)
     measured_cost = bool(summary["_test_flops"].notna().all())  # records before format 3 have the analytic figure only
     plot_bpb(summary, "_test_flops" if measured_cost else "fwd FLOPs/byte",
              "forward FLOPs per byte on the test windows (inference cost)" if measured_cost else
              "forward FLOPs per byte (inference cost)",
-             f"{label}: test bpb against inference cost", plot_dir / plots["bpb_vs_inference_flops"], connect=False)
-    plot_learning_curves(records, plot_dir / plots["learning_curves"])
+             f"{label}: test bpb against inference cost", plot_dir / plots["bpb_vs_inference_flops"], connect=False,
+             colours=colours)
+    plot_learning_curves(records, plot_dir / plots["learning_curves"], colours)
     refs = corpus["references"]
     reference = reference_table(refs)
     variants = variant_table(records)
@@ -479,7 +514,8 @@ def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, 
         "### Ranking per budget",
         "",
         "Each model against the best of its budget: Welch's t-test over seeds where both have two or more, "
-        "else a paired t-test over the shared test windows; p >= 0.05 is not significant.",
+        "else a paired t-test over the shared test windows; p >= 0.05 is not significant. "
+        "A p over windows (one seed) reflects sampling over test windows only: seed-to-seed training noise is not in it.",
         "",
         _markdown(ranking),
         "",
@@ -539,9 +575,9 @@ def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, 
         f"![learning curves](plots/{plots['learning_curves']})",
         "",
     ]
-    if plot_patch_sizes(records, plot_dir / plots["patch_sizes"]):
+    if plot_patch_sizes(records, plot_dir / plots["patch_sizes"], colours):
         lines += [f"![patch sizes per patcher, training split](plots/{plots['patch_sizes']})", ""]
-    if plot_chunk_lengths(records, plot_dir / plots["chunk_lengths"]):
+    if plot_chunk_lengths(records, plot_dir / plots["chunk_lengths"], colours):
         lines += [f"![chunk lengths on the test windows](plots/{plots['chunk_lengths']})", ""]
-    lines += plot_segmentation_examples(records, plot_dir, label)
+    lines += plot_segmentation_examples(records, plot_dir, label, colours)
     return lines

@@ -74,7 +74,22 @@ def _label(byte: int) -> str:
     return chr(byte) if 0x21 <= byte < 0x7F else "\u00b7"
 
 
-def plot_segmentation(seg: Segmentation, path: Path, title: str) -> None:
+def segmentation_threshold(r) -> float | None:
+    """The threshold a run's evaluation rule applies to its segment scores (r: its RunRecord), where it
+    has one: a calibrated "threshold" (ByteFlow, unless it evaluates with the rolling rule) or the entropy
+    patcher's global "theta" (the monotonic rule thresholds a difference of scores: none)."""
+    if isinstance(r.calibration.get("threshold"), (int, float)) and r.model.config.get("eval_rule") != "rolling":
+        return float(r.calibration["threshold"])
+    facts = r.preparation.facts
+    if isinstance(facts.get("theta"), (int, float)) and facts.get("entropy_rule", "global") == "global":
+        return float(facts["theta"])
+    return None
+
+
+def plot_segmentation(seg: Segmentation, path: Path, title: str, threshold: float | None = None,
+                      colour="tab:blue") -> None:
+    """The bytes with chunk starts (red ticks) and window starts (dotted); the scores as a line where
+    the rule has them, with its threshold (dashed) if given. Without scores there is no score axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,8 +100,11 @@ def plot_segmentation(seg: Segmentation, path: Path, title: str) -> None:
         title = f"{title}: first {n} of {len(seg.text)} bytes"
     rows = (n + ROW_BYTES - 1) // ROW_BYTES
     fig, axes = plt.subplots(rows, 1, figsize=(14, 1.5 * rows + 0.6), squeeze=False)
+    if seg.scores is None:
+        threshold = None
     if seg.scores is not None:
-        low, high = float(np.min(seg.scores)), float(np.max(seg.scores))
+        shown = np.append(seg.scores[:n], [] if threshold is None else [threshold])
+        low, high = float(np.min(shown)), float(np.max(shown))
         pad = 0.05 * (high - low) or 1.0
         low, high = low - pad, high + pad
     else:
@@ -95,7 +113,9 @@ def plot_segmentation(seg: Segmentation, path: Path, title: str) -> None:
         a, b = r * ROW_BYTES, min(n, (r + 1) * ROW_BYTES)
         x = np.arange(a, b)
         if seg.scores is not None:
-            ax.plot(x, seg.scores[a:b], color="tab:blue", linewidth=1)
+            ax.plot(x, seg.scores[a:b], color=colour, linewidth=1)
+        if threshold is not None:
+            ax.axhline(threshold, color="0.3", linewidth=0.8, linestyle="--")
         starts = x[seg.starts[a:b]]
         ax.vlines(starts - 0.5, low, low + 0.25 * (high - low), color="tab:red", linewidth=1.2)
         windows = x[(x % seg.window) == 0]
@@ -106,7 +126,9 @@ def plot_segmentation(seg: Segmentation, path: Path, title: str) -> None:
         ax.set_xticklabels([_label(v) for v in seg.text[a:b]], fontsize=6, family="monospace")
         ax.tick_params(axis="x", length=0, pad=1)
         ax.tick_params(axis="y", labelsize=6)
-    axes[0, 0].set_title(title, fontsize=9)
+        if seg.scores is None:  # boundaries only: no score axis to show
+            ax.set_yticks([])
+    axes[0, 0].set_title(title + (f" (dashed: threshold {threshold:.4g})" if threshold is not None else ""), fontsize=9)
     if seg.scores is not None:
         fig.supylabel("score", fontsize=8)
     fig.tight_layout()

@@ -1,22 +1,61 @@
 """`harness export RUN_DIR OUT_DIR`: a trained run in another library's format, through its
 adapter's export hook (token models with a Llama body: a transformers model plus tokenizer,
-loadable with AutoModelForCausalLM / AutoTokenizer from OUT_DIR)."""
+loadable with AutoModelForCausalLM / AutoTokenizer from OUT_DIR). Beside the weights goes a
+short model card, OUT_DIR/README.md: adapter, corpus and its hash, trained window, test bpb,
+and the commands that made it."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from harness.api import load_checkpoint
-from harness.core.records import read_record
+from harness.core.records import RunRecord, read_record
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path) -> str:
-    """Write the run's model to out_dir; returns what was written, in words."""
+    """Write the run's model and a model card (README.md) to out_dir; returns what was written, in words."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     record = read_record(run_dir / "record.json")
     model = load_checkpoint(run_dir, "cpu")
-    return model.export(out_dir, record.model_dump(mode="json"))
+    written = model.export(out_dir, record.model_dump(mode="json"))
+    (out_dir / "README.md").write_text(model_card(record, run_dir, out_dir, written))
+    return written
+
+
+def model_card(record: RunRecord, run_dir: Path, out_dir: Path, written: str) -> str:
+    """A short model card: what the model is, what it was trained and scored on, how it was made."""
+    window = record.eval["window"]
+    eos = json.loads((out_dir / "config.json").read_text()).get("eos_token_id") if (out_dir / "config.json").is_file() else None
+    corpus = record.corpus
+    return "\n".join([
+        f"# {record.run_id}",
+        "",
+        f"{written[0].upper()}{written[1:]}, exported from a tokenizer-harness run (suite `{record.suite}`).",
+        "",
+        f"- Adapter: `{record.model.adapter}` (model `{record.model.name}`), {record.parameters['total']:,} parameters; "
+        f"config `{json.dumps(record.model.config, sort_keys=True)}`.",
+        f"- Corpus: `{corpus.label}` (`{corpus.id}`), sha256 `{corpus.sha256}` of the {corpus.train_bytes:,} / "
+        f"{corpus.val_bytes:,} / {corpus.test_bytes:,} bytes used (train / val / test).",
+        f"- Trained on windows of **{window} bytes**, each from an empty context (BOS plus at most {window} tokens). "
+        "Longer inputs run but were never trained on.",
+        f"- Training: {record.budget_flops:.3g} FLOPs budget, {record.total_flops:.3g} FLOPs spent, {record.steps} steps, "
+        f"{record.bytes_seen:,} bytes seen, seed {record.seed}.",
+        f"- Test: **{record.test.bpb:.4f} bits per byte** over {record.test.windows} windows of {window} bytes "
+        f"(val {record.val.bpb:.4f}).",
+        "- End of text: " + (f"EOS is token {eos}." if eos is not None else
+                             "the tokenizer has no EOS token (BOS only): the model was trained on fixed windows and "
+                             "has no stop token to end a generation."),
+        "",
+        "Made with:",
+        "",
+        "```",
+        f"harness run SUITE.yaml   # the suite `{record.suite}`; run {record.run_id}, config hash {record.config_hash}",
+        f"harness export {run_dir} {out_dir}",
+        "```",
+        "",
+    ])
 
 
 def cmd_export(args: argparse.Namespace) -> None:

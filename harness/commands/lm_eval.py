@@ -11,15 +11,49 @@ A user's own `--include_path DIR` is searched after the plugin's folder. Unless 
 already, HF_HUB_OFFLINE and HF_DATASETS_OFFLINE are set to 1: the plugin's tasks need no
 network, and nothing reaches the Hub unless asked (set them to 0 to let lm-eval download
 Hub tasks such as hellaswag).
+
+Two messages lm-eval prints on every run are silenced here (`quiet_lm_eval`): git's "fatal:
+not a git repository" from lm-eval's git-hash probe (run outside a git checkout; the hash is
+then null, as before), and the warning that tasks with a custom dataset take `--metadata`
+(the plugin's own tasks read their metadata from --model_args).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import subprocess
 import sys
 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+METADATA_HINT = "Custom kwargs can be passed to `--metadata`"  # lm_eval.api.task's warning, once per custom-dataset task
+
+
+class _DropMetadataHint(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return METADATA_HINT not in record.getMessage()
+
+
+def _quiet_git_commit_hash() -> str | None:
+    """lm-eval's get_git_commit_hash (`git describe --always`, else the .git folder) with git's stderr dropped."""
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    try:
+        return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return get_commit_from_path(os.getcwd())
+
+
+def quiet_lm_eval() -> None:
+    """Silence git's "fatal: not a git repository" (lm-eval's git probe) and the `--metadata` hint."""
+    import lm_eval.evaluator
+
+    if hasattr(lm_eval.evaluator, "get_git_commit_hash"):
+        lm_eval.evaluator.get_git_commit_hash = _quiet_git_commit_hash
+    task_logger = logging.getLogger("lm_eval.api.task")
+    if not any(isinstance(f, _DropMetadataHint) for f in task_logger.filters):
+        task_logger.addFilter(_DropMetadataHint())
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -51,6 +85,7 @@ def run(argv: list[str]) -> None:
 
     import harness.lm_eval_plugin as plugin  # registers the model `harness`
 
+    quiet_lm_eval()
     try:
         from lm_eval._cli import HarnessCLI
     except ImportError:  # lm-eval before the subcommand CLI: one flat parser that reads sys.argv

@@ -10,7 +10,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     from harness.core.runner import run_suite
 
     out = run_suite(args.suite, Path(args.results), args.device, show_progress=not args.quiet,
-                    save_every_s=args.save_every, retry_failed=args.retry_failed, dry_run=args.dry_run)
+                    save_every_s=args.save_every, retry_failed=args.retry_failed, dry_run=args.dry_run,
+                    tensorboard_dir=Path(args.tensorboard) if args.tensorboard else None)
     print(f"{'suite.json' if args.dry_run else 'records'} in {out}; next: harness report {out}")
 
 
@@ -27,7 +28,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                          "records go to RESULTS/SUITE_NAME/runs/RUN_ID/")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                      help="auto takes CUDA when present (bf16 autocast), else CPU")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--quiet", action="store_true",
+                     help="no progress (by default a bar on a terminal, a plain line every 30 s in a log)")
+    run.add_argument("--tensorboard", metavar="DIR",
+                     help="also log each run's training curves (train bpb, learning rate, bytes/s) for TensorBoard "
+                          "to DIR/SUITE_NAME/RUN_ID (needs the optional tensorboard package)")
     run.add_argument("--save-every", type=float, default=60.0, metavar="SECONDS",
                      help="save a resumable training state this often (default 60); an interrupted run "
                           "continues from it")

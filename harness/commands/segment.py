@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.analysis.segment import Segmentation, marked_text, plot_lengths, plot_segmentation, segment_bytes
+from harness.analysis.segment import (Segmentation, marked_text, plot_lengths, plot_segmentation, segment_bytes,
+                                      segmentation_threshold)
 from harness.api import load_checkpoint
 from harness.core.records import RunRecord, read_record
 from harness.core.suite import Suite, load_corpus
@@ -59,7 +60,8 @@ def run_segment(run_dir: str | Path, text: str | None = None, split: str | None 
     histogram = picture.with_name(picture.stem + "_chunk_lengths.png")
     rule = f", variant {variant}" if variant else ""
     title = f"{record.run_id} ({record.model.adapter}{rule})"
-    plot_segmentation(seg, picture, title)
+    threshold = segmentation_threshold(record) if variant is None and seg.scores is not None else None
+    plot_segmentation(seg, picture, title, threshold=threshold)
     plot_lengths(seg, histogram, title)
     return seg, picture, histogram
 

@@ -8,7 +8,11 @@ Corpus sources:
   per line; the `field` string of each, UTF-8 encoded) files, documents joined
   by a blank line, in sorted path order;
 - a URL with a pinned sha256, cached in a directory (optionally one member of a
-  zip archive); `enwik8` and `text8` are presets of this kind.
+  zip archive); `enwik8` and `text8` are presets of this kind;
+- a Hugging Face dataset (`hf_corpus`): a Hub name or a local folder / data file, one split,
+  the `field` column of each row (UTF-8 encoded) as a document, read streaming and only as
+  far as the split sizes need; a Hub dataset's revision is resolved to its commit, which
+  the corpus id records.
 
 A corpus is identified by its name plus the sha256 of the bytes used. The split is
 contiguous and by bytes: train = the first train_bytes, then val, then test.
@@ -157,6 +161,66 @@ def url_corpus(url: str, sha256: str, member: str | None, cache_dir: Path, limit
             raise
     with open(target, "rb") as f:
         return f.read(limit)
+
+
+HF_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text"}
+
+
+def hf_corpus(name: str, config: str | None, split_name: str, revision: str | None, field: str,
+              limit: int) -> tuple[str, bytes]:
+    """(corpus id, the first `limit` bytes) of a Hugging Face dataset read through `datasets`, streaming:
+    rows' `field` strings joined by a blank line. `name` is a Hub dataset or a local folder / data file
+    (.parquet, .json, .jsonl, .csv, .txt). For a Hub dataset the revision (default: the main branch)
+    is resolved to a commit, loaded pinned to it, and named in the id: hf:NAME@COMMIT[/CONFIG]:SPLIT.FIELD."""
+    try:
+        import datasets
+    except ImportError:
+        raise HarnessError("corpus hf: the `datasets` package is not installed (pip install datasets)") from None
+    path = Path(name).expanduser()
+    if path.is_file():
+        builder = HF_FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise HarnessError(f"corpus hf {name}: cannot read {path.suffix or 'this'} files "
+                               f"(known: {', '.join(HF_FILE_BUILDERS)})")
+        arguments, pinned = {"path": builder, "data_files": {split_name: str(path)}}, None
+    elif path.is_dir():
+        arguments, pinned = {"path": str(path), "name": config}, None
+    else:
+        pinned = _hub_commit(name, revision)
+        arguments = {"path": name, "name": config, "revision": pinned}
+    where = f"{name}@{pinned}" if pinned else name
+    corpus_id = f"hf:{where}{f'/{config}' if config else ''}:{split_name}.{field}"
+    try:
+        rows = datasets.load_dataset(**arguments, split=split_name, streaming=True)
+        documents, size = [], 0
+        for number, row in enumerate(rows):
+            text = row.get(field)
+            if not isinstance(text, str):
+                raise HarnessError(f"corpus {corpus_id}: row {number} has no string field {field!r} "
+                                   f"(fields: {', '.join(map(str, row))})")
+            documents.append(text.encode("utf-8"))
+            size += len(documents[-1]) + len(DOCUMENT_SEPARATOR)
+            if size >= limit:
+                break
+    except HarnessError:
+        raise
+    except Exception as e:  # datasets raises many kinds (missing split, no network, bad files)
+        raise HarnessError(f"corpus {corpus_id}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return corpus_id, DOCUMENT_SEPARATOR.join(documents)[:limit]
+
+
+def _hub_commit(name: str, revision: str | None) -> str:
+    """The commit a Hub dataset's revision (None: the main branch) points at."""
+    if revision is not None and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
+        return revision
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(name, revision=revision).sha
+    except Exception as e:
+        raise HarnessError(f"corpus hf {name}: not a local path, and the Hub cannot resolve revision "
+                           f"{revision or 'main'} ({type(e).__name__}); pass a commit as `revision:` to load a "
+                           "cached copy offline") from None
 
 
 def split(corpus_id: str, data: bytes, train_bytes: int, val_bytes: int, test_bytes: int) -> Splits:

@@ -36,7 +36,7 @@ from harness.core.records import (CorpusFacts, EpochCap, FlopsPerByte, ModelSpec
                                   save_checkpoint_atomic, versions, write_json_atomic, write_record)
 from harness.core.sizing import resize, size_to_target
 from harness.core.suite import Run, Suite, expand, load_corpus, load_suite
-from harness.core.train import Diverged, train
+from harness.core.train import TENSORBOARD_MISSING, Diverged, tensorboard_available, tensorboard_writer, train
 from harness.errors import HarnessError
 from harness.modeling import chunking
 from harness.modeling.flops import measure_forward, training_flops_per_byte, training_steps
@@ -57,12 +57,17 @@ class CorpusData:
 
 
 def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "auto", show_progress: bool = True,
-              save_every_s: float = 60.0, retry_failed: bool = False, dry_run: bool = False) -> Path:
+              save_every_s: float = 60.0, retry_failed: bool = False, dry_run: bool = False,
+              tensorboard_dir: Path | None = None) -> Path:
     """Every run of the suite that has no record yet; returns the suite's results folder. Raises
     a one-line HarnessError at the end if any run diverged or failed (the others are done). With
-    `dry_run`, only write suite.json (corpora, reference rows) and say which runs are done."""
+    `dry_run`, only write suite.json (corpora, reference rows) and say which runs are done. With
+    `tensorboard_dir`, each run's training curves go to TENSORBOARD_DIR/SUITE/RUN_ID."""
     suite = load_suite(suite_path)
     device = pick_device(device_name)
+    if tensorboard_dir is not None and not tensorboard_available():
+        log(f"warning: {TENSORBOARD_MISSING}")
+        tensorboard_dir = None
     out = results_root / suite.name
     peak = measure_matmul_peak(device)
     corpora = {corpus.label: load_corpus_data(suite, corpus.label, device) for corpus in suite.corpora}
@@ -84,11 +89,11 @@ def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "au
     held: list[tuple[int, Run]] = []
     for index, run in enumerate(runs, 1):  # runs another process holds are left for the second pass
         if not attempt(run, index, len(runs), suite, corpora, device, peak, out, show_progress, save_every_s,
-                       retry_failed, failures, wait=False):
+                       retry_failed, failures, wait=False, tensorboard_dir=tensorboard_dir):
             held.append((index, run))
     for index, run in held:
         attempt(run, index, len(runs), suite, corpora, device, peak, out, show_progress, save_every_s, retry_failed,
-                failures, wait=True)
+                failures, wait=True, tensorboard_dir=tensorboard_dir)
     if failures:
         raise HarnessError(failure_summary(failures, len(runs), out))
     return out
@@ -96,7 +101,7 @@ def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "au
 
 def attempt(run: Run, index: int, total: int, suite: Suite, corpora: dict[str, "CorpusData"], device: torch.device,
             peak: float, out: Path, show_progress: bool, save_every_s: float, retry_failed: bool,
-            failures: list[RunFailure], wait: bool) -> bool:
+            failures: list[RunFailure], wait: bool, tensorboard_dir: Path | None = None) -> bool:
     """Do one run unless it is done, or failed before (then add its marker to `failures`), under
     its lock. Returns False, doing nothing, if another process holds the run and not `wait`."""
     tag = f"[{index}/{total}] {run.run_id}"
@@ -122,7 +127,8 @@ def attempt(run: Run, index: int, total: int, suite: Suite, corpora: dict[str, "
         log(f"{tag}: training")
         try:
             record = execute(run, suite, corpora[run.corpus.label], device, peak, config_hash, run_dir,
-                             show_progress, save_every_s)
+                             show_progress, save_every_s,
+                             tensorboard_dir / suite.name / run.run_id if tensorboard_dir is not None else None)
         except (Diverged, HarnessError) as e:
             failure = record_failure(run, suite, config_hash, run_dir, e)
             failures.append(failure)
@@ -328,7 +334,7 @@ def segmentation_example(model: Adapter, test: bytes, window: int, example_bytes
 
 
 def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, peak: float, config_hash: str,
-            run_dir: Path, show_progress: bool, save_every_s: float) -> RunRecord:
+            run_dir: Path, show_progress: bool, save_every_s: float, tensorboard_dir: Path | None = None) -> RunRecord:
     started = time.perf_counter()
     ctx = context(suite, run, device)
     model, preparation, sizing = prepare(run, suite, corpus, ctx)
@@ -337,9 +343,15 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
     stream = data.TrainStream(corpus.splits.train, ctx.window, run.trainer.batch_windows, run.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     partial = run_dir / "partial.pt"
-    training = train(model, stream, run.trainer, steps.steps, device, description=run.run_id,
-                     show_progress=show_progress, resume_path=partial, resume_key=config_hash, save_every_s=save_every_s,
-                     budget_flops=run.budget - steps.auxiliary_training_flops)
+    writer = tensorboard_writer(tensorboard_dir) if tensorboard_dir is not None else None
+    try:
+        training = train(model, stream, run.trainer, steps.steps, device, description=run.run_id,
+                         show_progress=show_progress, resume_path=partial, resume_key=config_hash,
+                         save_every_s=save_every_s, budget_flops=run.budget - steps.auxiliary_training_flops,
+                         tensorboard=writer)
+    finally:
+        if writer is not None:
+            writer.close()
     warnings = list(steps.warnings)
     if training["stopped_by_budget"] and training["steps"] < steps.steps:
         warnings.append(f"the budget was spent after {training['steps']} of {steps.steps} planned steps "

@@ -6,6 +6,7 @@ Every error names the file and the key and fits on one line, e.g.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import re
@@ -27,44 +28,79 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # .inf and .nan are never a setting
 
 
-class EmbeddedCorpus(Strict):
+LABEL_PATTERN = r"^[A-Za-z0-9_.-]+$"  # corpus labels and model names: they appear in run ids
+
+
+class _CorpusSource(Strict):
+    """What every corpus form shares: `label`, its name in run ids and tables (default: from the source)."""
+
+    label: str = Field(pattern=LABEL_PATTERN, description="corpus label in run ids and tables; default from the source")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_label(cls, values):
+        if isinstance(values, dict) and values.get("label") is None:
+            values = {**values, "label": cls.source_label(values) or "corpus"}
+        return values
+
+    @staticmethod
+    def source_label(values: dict) -> str:
+        raise NotImplementedError
+
+
+class EmbeddedCorpus(_CorpusSource):
     embedded: Literal["pydoc-topics", "stdlib-code"] = Field(description="corpus that ships with Python")
 
-    @property
-    def label(self) -> str:
-        return self.embedded
+    @staticmethod
+    def source_label(values: dict) -> str:
+        return str(values.get("embedded", ""))
 
 
-class FilesCorpus(Strict):
+class FilesCorpus(_CorpusSource):
     files: str = Field(description="path or glob of .txt / .jsonl files, relative to the suite file")
     field: str = Field("text", description="JSON field holding the text of a .jsonl line")
 
-    @property
-    def label(self) -> str:
-        return _slug(Path(self.files).stem) or "files"
+    @staticmethod
+    def source_label(values: dict) -> str:
+        return _slug(Path(str(values.get("files", ""))).stem) or "files"
 
 
-class UrlCorpus(Strict):
+class UrlCorpus(_CorpusSource):
     url: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="of the downloaded file, or of `member` if given")
     member: str | None = Field(None, description="file inside a zip archive")
     cache_dir: str = Field(".cache/harness", description="download cache, relative to the working directory")
 
-    @property
-    def label(self) -> str:
-        return _slug(Path(self.member or self.url.rstrip("/")).name.split(".")[0]) or "url"
+    @staticmethod
+    def source_label(values: dict) -> str:
+        return _slug(Path(str(values.get("member") or str(values.get("url", "")).rstrip("/"))).name.split(".")[0]) or "url"
 
 
-class PresetCorpus(Strict):
+class PresetCorpus(_CorpusSource):
     preset: Literal["enwik8", "text8"]
     cache_dir: str = ".cache/harness"
 
-    @property
-    def label(self) -> str:
-        return self.preset
+    @staticmethod
+    def source_label(values: dict) -> str:
+        return str(values.get("preset", ""))
 
 
-Corpus = Union[EmbeddedCorpus, FilesCorpus, UrlCorpus, PresetCorpus]
+class HfCorpus(_CorpusSource):
+    hf: str = Field(description="Hugging Face dataset: a Hub name, or a local folder or data file (relative to the "
+                                "suite file) that `datasets.load_dataset` reads")
+    config: str | None = Field(None, description="dataset configuration (subset) name")
+    split: str = "train"
+    revision: str | None = Field(None, description="Hub revision (commit, tag or branch); the commit it resolves to "
+                                                   "is recorded in the corpus id")
+    field: str = Field("text", description="column holding each row's text")
+
+    @staticmethod
+    def source_label(values: dict) -> str:
+        name = _slug(Path(str(values.get("hf", "")).rstrip("/")).name.split(".")[0]) or "hf"
+        return f"{name}-{_slug(str(values['config']))}" if values.get("config") else name
+
+
+Corpus = Union[EmbeddedCorpus, FilesCorpus, UrlCorpus, PresetCorpus, HfCorpus]
 
 
 def _slug(text: str) -> str:
@@ -107,7 +143,7 @@ class TrainerOverrides(Strict):
 
 
 class ModelEntry(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="label used in run ids and tables")
+    name: str = Field(pattern=LABEL_PATTERN, description="label used in run ids and tables")
     adapter: str
     config: dict = Field(default_factory=dict)
     trainer: TrainerOverrides = Field(default_factory=TrainerOverrides)
@@ -210,7 +246,7 @@ class Run(BaseModel):
     def config_hash(self, suite: Suite) -> str:
         """Hash of everything that determines the run's result."""
         payload = {
-            "corpus": self.corpus.model_dump(),
+            "corpus": self.corpus.model_dump(exclude={"label"}),  # the label names runs, it does not change them
             "split": suite.split.model_dump(),
             "eval": suite.eval.model_dump(),
             "model": self.model.model_dump(),
@@ -231,7 +267,8 @@ def _location(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif part in ("EmbeddedCorpus", "FilesCorpus", "UrlCorpus", "PresetCorpus", "function-after[_unique_names()]"):
+        elif part in ("EmbeddedCorpus", "FilesCorpus", "UrlCorpus", "PresetCorpus", "HfCorpus",
+                      "function-after[_unique_names()]") or str(part).startswith("list["):
             continue
         else:
             text += f".{part}" if text else str(part)
@@ -241,10 +278,16 @@ def _location(loc: tuple) -> str:
 def _first_error(path: Path, error: ValidationError, prefix: str = "") -> HarnessError:
     errors = error.errors()
     if prefix == "" and any(e["loc"][:1] == ("corpus",) for e in errors):
+        bad_label = next((e for e in errors if e["loc"][:1] == ("corpus",) and e["loc"][-1] == "label"
+                          and e["type"] == "string_pattern_mismatch"), None)
+        if bad_label is not None:  # the form matched, the label did not
+            return HarnessError(f"{path}: {_location(bad_label['loc'])}: {bad_label['input']!r}: "
+                                "letters, digits, '.', '_' and '-' only")
         # a corpus matches none of its forms: say which keys each form takes
         return HarnessError(
             f"{path}: corpus: expected one of {{embedded: pydoc-topics|stdlib-code}}, "
-            "{files: GLOB, field: NAME}, {url: URL, sha256: HEX, member: NAME}, {preset: enwik8|text8}"
+            "{files: GLOB, field: NAME}, {url: URL, sha256: HEX, member: NAME}, {preset: enwik8|text8}, "
+            "{hf: NAME|PATH, config: NAME, split: NAME, revision: REV, field: NAME}, each with an optional label: NAME"
         )
     first = errors[0]
     key = _location(first["loc"])
@@ -302,15 +345,26 @@ def load_suite(path: str | Path) -> Suite:
     corpora = [_relative_to(path, c) for c in suite.corpora]
     suite = suite.model_copy(update={"corpus": corpora if isinstance(suite.corpus, list) else corpora[0]})
     suite._source = str(path)
+    _check_files(path, suite)
     _check_models(path, suite)
     return suite
 
 
 def _relative_to(path: Path, corpus: Corpus) -> Corpus:
-    """File globs are relative to the suite file."""
+    """File globs, and local datasets that exist beside the suite file, are relative to the suite file."""
     if isinstance(corpus, FilesCorpus) and not Path(corpus.files).is_absolute():
         return corpus.model_copy(update={"files": str(path.parent / corpus.files)})
+    if isinstance(corpus, HfCorpus) and not Path(corpus.hf).is_absolute() and (path.parent / corpus.hf).exists():
+        return corpus.model_copy(update={"hf": str(path.parent / corpus.hf)})
     return corpus
+
+
+def _check_files(path: Path, suite: Suite) -> None:
+    """Every `files:` glob matches a file, before any corpus is loaded."""
+    for i, corpus in enumerate(suite.corpora):
+        if isinstance(corpus, FilesCorpus) and not glob.glob(corpus.files, recursive=True):
+            key = f"corpus[{i}].files" if isinstance(suite.corpus, list) else "corpus.files"
+            raise HarnessError(f"{path}: {key}: no file matches {corpus.files!r}")
 
 
 def _check_models(path: Path, suite: Suite) -> None:
@@ -371,6 +425,8 @@ def load_corpus(suite: Suite, label: str | None = None) -> data.Splits:
             name, raw = c.embedded, data.embedded_corpus(c.embedded, need)
         elif isinstance(c, FilesCorpus):
             name, raw = f"files:{c.files}", data.files_corpus(c.files, c.field, need)
+        elif isinstance(c, HfCorpus):
+            name, raw = data.hf_corpus(c.hf, c.config, c.split, c.revision, c.field, need)
         elif isinstance(c, PresetCorpus):
             preset = data.PRESETS[c.preset]
             name, raw = c.preset, data.url_corpus(preset["url"], preset["sha256"], preset["member"], Path(c.cache_dir), need)

@@ -5,11 +5,17 @@ adapter trains through this loop (DESIGN.md section 5).
 Long runs save a resumable state (model, optimizer, schedule, data position, RNG)
 every `save_every_s` seconds; a run started again from that state continues
 exactly where it stopped, so an interruption loses at most that much work.
+
+Progress: a tqdm bar on a terminal; when stderr is not a terminal (a log file, a pipe) a
+plain line every PLAIN_PROGRESS_EVERY_S seconds instead, so logs hold no carriage-return
+updates. With a TensorBoard writer, every loss-curve point also goes to TensorBoard
+(train bpb, auxiliary losses, learning rate, bytes per second).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +38,27 @@ class Diverged(FloatingPointError):
     def __init__(self, step: int, last_finite_loss: float | None, loss: float):
         super().__init__(f"training loss became {loss} at step {step}")
         self.step, self.last_finite_loss = step, last_finite_loss
+
+PLAIN_PROGRESS_EVERY_S = 30.0  # seconds between plain progress lines when stderr is not a terminal
+
+
+TENSORBOARD_MISSING = ("--tensorboard needs the optional tensorboard package "
+                       "(pip install 'tokenizer-harness[tensorboard]'); training without TensorBoard logs")
+
+
+def tensorboard_available() -> bool:
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (raises without the tensorboard package)
+    except ImportError:
+        return False
+    return True
+
+
+def tensorboard_writer(log_dir: Path):
+    """A TensorBoard SummaryWriter writing to log_dir (needs the optional tensorboard package)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(log_dir))
 
 
 def lr_factor(step: int, total: int, warmup_fraction: float, min_ratio: float) -> float:
@@ -122,6 +149,7 @@ def train(
     resume_key: str = "",
     save_every_s: float = 60.0,
     budget_flops: float | None = None,
+    tensorboard=None,
 ) -> dict:
     """Train for `steps` optimizer steps. The objective is the mean NLL per byte plus the
     adapter's auxiliary training losses (Adapter.training_loss). Returns the loss curve (bits
@@ -135,7 +163,8 @@ def train(
     adapter reports its units), and with `budget_flops` training stops after the step that
     leaves less budget than that step cost. `steps` stays the schedule's length: if the steps
     run out first, the rest of the budget is left unspent. An adapter that reports nothing runs
-    exactly `steps` steps, whatever the budget."""
+    exactly `steps` steps, whatever the budget. `tensorboard`: a
+    torch.utils.tensorboard SummaryWriter (or None)."""
     model.train()
     optimizer = make_optimizer(model, settings)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -168,8 +197,11 @@ def train(
 
     start = time.perf_counter() - state["seconds"]
     last_save = time.perf_counter()
+    interactive = show_progress and sys.stderr.isatty()
     bar = tqdm(range(state["step"], steps), initial=state["step"], total=steps, desc=description, unit="step",
-               disable=not show_progress, leave=False, dynamic_ncols=True)
+               disable=not interactive, leave=False, dynamic_ncols=True)
+    plain = PlainProgress(description, steps, state["step"]) if show_progress and not interactive else None
+    last_point = (time.perf_counter(), state["bytes_seen"])  # for the throughput TensorBoard gets
     stopped_by_budget = False
     for step in bar:
         batch = stream.next_batch().to(device, non_blocking=True)
@@ -209,7 +241,20 @@ def train(
                 point["bytes_per_unit"] = round(count * batch.numel() / state["window_units"], 5)
             state["curve"].append(point)
             bar.set_postfix(bpb=f"{bpb:.3f}", MB=f"{state['bytes_seen'] / 1e6:.2f}")
+            if plain is not None:
+                plain.bpb = bpb
+            if tensorboard is not None:
+                now = time.perf_counter()
+                tensorboard.add_scalar("train/bpb", bpb, step + 1)
+                for name, value in point.get("auxiliary", {}).items():
+                    tensorboard.add_scalar(f"train/{name}", value, step + 1)
+                tensorboard.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step + 1)
+                tensorboard.add_scalar("train/bytes_per_s", (state["bytes_seen"] - last_point[1]) / max(now - last_point[0], 1e-9),
+                                       step + 1)
+                last_point = (now, state["bytes_seen"])
             state["window_sum"], state["window_count"], state["auxiliary_sums"], state["window_units"] = 0.0, 0, {}, 0
+        if plain is not None:
+            plain.update(step + 1, state["bytes_seen"])
         if stopped_by_budget:
             break
         if resume_path is not None and time.perf_counter() - last_save >= save_every_s and step + 1 < steps:
@@ -217,6 +262,8 @@ def train(
             save()
             last_save = time.perf_counter()
     synchronize(device)
+    if tensorboard is not None:
+        tensorboard.flush()
     return {
         "curve": state["curve"],
         "steps": state["step"],
@@ -227,3 +274,24 @@ def train(
         "epochs": state["bytes_seen"] / (stream.windows_per_epoch * stream.data.shape[1]),
         "resumed_at_step": resumed_at,
     }
+
+
+class PlainProgress:
+    """Progress for logs: one plain line every `every_s` seconds (and at the last step), e.g.
+    `RUN: step 120/400 (30%), train 2.913 bpb, 0.49 MB, 4.1 steps/s`."""
+
+    def __init__(self, description: str, steps: int, start_step: int = 0, every_s: float | None = None):
+        self.description, self.steps, self.start_step = description, steps, start_step
+        self.every_s = PLAIN_PROGRESS_EVERY_S if every_s is None else every_s
+        self.started = self.last = time.perf_counter()
+        self.bpb: float | None = None
+
+    def update(self, step: int, bytes_seen: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every_s and step < self.steps:
+            return
+        self.last = now
+        rate = (step - self.start_step) / max(now - self.started, 1e-9)
+        bpb = f", train {self.bpb:.3f} bpb" if self.bpb is not None else ""
+        print(f"{self.description}: step {step}/{self.steps} ({step / self.steps:.0%}){bpb}, "
+              f"{bytes_seen / 1e6:.2f} MB, {rate:.3g} steps/s", file=sys.stderr, flush=True)

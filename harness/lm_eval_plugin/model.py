@@ -8,14 +8,20 @@ bytes long, W being the run's evaluation window (the record's eval window).
 - loglikelihood_rolling: the document is cut into consecutive W-byte windows (the last one
   shorter), each scored from an empty context, NLLs summed. A document of exactly W bytes
   is one evaluator window, which is what the task `harness_bpb` uses.
-- loglikelihood(context, continuation): context + continuation, truncated on the left to W
-  bytes. Byte-level adapters (Adapter.byte_level) give the exact log P(continuation | context)
-  as the sum of the continuation bytes' log-probabilities, and is_greedy by argmax under
-  teacher forcing. Adapters that score tokens (byte_level False) put a token's NLL
-  on its last byte, so a token may straddle the boundary; for them the boundary is taken in
-  bytes: log P(context + continuation) - log P(context), each string tokenized on its own.
-  That is exact for any byte-causal model and, for tokenizers, the difference of two
-  single-tokenization likelihoods (the standard approximation); is_greedy is False.
+- loglikelihood(context, continuation): every continuation byte is scored, in rolling windows
+  of at most W bytes over context + continuation (`scoring_windows`). A request of at most W
+  bytes is one window. A longer one is scored in pieces: each window ends at the last byte it
+  scores and starts at most W bytes earlier, and scores only bytes that have at least
+  C = W // 2 bytes of context inside it (or all of their context, near the start of the text).
+  So every continuation byte is predicted from between min(position, C) and W - 1 preceding
+  bytes, whatever the continuation's length (windows overlap by C bytes); context further
+  back is not seen. Byte-level adapters (Adapter.byte_level) give the sum of the continuation
+  bytes' log-probabilities, and is_greedy by argmax under teacher forcing. Adapters that
+  score tokens (byte_level False) put a token's NLL on its last byte, so a token may straddle
+  a boundary; for them each window's part is taken in bytes: log P(window) - log P(window
+  without its scored bytes), each string tokenized on its own. That is exact for any
+  byte-causal model and, for tokenizers, the difference of two single-tokenization
+  likelihoods (the standard approximation); is_greedy is False.
 - generate_until: greedy, one byte at a time, the last W - 1 bytes as context; stops at the
   first stop string or after max_gen_toks bytes. Byte-level adapters only.
 
@@ -59,6 +65,20 @@ def run_directory(pretrained: str | Path) -> Path:
         raise HarnessError(f"pretrained={pretrained}: not a harness run directory (no record.json); "
                            "pass results/SUITE/runs/RUN_ID")
     return path
+
+
+def scoring_windows(context_bytes: int, total_bytes: int, window: int) -> list[tuple[int, int, int]]:
+    """Rolling windows that score bytes context_bytes..total_bytes - 1 of a text, each exactly once:
+    (start, end, scored), the window being bytes start..end - 1 and its last `scored` bytes the
+    ones it scores. A window is at most `window` bytes; a byte it scores has at least window // 2
+    bytes of context inside it, or all the bytes before it when the window starts at 0."""
+    keep = window // 2  # the least context a scored byte sees (away from the text's start)
+    windows, position = [], context_bytes
+    while position < total_bytes:
+        end = min(total_bytes, max(window, position + window - keep))
+        windows.append((max(0, end - window), end, end - position))
+        position = end
+    return windows
 
 
 def batch_windows(batch_size: int | str | None, max_batch_size: int | None) -> int:
@@ -158,19 +178,23 @@ class HarnessLM(LM):
         return totals
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        joints, contexts, scored = [], [], []
-        for request in requests:
+        pieces, contexts, scored, owners = [], [], [], []  # one entry per scoring window
+        for r, request in enumerate(requests):
             context, continuation = (text_to_bytes(s) for s in request.args[-2:])
-            joint = (context + continuation)[-self.window :]
-            n = min(len(continuation), self.window)
-            joints.append(joint)
-            contexts.append(joint[: len(joint) - n])
-            scored.append(n)
+            joint = context + continuation
+            for start, end, n in scoring_windows(len(context), len(joint), self.window):
+                pieces.append(joint[start:end])
+                contexts.append(joint[start : end - n])
+                scored.append(n)
+                owners.append(r)
         if self.byte_level:
-            results = self._continuation_scores(joints, scored)
+            scores = self._continuation_scores(pieces, scored)
         else:
-            nll = self._sequence_nll(joints + contexts)
-            results = [(nll[len(joints) + i] - nll[i], False) for i in range(len(joints))]
+            nll = self._sequence_nll(pieces + contexts)
+            scores = [(nll[len(pieces) + i] - nll[i], False) for i in range(len(pieces))]
+        results = [(0.0, True) if self.byte_level else (0.0, False) for _ in requests]
+        for r, (logprob, greedy) in zip(owners, scores):
+            results[r] = (results[r][0] + logprob, results[r][1] and greedy)
         for request, result in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", request.args, result)
         return results
