@@ -27,7 +27,10 @@ Causality. The input is shifted by one (BOS, x_0 .. x_{T-2}), so encoder state t
 < t, and so have p_t and b_t. A chunk that starts at t holds h_t; the main network and the EMA
 are causal over chunks; position t reads the latest chunk that starts at or before t, so the
 logits at t, which predict byte t, depend on bytes < t only. In a batch, windows with fewer
-chunks are padded at the end, where nothing real reads them.
+chunks are padded at the end, where nothing real reads them. The segment hook marks byte t as
+a chunk start when b_t: the chunk that serves byte t holds h_t, which has read bytes < t, so a
+boundary the reference places on a word's first byte (whose state has read that byte) shows
+here one byte later, after the word's first letter.
 
 Compute. The chunk rate is learned and moves during training, so training_loss reports the
 forward FLOPs each batch ran, each window at its own chunk count (the padding of a batch is not
@@ -64,7 +67,7 @@ class HNetConfig(AdapterConfig):
     mlp_ratio: float = Field(8 / 3, gt=0, description="SwiGLU hidden width / width")
     window: int = Field(32, ge=1, description="sliding attention window of the encoder and decoder, in bytes")
     target_ratio: float = Field(6.0, gt=1, description="N: the bytes per chunk the ratio loss aims at")
-    ratio_weight: float = Field(0.03, ge=0, description="alpha: weight of the ratio loss")
+    ratio_weight: float = Field(0.03, ge=0, description="alpha: weight of the ratio loss (the paper's 0.03; small models need more to reach N)")
     calibration_windows: int = Field(256, ge=1, description="training windows on which the chunk rate is measured after training")
 
     @model_validator(mode="after")
@@ -92,8 +95,8 @@ def smooth(z: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
     z: (B, S, d), P: (B, S) in (0, 1); in fp32. Vectorised as one product per window:
     out_i = sum_{j<=i} exp(sum_{k=j+1..i} log(1 - P_k)) P_j z_j. Each segment sum is summed
     directly (a cumsum down the columns of a masked matrix, never a difference of two running
-    sums, so nothing cancels), and is never positive, so exp cannot overflow. Costs an
-    (S x S) @ (S x d) product, like one attention product."""
+    sums, so nothing cancels), and is never positive, so exp cannot overflow. Costs one
+    (S x S) @ (S x d) product, like one of attention's two products."""
     S = P.shape[-1]
     log_keep = torch.log1p(-P)  # (B, S), <= 0
     i_after_j = torch.ones(S, S, dtype=torch.bool, device=P.device).tril(-1)

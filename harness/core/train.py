@@ -161,9 +161,10 @@ def train(
     FLOPs each batch ran (TrainingLoss.forward_flops): each step is then charged
     TRAIN_MULTIPLIER x those, the curve records the FLOPs spent (and bytes per unit, when the
     adapter reports its units), and with `budget_flops` training stops after the step that
-    leaves less budget than that step cost. `steps` stays the schedule's length: if the steps
-    run out first, the rest of the budget is left unspent. An adapter that reports nothing runs
-    exactly `steps` steps, whatever the budget. `tensorboard`: a
+    leaves less budget than that step cost (like the floor() of a fixed-rate plan, it does not
+    start a step the rest would not pay for at the last step's cost). `steps` stays the
+    schedule's length: if the steps run out first, the rest of the budget is left unspent. An
+    adapter that reports nothing runs exactly `steps` steps, whatever the budget. `tensorboard`: a
     torch.utils.tensorboard SummaryWriter (or None)."""
     model.train()
     optimizer = make_optimizer(model, settings)
