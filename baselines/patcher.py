@@ -282,6 +282,9 @@ class Patcher(Adapter):
         held = data.windows(held_out, ctx.window)
         fpb = model.flops_per_byte(ctx.window)["total"]
         batch_bytes = c.entropy_batch_windows * ctx.window
+        if len(fit) < batch_bytes:
+            raise HarnessError(f"patcher: the training split ({len(train_bytes)} bytes) less entropy_holdout_bytes "
+                               f"{c.entropy_holdout_bytes} leaves less than one entropy-model batch ({batch_bytes} bytes)")
         steps, budget = c.entropy_steps, c.entropy_flops
         if c.entropy_budget_share is not None:
             if ctx.budget_flops <= 0:
