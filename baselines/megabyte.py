@@ -16,6 +16,15 @@ Byte t = kP + i is predicted from patches < k (through the global model) and the
 bytes kP .. t-1 (through the local model), so it sees bytes < t only. Padding
 lies in the last patch, which the global model never reads, and after every
 real byte of that patch, which the causal local model does not look ahead to.
+
+Deviations from the paper (its global model is P * D_G wide and reads the
+concatenated embeddings directly; its output is cut into P slices, each mapped to
+the local width by one shared D_G -> D_L matrix; learned absolute position
+embeddings are added to the global input): here the concatenation is projected
+to d_global, so the global width can be sized freely (matched inference cost);
+one d_global -> P * d_local matrix maps the global output (the paper's shared
+matrix is the case where it is block-diagonal with equal blocks); and both
+models are the shared harness blocks (RMSNorm, SwiGLU, RoPE), like every adapter.
 """
 
 from __future__ import annotations

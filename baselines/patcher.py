@@ -18,6 +18,16 @@ Causality, position by position (byte t is predicted from bytes < t only):
 A window has a variable number of patches; a batch pads them to the largest count.
 Padding slots come after every real patch (so causal global attention never reads
 them), pool no bytes and are never read by the decoder; nothing is scored but bytes.
+
+The entropy model (a small `bytes` model) is trained in prepare() through the one trainer,
+on the training split less its tail, for a declared share of the run's budget
+(entropy_budget_share) or a number of steps, and is charged to the run; its bpb on the
+held-out tail is recorded next to that tail's order-0 entropy. Against BLT's reference code
+(facebookresearch/blt): the same entropy rules and max-pooled patch queries; one hash function
+per n-gram size (the reference sums three per size); one query per patch and one
+cross-attention after the encoder (the reference has k queries per patch and can cross-attend
+in every layer); the decoder reads every patch that ends before the byte, in one
+cross-attention before its layers (the reference reads a window of preceding patches).
 """
 
 from __future__ import annotations
@@ -272,6 +282,9 @@ class Patcher(Adapter):
         held = data.windows(held_out, ctx.window)
         fpb = model.flops_per_byte(ctx.window)["total"]
         batch_bytes = c.entropy_batch_windows * ctx.window
+        if len(fit) < batch_bytes:
+            raise HarnessError(f"patcher: the training split ({len(train_bytes)} bytes) less entropy_holdout_bytes "
+                               f"{c.entropy_holdout_bytes} leaves less than one entropy-model batch ({batch_bytes} bytes)")
         steps, budget = c.entropy_steps, c.entropy_flops
         if c.entropy_budget_share is not None:
             if ctx.budget_flops <= 0:

@@ -5,8 +5,15 @@ own input by coding rate. No official code exists; this follows the paper's desc
           -> coding-rate score per position, no gradient                     (B, T)
           -> select K = round(r T) chunk starts (static shapes in training)
           -> z_i = W_proj h_{s_i} -> global Transformer over the K starts    (B, K, d_global)
-          -> byte t adds U[min(t - s, B - 1)] g_s, s the latest start <= t   (B, T, d_local)
+          -> byte t adds U[b] g_s, s the latest start <= t, b = min(t - s, B - 1)
+             (upsample_by: offset) or floor(t B / T) (position)              (B, T, d_local)
           -> local decoder (D blocks) -> byte head                           (B, T, 256)
+
+The score (config `score`) is one of the readings of the paper's coding rate in
+byteflow/coding_rate.py. The default, `logdet_recent`, scores how much h_t adds to the
+coding rate of the last `context` outputs; the prefix reading `logdet` (the paper's
+equations as secondary sources quote them) piles chunk starts into the first positions of
+every window, because the rate of a growing prefix saturates (README, fidelity table).
 
 Local blocks are harness.nn blocks with a sliding window and Canon convolutions:
 norm -> windowed attention -> residual -> Canon -> norm -> SwiGLU -> residual -> Canon.
@@ -57,13 +64,21 @@ class ByteFlowConfig(AdapterConfig):
     mlp_ratio: float = Field(8 / 3, gt=0, description="SwiGLU hidden width / width")
     window: int = Field(32, ge=1, description="w: sliding attention window of the local blocks, in bytes")
     rate: float = Field(0.25, gt=0, le=1, description="r: chunks per byte; K = round(r * window length)")
-    score: Literal["logdet", "l2"] = Field("logdet", description="coding-rate gain (logdet) or the ||h||^2 approximation (l2)")
+    score: Literal["logdet", "logdet_normalized", "logdet_recent", "l2", "l2_streaming"] = Field(
+        "logdet_recent", description="coding-rate reading (byteflow/coding_rate.py): prefix gain (logdet), prefix gain of "
+        "the 1/n-normalised rate (logdet_normalized), gain over the last `context` outputs (logdet_recent), ||h_t||^2 (l2), "
+        "sqrt(S_t) - sqrt(S_t-1) with S_t the running sum of ||h||^2 (l2_streaming)")
+    context: int = Field(4, ge=1, description="logdet_recent: outputs in the coding rate a position's gain is measured against, "
+                                               "its own included")
     eps: float = Field(4.0, gt=0, description="coding-rate distortion; a = d_local / eps^2")
-    score_block: int = Field(64, ge=0, description="positions per Cholesky block of the logdet score (0 = whole window)")
+    score_block: int = Field(64, ge=0, description="logdet, logdet_normalized: positions per factorisation block (0 = whole window)")
     eval_rule: Literal["threshold", "rolling"] = Field(
         "threshold", description="causal rule in evaluation: threshold calibrated after training (rolling until then) or rolling top fraction r")
     rolling_window: int = Field(64, ge=1, description="scores the rolling rule compares, ending at t")
-    upsample_matrices: int = Field(16, ge=1, description="B: upsampling matrices, picked by the offset from the chunk start")
+    upsample_matrices: int = Field(16, ge=1, description="B: upsampling matrices")
+    upsample_by: Literal["offset", "position"] = Field(
+        "offset", description="which matrix a byte uses: min(offset from its chunk start, B - 1) or its window position bin "
+                              "floor(t B / T) (the paper's eq. 15 as a secondary source quotes it)")
     calibration_windows: int = Field(256, ge=1, description="training windows used to calibrate the threshold")
 
 
@@ -101,9 +116,7 @@ class ByteFlow(Adapter):
     def scores(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, d_local) -> (B, T) coding-rate scores, no gradient."""
         c = self.config
-        if c.score == "l2":
-            return coding_rate.l2_scores(h)
-        return coding_rate.logdet_gains(h, c.d_local / c.eps**2, c.score_block)
+        return coding_rate.scores(h, c.score, c.d_local / c.eps**2, c.score_block, c.context)
 
     def rule(self) -> str:
         if self.training or self.variant == "topk":
@@ -124,11 +137,14 @@ class ByteFlow(Adapter):
 
     def upsample(self, g: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """(B, T, d_global) chunk outputs per byte, (B, T) offsets -> (B, T, d_local): one
-        matrix product per byte, grouped by matrix (bytes sorted by clamped offset)."""
+        matrix product per byte, grouped by matrix (bytes sorted by matrix index)."""
         B, T, _ = g.shape
-        which = offset.clamp(max=self.config.upsample_matrices - 1).reshape(-1)
+        matrices = self.config.upsample_matrices
+        if self.config.upsample_by == "position":
+            offset = (torch.arange(T, device=g.device) * matrices // T).expand(B, T)
+        which = offset.clamp(max=matrices - 1).reshape(-1)
         order = which.argsort(stable=True)
-        counts = torch.bincount(which, minlength=self.config.upsample_matrices).tolist()
+        counts = torch.bincount(which, minlength=matrices).tolist()
         pieces = [rows @ matrix for rows, matrix in zip(g.reshape(B * T, -1)[order].split(counts), self.up.unbind(0))]
         return torch.cat(pieces)[order.argsort()].view(B, T, -1)
 
@@ -181,6 +197,9 @@ class ByteFlow(Adapter):
         starts = {rule: self.select(scores, rule).double() for rule in ("threshold", "rolling", "topk")}
         rates = {rule: float(mask.mean()) for rule, mask in starts.items()}
         position = torch.arange(window, device=scores.device, dtype=torch.float64)
+        eighth = (position * 8 // window).long()
+        matrices = c.upsample_matrices
+        lengths = {rule: chunking.unit_lengths(mask.bool()) for rule, mask in starts.items()}
         return {
             "threshold": float(self.threshold),
             "calibration_windows": len(windows),
@@ -190,6 +209,12 @@ class ByteFlow(Adapter):
             "mean_chunk_bytes": {rule: 1 / rate for rule, rate in rates.items()},
             # where in the window chunks start (uniform: (window - 1) / 2); the prefix coding rate favours the start
             "mean_start_position": {rule: float((mask * position).sum() / mask.sum()) for rule, mask in starts.items()},
+            # share of the chunk starts in each eighth of the window (uniform: 1/8 each)
+            "start_position_eighths": {rule: [round(float(x), 4) for x in torch.zeros(8, dtype=torch.float64).index_add_(
+                0, eighth, mask.sum(0)) / mask.sum()] for rule, mask in starts.items()},
+            # bytes in chunks of B (upsampling matrices) or more bytes; beyond B they share the last matrix
+            "bytes_in_chunks_of_at_least_B": {rule: float(n[n >= matrices].sum() / n.sum()) for rule, n in lengths.items()},
+            "longest_chunk": {rule: int(n.max()) for rule, n in lengths.items()},
         }
 
     def finish_training(self, train: bytes, ctx: RunContext) -> dict:
@@ -229,7 +254,7 @@ class ByteFlow(Adapter):
     def forward_flops(self, window: int, slots: int) -> dict[str, float]:
         """Forward FLOPs per byte with `slots` global positions per window of `window` bytes."""
         c = self.config
-        counted, uncounted = coding_rate.logdet_flops(window, c.d_local, c.score_block) if c.score == "logdet" else (0.0, 0.0)
+        counted, uncounted = coding_rate.score_flops(c.score, window, c.d_local, c.score_block, c.context)
         parts = {
             "encoder": c.encoder_layers * flops.block(window, c.d_local, c.mlp_ratio, c.window, canon=True) / window,
             "scoring": counted / window,

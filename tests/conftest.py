@@ -26,7 +26,7 @@ SMALL_CONFIGS = {
     "megabyte": {"patch_size": 4, "d_embed": 8, "d_global": 32, "global_layers": 1, "global_heads": 2,
                  "d_local": 16, "local_layers": 1, "local_heads": 2},
     "patcher": {"d_local": 32, "d_global": 48, "n_heads_local": 2, "n_heads_global": 2, "local_window": 16,
-                "calibration_bytes": 4096, "entropy_steps": 6, "entropy_batch_windows": 8,
+                "calibration_bytes": 4096, "entropy_steps": 6, "entropy_batch_windows": 8, "entropy_holdout_bytes": 2048,
                 "entropy_model": {"d_model": 16, "n_layers": 1, "n_heads": 2}},
     "spacebyte": {"d_local": 32, "d_global": 48, "n_heads_local": 2, "n_heads_global": 2, "local_window": 16,
                   "calibration_bytes": 4096},

@@ -32,7 +32,9 @@ def calibrated(**overrides):
     return model
 
 
-@pytest.mark.parametrize("config", [{}, {"score": "l2"}, {"score_block": 0}, {"upsample_matrices": 3, "rate": 0.4}])
+@pytest.mark.parametrize("config", [{}, {"score": "logdet"}, {"score": "logdet", "score_block": 0}, {"score": "logdet_normalized"},
+                                    {"score": "l2"}, {"score": "l2_streaming"}, {"context": 100},
+                                    {"upsample_matrices": 3, "rate": 0.4}, {"upsample_by": "position"}])
 @pytest.mark.parametrize("window", [64, 77])
 def test_flops_match_flop_counter_under_top_k(config, window):
     model = build(**config)
@@ -57,16 +59,19 @@ def test_flops_breakdown_has_every_stage():
     assert parts["total"] == pytest.approx(sum(v for k, v in parts.items() if k != "total"))
     assert build().uncounted_flops_per_byte(128) == parts["scoring_factorisation"] > 0
     assert build(score="l2").uncounted_flops_per_byte(128) == 0
+    assert build(score="logdet_recent", context=16).flops_per_byte(128)["scoring_factorisation"] == 16**3 / 3
 
 
 def audit_positions(model, window: bytes) -> list[int]:
-    """Chunk starts of this window and their neighbours, plus the edges."""
+    """Chunk starts of this window (the first and last few) and their neighbours, the edges,
+    and every 9th byte (readings that front-load have few late starts)."""
     starts = model.segment(torch.tensor([list(window)]))[1][0].nonzero().flatten().tolist()
-    around = {p + d for p in starts[1:4] for d in (-1, 0, 1)}
-    return sorted({0, 1, len(window) - 1} | {p for p in around if 0 <= p < len(window)})
+    around = {p + d for p in starts[1:4] + starts[-2:] for d in (-1, 0, 1)}
+    spread = set(range(0, len(window), 9))
+    return sorted({0, 1, len(window) - 1} | spread | {p for p in around if 0 <= p < len(window)})
 
 
-@pytest.mark.parametrize("score", ["logdet", "l2"])
+@pytest.mark.parametrize("score", ["logdet_recent", "logdet", "logdet_normalized", "l2", "l2_streaming"])
 @pytest.mark.parametrize("rule", ["threshold", "rolling"])
 def test_causality_audit_passes_for_causal_rules(score, rule):
     model = calibrated(score=score, eval_rule=rule).eval()
@@ -77,7 +82,7 @@ def test_causality_audit_passes_for_causal_rules(score, rule):
     assert_causal(model, window, positions)
 
 
-@pytest.mark.parametrize("score", ["logdet", "l2"])
+@pytest.mark.parametrize("score", ["logdet_recent", "logdet", "l2"])
 def test_causality_audit_detects_the_top_k_leak(score):
     model = calibrated(score=score).eval()
     model.set_eval_variant("topk")
@@ -109,6 +114,34 @@ def test_upsampling_picks_the_matrix_of_the_offset():
     torch.testing.assert_close(model.upsample(g, offset), expected)
 
 
+def test_upsampling_by_position_bins_the_window():
+    model = build(upsample_matrices=4, upsample_by="position")
+    g = torch.randn(1, 10, 32)
+    offset = torch.zeros(1, 10, dtype=torch.long)  # ignored: the bin is floor(t B / T)
+    bins = [t * 4 // 10 for t in range(10)]
+    expected = torch.stack([g[0, t] @ model.up[bins[t]] for t in range(10)])[None]
+    torch.testing.assert_close(model.upsample(g, offset), expected)
+
+
+def test_default_reading_spreads_chunk_starts_over_the_window_after_training():
+    """After a short training on real text, the default (logdet_recent) starts chunks all over
+    the window under both rules (mean start within 20% of uniform's (W - 1) / 2), where the
+    prefix reading (logdet) piles them into the first part."""
+    from harness.core.suite import TrainerSettings
+    from harness.core.train import train
+
+    window, means = 128, {}
+    for score in ("logdet_recent", "logdet"):
+        model = build(score=score, calibration_windows=64)
+        stream = data.TrainStream(TEXT, window, 8, seed=0)
+        train(model, stream, TrainerSettings(batch_windows=8, lr=3e-3), 30, torch.device("cpu"), show_progress=False)
+        means[score] = model.calibrate(TEXT, window)["mean_start_position"]
+    uniform = (window - 1) / 2
+    for rule in ("threshold", "topk"):
+        assert abs(means["logdet_recent"][rule] - uniform) < 0.2 * uniform, means
+        assert means["logdet"][rule] < 0.7 * uniform, means
+
+
 def test_padding_in_evaluation_does_not_change_a_window():
     model = calibrated().eval()
     windows = data.to_tensor(TEXT[8000:8192]).view(3, 64)
@@ -126,6 +159,9 @@ def test_calibration_records_the_selection_rate():
     facts = model.calibrate(TEXT[:8000], 64)
     assert facts["target_rate"] == 16 / 64
     assert abs(facts["selection_rate"]["threshold"] - 0.25) < 0.01 and facts["selection_rate"]["topk"] == 0.25
+    for rule in ("threshold", "rolling", "topk"):
+        assert sum(facts["start_position_eighths"][rule]) == pytest.approx(1.0, abs=1e-3)
+        assert 0 <= facts["bytes_in_chunks_of_at_least_B"][rule] <= 1 and facts["longest_chunk"][rule] >= 1
     assert model.eval().rule() == "threshold" and facts["threshold"] == float(model.threshold)
     state = build().state_dict()
     assert math.isnan(float(state["threshold"]))
@@ -156,6 +192,8 @@ def test_bad_config_is_rejected():
         registry.build("byteflow", {"rate": 0})
     with pytest.raises(ValueError):
         registry.build("byteflow", {"score": "entropy"})
+    with pytest.raises(ValueError):
+        registry.build("byteflow", {"context": 0})
 
 
 def segment_cli(argv):

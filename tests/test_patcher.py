@@ -135,6 +135,8 @@ def test_entropy_budget_share_needs_the_run_budget():
         registry.get("patcher").Config(entropy_flops=1e9, entropy_budget_share=0.1)
     with pytest.raises(HarnessError, match="holdout"):
         build(patcher="entropy", entropy_holdout_bytes=WINDOW - 1).prepare(TRAIN, context(WINDOW))
+    with pytest.raises(HarnessError, match="less than one entropy-model batch"):
+        build(patcher="entropy", entropy_holdout_bytes=len(TRAIN) - 100).prepare(TRAIN, context(WINDOW))
 
 
 def test_given_theta_is_used_and_monotonic_rule_calibrates():
