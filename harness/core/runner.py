@@ -353,6 +353,9 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
         if writer is not None:
             writer.close()
     warnings = list(steps.warnings)
+    for warning in preparation.facts.get("warnings", []):  # what preparation found (e.g. a weak entropy model)
+        warnings.append(warning)
+        log(f"warning: {run.run_id}: {warning}")
     if training["stopped_by_budget"] and training["steps"] < steps.steps:
         warnings.append(f"the budget was spent after {training['steps']} of {steps.steps} planned steps "
                         "(the learned unit rate ran above its target; the schedule was cut short)")
