@@ -3,6 +3,12 @@ record for a model that did not go through the runner."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
 import torch
 
 from harness.api import Adapter
@@ -36,3 +42,16 @@ def record_for(model: Adapter, run_id: str = "run", **fields) -> RunRecord:
         "matmul_peak_flops_per_s": 1.0, "mfu": 1.0, "device": "cpu", "warnings": [], "versions": {},
     }
     return RunRecord(**values | fields)
+
+
+def kill_while_training(command: list, run_dir: Path) -> None:
+    """Start `command`, wait for its first saved training state, kill -9 it mid-run."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(run_dir.glob("*/partial.pt")):
+        time.sleep(0.02)
+    time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert list(run_dir.glob("*/partial.pt")) and not list(run_dir.glob("*/record.json")), \
+        "the run finished (or never saved) before it could be killed"

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ from harness.core.records import (file_mode, read_failure, read_record, read_sui
                                   save_checkpoint_atomic, write_json_atomic, write_record)
 from harness.core.runner import run_suite
 from harness.errors import HarnessError
-from tests.checks import record_for
+from tests.checks import kill_while_training, record_for
 from tests.conftest import SMALL_CONFIGS, tiny_suite
 
 BYTES = {"name": "bytes", "adapter": "bytes", "config": {"d_model": 32, "n_layers": 1, "n_heads": 2}}
@@ -151,18 +150,6 @@ def test_records_checkpoints_and_caches_get_one_file_mode(copy_of, tmp_path):
 
 
 # ---- resume -----------------------------------------------------------------------------------
-
-def kill_while_training(command: list, run_dir: Path) -> None:
-    """Start `command`, wait for its first saved training state, kill -9 it mid-run."""
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 180
-    while time.time() < deadline and not list(run_dir.glob("*/partial.pt")):
-        time.sleep(0.02)
-    time.sleep(0.5)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert list(run_dir.glob("*/partial.pt")) and not list(run_dir.glob("*/record.json")), \
-        "the run finished (or never saved) before it could be killed"
 
 
 def test_the_entropy_patcher_resumes_bit_exactly_after_kill_minus_nine(write_suite, tmp_path):

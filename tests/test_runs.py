@@ -14,6 +14,7 @@ from harness.errors import HarnessError
 from harness.core.records import read_suite_records
 from harness.api import load_checkpoint
 from harness.core.runner import run_suite
+from tests.checks import kill_while_training
 from tests.conftest import ROOT, tiny_suite
 
 
@@ -148,14 +149,7 @@ def test_a_killed_run_continues_from_its_saved_state(write_suite, tmp_path):
     run_dir = results / "tiny" / "runs"
     command = [sys.executable, "-m", "harness.cli", "run", str(path), "--results", str(results), "--quiet",
                "--device", "cpu", "--save-every", "0"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(run_dir.glob("*/partial.pt")):
-        time.sleep(0.02)
-    time.sleep(0.3)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not list(run_dir.glob("*/record.json")), "the run finished before it could be killed"
+    kill_while_training(command, run_dir)
 
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
