@@ -43,11 +43,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for a command that starts copies of itself
     try:
-        args.func(args)
+        status = args.func(args) or 0  # a command that launched processes returns theirs
         sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit
     except HarnessError as e:
-        print(f"harness: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one line, not one per process of a run across processes
+            print(f"harness: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("harness: interrupted; finished runs are kept, run the same command to resume", file=sys.stderr)
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the system refused: a read-only folder, a full disk, ...
         print(f"harness: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
-    return 0
+    return status
 
 
 def describe_os_error(error: OSError) -> str:
