@@ -59,7 +59,8 @@ def executor_settings(args: argparse.Namespace):
         return ExecutorSettings(**base | {"kind": args.executor or base.get("kind", "local")} | given)
     except ValidationError as e:
         first = e.errors()[0]
-        key = first["loc"][0] if first["loc"] else None
+        key = first["loc"][0] if first["loc"] else next((k for k in given if first["msg"].startswith(f"Value error, {k} ")),
+                                                        None)  # a check of the whole section names its key first
         option = f"--{key.replace('_', '-')}" if key in given else (f"{args.suite}: executor" if key is None
                                                                      else f"{args.suite}: executor.{key}")
         raise_error(f"{option}: {first['msg'].removeprefix('Value error, ')}")
