@@ -15,6 +15,11 @@ from harness.errors import HarnessError
 
 EPILOG = """examples:
   harness run suites/smoke.yaml            train + evaluate every run of a suite
+  harness run suites/smoke.yaml --executor local --workers 2
+                                           the same, as 2 worker jobs on this machine (submitit)
+  harness run suites/matched_flops.yaml --executor slurm --partition gpu --time-min 240
+                                           one Slurm job per run; preempted jobs requeue and resume
+  harness run suites/smoke.yaml --nproc 2  each run across 2 processes (DDP; gloo on the CPU)
   harness report results/smoke             results/smoke/report.md, plots in results/smoke/plots
   harness report results/smoke -o -        the markdown to stdout instead
   harness list                             adapters, their descriptions and config fields

@@ -65,7 +65,7 @@ def test_two_local_workers_give_the_sequential_records_and_train_each_run_once(w
 
     # started again, nothing is sent out
     assert cli(["run", path, "--results", tmp_path / "jobs", "--device", "cpu", "--quiet", "--workers", "2"]) == 0
-    assert "3 of 3 runs done or failed before; 0 to run" in capsys.readouterr().out
+    assert "3 of 3 runs done or failed before, 0 running in other processes; 0 to run" in capsys.readouterr().out
 
 
 def test_a_killed_local_worker_resumes_its_run_when_the_suite_starts_again(write_suite, tmp_path, one_thread):
@@ -172,3 +172,28 @@ def test_a_run_across_two_gloo_processes_matches_the_single_process_run(write_su
         assert a.train_bpb == pytest.approx(b.train_bpb, rel=1e-4, abs=2e-5)
     assert ddp.test.bpb == pytest.approx(single.test.bpb, rel=1e-4)
     assert "processes" not in (tmp_path / "single" / "tiny" / "runs" / single.run_id / "record.json").read_text()
+
+
+def test_local_workers_need_a_gpu_each_when_runs_get_gpus(write_suite, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    path = write_suite(tiny_suite())
+    capsys.readouterr()
+    assert cli(["run", path, "--results", tmp_path, "--device", "cpu", "--quiet", "--executor", "local",
+                "--workers", "2", "--gpus-per-run", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "harness: error: --workers 2 x --gpus-per-run 1 needs 2 GPUs; this machine has 1"
+
+
+def test_each_rank_trains_on_its_own_share_of_the_batch(monkeypatch):
+    from harness.core import distributed
+
+    batch = torch.arange(16).view(8, 2)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    shares = []
+    for r in (0, 1):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        shares.append(distributed.shard(batch))
+    assert [s.shape[0] for s in shares] == [4, 4] and torch.equal(torch.cat(shares), batch)
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    with pytest.raises(HarnessError, match="8 windows does not split evenly over 3 processes"):
+        distributed.shard(batch)

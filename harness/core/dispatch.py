@@ -137,11 +137,19 @@ def dispatch(suite: Suite, runs: list[Run], corpora: dict, out: Path, settings: 
     settings = resolved(settings)
     if settings.gpus_per_run == 0 and device_name == "cuda":
         raise HarnessError("--device cuda: the runs would get no GPU; give --gpus-per-run 1 or more")
+    if settings.kind == "local" and settings.gpus_per_run:
+        needed, present = settings.workers * settings.gpus_per_run, torch.cuda.device_count()
+        if needed > present:  # a job given no GPU of its own would quietly train on the CPU
+            raise HarnessError(f"--workers {settings.workers} x --gpus-per-run {settings.gpus_per_run} needs {needed} "
+                               f"GPUs; this machine has {present}")
     check_shares(suite, max(1, settings.gpus_per_run))
     started = time.time()
     states = {run.run_id: state(suite, run, out, retry_failed, started) for run in runs}
-    pending = [run for run in runs if states[run.run_id] not in ("done", "failed")]
-    log(f"{len(runs) - len(pending)} of {len(runs)} runs done or failed before; {len(pending)} to run")
+    pending = [run for run in runs if states[run.run_id] == "queued"]  # a held run is left to the job holding it
+    held_now = [run for run in runs if states[run.run_id] == "running"]
+    log(f"{len(runs) - len(pending) - len(held_now)} of {len(runs)} runs done or failed before, {len(held_now)} "
+        f"running in other processes; {len(pending)} to run")
+    jobs: list = []
     if pending:
         warm_caches(suite, pending, corpora)
         folder = out / "jobs"
@@ -156,8 +164,10 @@ def dispatch(suite: Suite, runs: list[Run], corpora: dict, out: Path, settings: 
 
         jobs = submit(executor, settings, pending, job_for)
         log(f"{len(pending)} runs sent out as {len(jobs)} {settings.kind} jobs (logs in {folder})")
-        wait(jobs, suite, pending, out, retry_failed, started)
-        states.update({run.run_id: state(suite, run, out, retry_failed, started) for run in pending})
+    if pending or held_now:
+        waited = pending + held_now
+        wait(jobs, suite, waited, out, retry_failed, started)
+        states.update({run.run_id: state(suite, run, out, retry_failed, started) for run in waited})
     failures = [read_failure(out / "runs" / run.run_id / "failure.json") for run in runs
                 if states[run.run_id] == "failed"]
     if failures:
@@ -167,12 +177,13 @@ def dispatch(suite: Suite, runs: list[Run], corpora: dict, out: Path, settings: 
         problems = [why for why in map(job_error, jobs) if why]
         raise HarnessError(f"{len(undone)} of {len(runs)} runs did not finish ({', '.join(undone[:3])}"
                            f"{', ...' if len(undone) > 3 else ''}): a job stopped"
-                           f"{f' ({problems[0]})' if problems else ''}; its log is in {folder}; run the same "
+                           f"{f' ({problems[0]})' if problems else ''}; logs in {out / 'jobs'}; run the same "
                            "command again to resume")
 
 
 def wait(jobs: list, suite: Suite, runs: list[Run], out: Path, retry_failed: bool, since: float) -> None:
-    """Until every job has ended, a plain line of counts whenever they change."""
+    """Until every job has ended and no run is held (by these jobs or others), a plain line of
+    counts whenever they change."""
     from harness.core.runner import log
 
     shown = None
@@ -181,6 +192,7 @@ def wait(jobs: list, suite: Suite, runs: list[Run], out: Path, retry_failed: boo
         counts = {key: 0 for key in ("done", "running", "failed", "queued")}
         for run in runs:
             counts[state(suite, run, out, retry_failed, since)] += 1
+        ended = ended and counts["running"] == 0
         line = "progress: " + ", ".join(f"{n} {key}" for key, n in counts.items()) + f" (of {len(runs)})"
         if line != shown:
             log(line)
