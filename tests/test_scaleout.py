@@ -173,6 +173,11 @@ def test_a_run_across_two_gloo_processes_matches_the_single_process_run(write_su
     assert ddp.test.bpb == pytest.approx(single.test.bpb, rel=1e-4)
     assert "processes" not in (tmp_path / "single" / "tiny" / "runs" / single.run_id / "record.json").read_text()
 
+    if not torch.cuda.is_available():  # an error met inside the processes: still one line, from rank 0
+        done = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(path), "--results", str(tmp_path / "cu"),
+                               "--device", "cuda", "--quiet", "--nproc", "2"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and done.stderr == "harness: error: --device cuda: no CUDA device is available\n"
+
 
 def test_local_workers_need_a_gpu_each_when_runs_get_gpus(write_suite, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

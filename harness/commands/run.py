@@ -20,7 +20,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.executor not in (None, "none"):
             raise_error("--nproc: with --executor, a run's processes are its GPUs (--gpus-per-run)")
         from harness.core.distributed import launch
+        from harness.core.runner import check_shares
+        from harness.core.suite import load_suite
 
+        check_shares(load_suite(args.suite), args.nproc)  # before any process starts
+        import torch
+
+        if args.device != "cpu" and torch.cuda.is_available() and args.nproc > torch.cuda.device_count():
+            raise_error(f"--nproc {args.nproc}: one GPU per process, and {torch.cuda.device_count()} are visible")
         return launch(args.nproc, args.argv)
     out = run_suite(args.suite, Path(args.results), args.device, show_progress=not args.quiet,
                     save_every_s=args.save_every, retry_failed=args.retry_failed, dry_run=args.dry_run,

@@ -110,7 +110,12 @@ def launch(nproc: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    import logging
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # else the launcher sets it, with a warning
+    # the rank that failed printed its one line; the launcher's own report of it is a traceback
+    for name in ("torch.distributed.elastic", "torch.multiprocessing"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, rdzv_backend="c10d",
                           rdzv_endpoint="localhost:0", run_id=f"harness-{os.getpid()}", max_restarts=0)
     try:
