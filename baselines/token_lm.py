@@ -140,6 +140,7 @@ class TokenLM(Adapter):
     min_vocab: int  # the 256 one-byte tokens plus the special tokens
     sizing = SizingFields(width="d_model", depth="n_layers", heads="n_heads")
     byte_level = False  # scores tokens: a token's NLL sits on its last byte
+    cached_preparation = True  # the tokenizer cache
 
     def __init__(self, config: TokenLMConfig):
         super().__init__(config)

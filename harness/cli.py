@@ -15,6 +15,11 @@ from harness.errors import HarnessError
 
 EPILOG = """examples:
   harness run suites/smoke.yaml            train + evaluate every run of a suite
+  harness run suites/smoke.yaml --executor local --workers 2
+                                           the same, as 2 worker jobs on this machine (submitit)
+  harness run suites/matched_flops.yaml --executor slurm --partition gpu --time-min 240
+                                           one Slurm job per run; preempted jobs requeue and resume
+  harness run suites/smoke.yaml --nproc 2  each run across 2 processes (DDP; gloo on the CPU)
   harness report results/smoke             results/smoke/report.md, plots in results/smoke/plots
   harness report results/smoke -o -        the markdown to stdout instead
   harness list                             adapters, their descriptions and config fields
@@ -43,11 +48,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for a command that starts copies of itself
     try:
-        args.func(args)
+        status = args.func(args) or 0  # a command that launched processes returns theirs
         sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit
     except HarnessError as e:
-        print(f"harness: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one line, not one per process of a run across processes
+            print(f"harness: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("harness: interrupted; finished runs are kept, run the same command to resume", file=sys.stderr)
@@ -58,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the system refused: a read-only folder, a full disk, ...
         print(f"harness: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
-    return 0
+    return status
 
 
 def describe_os_error(error: OSError) -> str:

@@ -87,6 +87,9 @@ class Adapter(nn.Module, metaclass=ABCMeta):
     Config: ClassVar[type[AdapterConfig]]
     sizing: ClassVar[SizingFields | None] = None  # None: cannot be sized to an inference cost
     byte_level: ClassVar[bool] = True  # predicts one byte at a time (next_byte_logits); False: scores tokens
+    # prepare() keeps its result in a cache that every run of the model shares (a trained tokenizer):
+    # a suite sent out as jobs prepares it once before dispatch
+    cached_preparation: ClassVar[bool] = False
 
     def __init__(self, config: AdapterConfig):
         super().__init__()

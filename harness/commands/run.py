@@ -1,18 +1,76 @@
-"""`harness run SUITE`: train and evaluate every run of a suite (harness.core.runner)."""
+"""`harness run SUITE`: train and evaluate every run of a suite (harness.core.runner), in this
+process, as jobs on this machine or a Slurm cluster (harness.core.dispatch), or one run at a
+time across processes (harness.core.distributed)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
+EXECUTOR_OPTIONS = ("workers", "gpus_per_run", "partition", "account", "qos", "time_min")
 
-def cmd_run(args: argparse.Namespace) -> None:
+
+def cmd_run(args: argparse.Namespace) -> int:
     from harness.core.runner import run_suite
 
+    if args.nproc < 1:
+        raise_error(f"--nproc: {args.nproc}; give 1 or more processes")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet inside the processes it asks for
+        if args.executor not in (None, "none"):
+            raise_error("--nproc: with --executor, a run's processes are its GPUs (--gpus-per-run)")
+        from harness.core.distributed import launch
+        from harness.core.runner import check_shares
+        from harness.core.suite import load_suite
+
+        check_shares(load_suite(args.suite), args.nproc)  # before any process starts
+        import torch
+
+        if args.device != "cpu" and torch.cuda.is_available() and args.nproc > torch.cuda.device_count():
+            raise_error(f"--nproc {args.nproc}: one GPU per process, and {torch.cuda.device_count()} are visible")
+        return launch(args.nproc, args.argv)
     out = run_suite(args.suite, Path(args.results), args.device, show_progress=not args.quiet,
                     save_every_s=args.save_every, retry_failed=args.retry_failed, dry_run=args.dry_run,
-                    tensorboard_dir=Path(args.tensorboard) if args.tensorboard else None)
-    print(f"{'suite.json' if args.dry_run else 'records'} in {out}; next: harness report {out}")
+                    tensorboard_dir=Path(args.tensorboard) if args.tensorboard else None,
+                    executor=executor_settings(args))
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{'suite.json' if args.dry_run else 'records'} in {out}; next: harness report {out}")
+    return 0
+
+
+def raise_error(message: str):
+    from harness.errors import HarnessError
+
+    raise HarnessError(message)
+
+
+def executor_settings(args: argparse.Namespace):
+    """The executor the options and the suite's `executor:` section ask for (options win), or None
+    for the runs one after another in this process."""
+    from pydantic import ValidationError
+
+    from harness.core.suite import ExecutorSettings, load_suite
+
+    given = {key: getattr(args, key) for key in EXECUTOR_OPTIONS if getattr(args, key) is not None}
+    if args.executor == "none":
+        if given:
+            raise_error(f"--{next(iter(given)).replace('_', '-')}: only with --executor local or slurm")
+        return None
+    section = load_suite(args.suite).executor
+    if args.executor is None and not given and section is None:
+        return None
+    base = section.model_dump(exclude_unset=True) if section is not None else {}
+    if args.executor is not None and args.executor != base.get("kind", "local"):
+        base = {}  # the suite's settings are for the other executor
+    try:
+        return ExecutorSettings(**base | {"kind": args.executor or base.get("kind", "local")} | given)
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = first["loc"][0] if first["loc"] else next((k for k in given if first["msg"].startswith(f"Value error, {k} ")),
+                                                        None)  # a check of the whole section names its key first
+        option = f"--{key.replace('_', '-')}" if key in given else (f"{args.suite}: executor" if key is None
+                                                                     else f"{args.suite}: executor.{key}")
+        raise_error(f"{option}: {first['msg'].removeprefix('Value error, ')}")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -22,7 +80,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                      "finishes when started again. A run that diverges or fails leaves a "
                                      "failure.json instead of a record and the suite goes on; the command then "
                                      "exits with status 2. Processes sharing a results folder split the runs "
-                                     "between them (one lock per run).")
+                                     "between them (one lock per run). By default the runs train one after another "
+                                     "in this process; --executor sends them out as jobs (on this machine or a "
+                                     "Slurm cluster), --nproc trains each run across processes (DDP).")
     run.add_argument("suite", help="suite YAML file, e.g. suites/smoke.yaml")
     run.add_argument("--results", default="results", help="root folder for results (default: results); "
                                                          "records go to RESULTS/SUITE_NAME/runs/RUN_ID/")
@@ -41,6 +101,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                           "which runs are done and which would run")
     run.add_argument("--retry-failed", "--retry-diverged", action="store_true", dest="retry_failed",
                      help="run again the runs that diverged or failed before (by default they are skipped)")
+    scale = run.add_argument_group(
+        "scale-out", "Jobs go through submitit; the results folder must be on a filesystem every job sees. These "
+                     "options override the suite's `executor:` section. Giving any of them (or having the section) "
+                     "sends the runs out; --executor none keeps them in this process.")
+    scale.add_argument("--executor", choices=("local", "slurm", "none"),
+                       help="local: worker jobs on this machine that share out the runs; slurm: one Slurm job per "
+                            "run (a job array); a preempted or timed-out job is requeued and resumes")
+    scale.add_argument("--workers", type=int, metavar="N",
+                       help="runs at a time (local default: the GPUs / --gpus-per-run, 1 on a CPU machine; "
+                            "slurm default: no cap)")
+    scale.add_argument("--gpus-per-run", type=int, metavar="N",
+                       help="GPUs per run, one DDP process each (default 1 with GPUs or on slurm, 0 on a CPU machine)")
+    scale.add_argument("--partition", help="Slurm partition")
+    scale.add_argument("--account", help="Slurm account")
+    scale.add_argument("--qos", help="Slurm quality of service")
+    scale.add_argument("--time-min", type=int, metavar="MINUTES",
+                       help="Slurm time limit per job (default 240); a run that outlasts it is requeued and resumes")
+    scale.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="train each run across N processes on this machine (DDP: nccl on GPUs, one each; gloo "
+                            "on the CPU), launched through torch's elastic launcher as torchrun would; the global "
+                            "batch and the FLOPs do not change")
     run.set_defaults(func=cmd_run)
 
     return run

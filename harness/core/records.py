@@ -137,6 +137,7 @@ class RunRecord(Typed):
     matmul_peak_flops_per_s: float
     mfu: float
     device: str
+    processes: int | None = None  # DDP processes of a run trained across several (then mfu is per process)
     warnings: list[str]
     versions: dict[str, str]
     tuning: dict | None = None  # the tuning trials that chose the trainer settings (harness.core.tuning)
@@ -205,7 +206,8 @@ def read_record(path: Path) -> RunRecord:
 
 
 def write_record(path: Path, record: RunRecord) -> None:
-    write_json_atomic(path, record.model_dump(mode="json"))
+    # a single-process record keeps exactly the keys it always had
+    write_json_atomic(path, record.model_dump(mode="json", exclude={"processes"} if record.processes is None else None))
 
 
 def read_failure(path: Path) -> RunFailure | None:

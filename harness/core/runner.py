@@ -11,6 +11,11 @@ names its cause leaves runs/RUN_ID/failure.json (records.RunFailure) instead of 
 and the suite goes on; such a run is skipped later unless `retry_failed`. Each run is
 done under a lock (runs/RUN_ID/run.lock), so processes that share a results folder never
 train one run twice: a run another process holds is left for later, then waited for.
+
+With an executor (harness.core.dispatch), the runs go out as submitit jobs after the shared
+preparation; each job goes through the same steps under the same lock. In a process group
+(harness.core.distributed: one run across processes), rank 0 alone takes the lock, decides
+and writes; the other ranks follow its decisions.
 """
 
 from __future__ import annotations
@@ -27,15 +32,15 @@ from tqdm import tqdm
 from harness import RECORD_FORMAT_VERSION
 from harness.analysis.references import cached_references, raw_byte_metrics
 from harness.analysis.segment import segment_bytes
-from harness.api import Adapter, Preparation, RunContext, build
-from harness.core import data
+from harness.api import Adapter, Preparation, RunContext, build, get as adapter_class
+from harness.core import data, distributed
 from harness.core.device import measure_matmul_peak, pick_device
 from harness.core.evaluate import evaluate
 from harness.core.records import (CorpusFacts, EpochCap, FlopsPerByte, ModelSpec, PreparationFacts, RunFailure,
                                   RunRecord, SegmentationExample, read_failure, read_record, remove_temporaries,
                                   save_checkpoint_atomic, versions, write_json_atomic, write_record)
 from harness.core.sizing import resize, size_to_target
-from harness.core.suite import Run, Suite, expand, load_corpus, load_suite
+from harness.core.suite import ExecutorSettings, Run, Suite, expand, load_corpus, load_suite
 from harness.core.train import TENSORBOARD_MISSING, Diverged, tensorboard_available, tensorboard_writer, train
 from harness.errors import HarnessError
 from harness.modeling import chunking
@@ -46,7 +51,8 @@ FLOP_TOLERANCE = 0.02  # a larger gap between counted and analytic FLOPs is flag
 
 
 def log(message: str) -> None:
-    tqdm.write(message)
+    if distributed.is_main():  # one voice for a run trained across processes
+        tqdm.write(message)
 
 
 @dataclass(frozen=True)
@@ -58,20 +64,23 @@ class CorpusData:
 
 def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "auto", show_progress: bool = True,
               save_every_s: float = 60.0, retry_failed: bool = False, dry_run: bool = False,
-              tensorboard_dir: Path | None = None) -> Path:
+              tensorboard_dir: Path | None = None, executor: ExecutorSettings | None = None) -> Path:
     """Every run of the suite that has no record yet; returns the suite's results folder. Raises
     a one-line HarnessError at the end if any run diverged or failed (the others are done). With
     `dry_run`, only write suite.json (corpora, reference rows) and say which runs are done. With
-    `tensorboard_dir`, each run's training curves go to TENSORBOARD_DIR/SUITE/RUN_ID."""
+    `tensorboard_dir`, each run's training curves go to TENSORBOARD_DIR/SUITE/RUN_ID. With
+    `executor`, the runs go out as submitit jobs after the shared preparation (harness.core.dispatch)."""
     suite = load_suite(suite_path)
-    device = pick_device(device_name)
+    device = distributed.start(pick_device(device_name))
+    check_shares(suite, distributed.world_size())
     if tensorboard_dir is not None and not tensorboard_available():
         log(f"warning: {TENSORBOARD_MISSING}")
         tensorboard_dir = None
     out = results_root / suite.name
     peak = measure_matmul_peak(device)
     corpora = {corpus.label: load_corpus_data(suite, corpus.label, device) for corpus in suite.corpora}
-    write_suite_summary(out, suite, corpora, device, peak)
+    if distributed.is_main():
+        write_suite_summary(out, suite, corpora, device, peak)
     if suite.inference_flops_per_byte is not None and not dry_run:
         check_sizes(suite, corpora, device)
     runs = expand(suite)
@@ -86,17 +95,40 @@ def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "au
             if not finished(out / "runs" / run.run_id, run.config_hash(suite), retry_failed, tag, failures, "done already"):
                 log(f"{tag}: to run (dry run)")
         return out
+    if executor is not None:
+        from harness.core.dispatch import dispatch
+
+        dispatch(suite, runs, corpora, out, executor, device_name, save_every_s, retry_failed, tensorboard_dir)
+        return out
+    run_all(runs, suite, corpora, device, peak, out, show_progress, save_every_s, retry_failed, failures,
+            tensorboard_dir)
+    if failures and distributed.is_main():
+        raise HarnessError(failure_summary(failures, len(runs), out))
+    return out
+
+
+def run_all(runs: list[Run], suite: Suite, corpora: dict[str, "CorpusData"], device: torch.device, peak: float,
+            out: Path, show_progress: bool, save_every_s: float, retry_failed: bool, failures: list[RunFailure],
+            tensorboard_dir: Path | None = None) -> None:
+    """Every run in turn; runs another process holds are left for a second pass, then waited for."""
     held: list[tuple[int, Run]] = []
-    for index, run in enumerate(runs, 1):  # runs another process holds are left for the second pass
+    for index, run in enumerate(runs, 1):
         if not attempt(run, index, len(runs), suite, corpora, device, peak, out, show_progress, save_every_s,
                        retry_failed, failures, wait=False, tensorboard_dir=tensorboard_dir):
             held.append((index, run))
     for index, run in held:
         attempt(run, index, len(runs), suite, corpora, device, peak, out, show_progress, save_every_s, retry_failed,
                 failures, wait=True, tensorboard_dir=tensorboard_dir)
-    if failures:
-        raise HarnessError(failure_summary(failures, len(runs), out))
-    return out
+
+
+def check_shares(suite: Suite, ranks: int) -> None:
+    """Across processes every rank trains on an equal share of each batch."""
+    for i, entry in enumerate(suite.models):
+        key, windows = (f"models[{i}].trainer.batch_windows", entry.trainer.batch_windows) if entry.trainer.batch_windows \
+            else ("trainer.batch_windows", suite.trainer.batch_windows)
+        if windows % ranks:
+            raise HarnessError(f"{suite.source}: {key}: {windows} windows do not split evenly over {ranks} processes "
+                               "(each process trains on an equal share of the batch)")
 
 
 def attempt(run: Run, index: int, total: int, suite: Suite, corpora: dict[str, "CorpusData"], device: torch.device,
@@ -107,6 +139,34 @@ def attempt(run: Run, index: int, total: int, suite: Suite, corpora: dict[str, "
     tag = f"[{index}/{total}] {run.run_id}"
     run_dir = out / "runs" / run.run_id
     config_hash = run.config_hash(suite)
+    claimed = claim(run_dir, config_hash, retry_failed, tag, failures, wait) if distributed.is_main() else None
+    decided = distributed.from_main(claimed if isinstance(claimed, bool) else None)  # None: train it
+    if decided is not None:
+        return decided
+    try:
+        log(f"{tag}: training")
+        try:
+            record = execute(run, suite, corpora[run.corpus.label], device, peak, config_hash, run_dir,
+                             show_progress and distributed.is_main(), save_every_s,
+                             tensorboard_dir / suite.name / run.run_id if tensorboard_dir is not None else None)
+        except (Diverged, HarnessError) as e:
+            if distributed.is_main():
+                failure = record_failure(run, suite, config_hash, run_dir, e)
+                failures.append(failure)
+                log(f"{tag}: {describe(failure)}; the suite goes on")
+            return True
+        log(f"{tag}: val {record.val.bpb:.4f} bpb, test {record.test.bpb:.4f} bpb, "
+            f"{record.wall_seconds:.1f}s, {record.achieved_flops_per_s / 1e9:.2f} GFLOP/s")
+        return True
+    finally:
+        if isinstance(claimed, FileLock):
+            claimed.release()
+
+
+def claim(run_dir: Path, config_hash: str, retry_failed: bool, tag: str, failures: list[RunFailure],
+          wait: bool) -> FileLock | bool:
+    """The run's lock, held, with the run's folder cleared for training; or True if the run needs
+    nothing (done, or failed before); or False if another process holds it and not `wait`."""
     if finished(run_dir, config_hash, retry_failed, tag, failures, "done already"):
         return True
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -119,26 +179,12 @@ def attempt(run: Run, index: int, total: int, suite: Suite, corpora: dict[str, "
             return False
         log(f"{tag}: waiting for the other process that is running it")
         lock.acquire()
-    try:
-        if finished(run_dir, config_hash, retry_failed, tag, failures, "done by another process", quiet=True):
-            return True
-        remove_temporaries(run_dir)  # left by a process killed while writing; no one else writes here now
-        (run_dir / "failure.json").unlink(missing_ok=True)
-        log(f"{tag}: training")
-        try:
-            record = execute(run, suite, corpora[run.corpus.label], device, peak, config_hash, run_dir,
-                             show_progress, save_every_s,
-                             tensorboard_dir / suite.name / run.run_id if tensorboard_dir is not None else None)
-        except (Diverged, HarnessError) as e:
-            failure = record_failure(run, suite, config_hash, run_dir, e)
-            failures.append(failure)
-            log(f"{tag}: {describe(failure)}; the suite goes on")
-            return True
-        log(f"{tag}: val {record.val.bpb:.4f} bpb, test {record.test.bpb:.4f} bpb, "
-            f"{record.wall_seconds:.1f}s, {record.achieved_flops_per_s / 1e9:.2f} GFLOP/s")
-        return True
-    finally:
+    if finished(run_dir, config_hash, retry_failed, tag, failures, "done by another process", quiet=True):
         lock.release()
+        return True
+    remove_temporaries(run_dir)  # left by a process killed while writing; no one else writes here now
+    (run_dir / "failure.json").unlink(missing_ok=True)
+    return lock
 
 
 def finished(run_dir: Path, config_hash: str, retry_failed: bool, tag: str, failures: list[RunFailure],
@@ -211,7 +257,7 @@ def write_suite_summary(out: Path, suite: Suite, corpora: dict[str, CorpusData],
     """suite.json: the suite as run, and per corpus its hash and the reference rows."""
     write_json_atomic(out / "suite.json", {
         "format_version": RECORD_FORMAT_VERSION,
-        "suite": suite.model_dump(mode="json"),
+        "suite": suite.model_dump(mode="json", exclude={"executor"} if suite.executor is None else None),
         "corpora": {label: {
             "id": c.splits.corpus_id, "sha256": c.splits.sha256,
             "references": cached_references(c.splits.train, c.test_windows, label, log),
@@ -226,6 +272,19 @@ def write_suite_summary(out: Path, suite: Suite, corpora: dict[str, CorpusData],
 def context(suite: Suite, run: Run, device: torch.device) -> RunContext:
     return RunContext(window=suite.eval.window, seed=run.seed, device=device, budget_flops=run.budget,
                       count_auxiliary_flops=suite.count_auxiliary_flops)
+
+
+def warm_caches(suite: Suite, runs: list[Run], corpora: dict[str, CorpusData]) -> None:
+    """Before a fan-out: the preparations that runs share through a cache (trained tokenizers),
+    done once here rather than raced for by every job."""
+    seen = set()
+    for run in runs:
+        key = (run.model.name, run.corpus.label)
+        if key in seen or not adapter_class(run.model.adapter).cached_preparation:
+            continue
+        seen.add(key)
+        prepare(run, suite, corpora[run.corpus.label], context(suite, run, torch.device("cpu")))
+        log(f"prepared {run.model.name} on {run.corpus.label} once for every run (cached)")
 
 
 def check_sizes(suite: Suite, corpora: dict[str, CorpusData], device: torch.device) -> None:
@@ -343,7 +402,7 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
     stream = data.TrainStream(corpus.splits.train, ctx.window, run.trainer.batch_windows, run.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     partial = run_dir / "partial.pt"
-    writer = tensorboard_writer(tensorboard_dir) if tensorboard_dir is not None else None
+    writer = tensorboard_writer(tensorboard_dir) if tensorboard_dir is not None and distributed.is_main() else None
     try:
         training = train(model, stream, run.trainer, steps.steps, device, description=run.run_id,
                          show_progress=show_progress, resume_path=partial, resume_key=config_hash,
@@ -400,9 +459,11 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
         loss_curve=training["curve"], tokenizer=model.tokenizer_metrics(splits.test, ctx.window),
         train_seconds=training["seconds"], resumed_at_step=training["resumed_at_step"],
         wall_seconds=time.perf_counter() - started, achieved_flops_per_s=achieved, matmul_peak_flops_per_s=peak,
-        mfu=achieved / peak, device=str(device), warnings=warnings, versions=versions(), tuning=run.tuning, **results,
+        mfu=achieved / peak / distributed.world_size(), device=str(device), warnings=warnings, versions=versions(),
+        tuning=run.tuning, processes=distributed.world_size() if distributed.world_size() > 1 else None, **results,
     )
-    write(run_dir, model, record)
+    if distributed.is_main():
+        write(run_dir, model, record)
     return record
 
 

@@ -165,6 +165,34 @@ class TuneSettings(Strict):
         None, min_length=1, description="optional: also search these batch sizes (crossed with lr)")
 
 
+class ExecutorSettings(Strict):
+    """Where a suite's runs go (harness.core.dispatch; README, "Scale-out"): as jobs through submitit,
+    on this machine or on a Slurm cluster. Not part of any run's config hash: it changes where a
+    run trains, not its result. The `harness run` options override these."""
+
+    kind: Literal["local", "slurm"] = Field("local", description="local: worker processes on this machine; "
+                                                                 "slurm: one Slurm job per run")
+    workers: int | None = Field(None, gt=0, description="runs at a time; default: local, the GPUs / gpus_per_run "
+                                                         "(1 on a CPU machine); slurm, no cap")
+    gpus_per_run: int | None = Field(None, ge=0, description="GPUs per run, one DDP process each; default 1 where "
+                                                             "runs go to GPUs (slurm, or a local machine with CUDA), else 0")
+    partition: str | None = Field(None, description="Slurm partition")
+    account: str | None = Field(None, description="Slurm account")
+    qos: str | None = Field(None, description="Slurm quality of service")
+    time_min: int = Field(240, gt=0, description="Slurm time limit per job, minutes (a run that outlasts it is "
+                                                 "requeued and resumes)")
+    cpus_per_task: int | None = Field(None, gt=0, description="Slurm CPUs per process of a run (one process per GPU)")
+    mem_gb: float | None = Field(None, gt=0, description="Slurm memory per run, GB")
+
+    @model_validator(mode="after")
+    def _slurm_settings_need_slurm(self):
+        if self.kind == "local":
+            for key in ("partition", "account", "qos", "cpus_per_task", "mem_gb"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} is a Slurm setting; the executor is local (kind: slurm sends jobs to Slurm)")
+        return self
+
+
 class Suite(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", description="the results folder's name: not . or ..")
     version: int = Field(SUITE_FORMAT_VERSION, description="suite format version")
@@ -186,6 +214,7 @@ class Suite(Strict):
                                 "often stops there, short of its budget (its record says so); none: the budget decides")
     models: list[ModelEntry] = Field(min_length=1)
     tune: TuneSettings | None = Field(None, description="choose each model's trainer settings on validation first")
+    executor: ExecutorSettings | None = Field(None, description="run the suite's runs as jobs (harness.core.dispatch)")
     _source: str | None = PrivateAttr(None)  # the suite file, for errors found after loading
 
     @model_validator(mode="after")

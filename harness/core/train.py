@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from harness.api import Adapter
 from harness.api.registry import load_state
+from harness.core import distributed
 from harness.core.data import TrainStream
 from harness.core.device import autocast, synchronize
 from harness.core.records import save_checkpoint_atomic
@@ -165,8 +166,15 @@ def train(
     start a step the rest would not pay for at the last step's cost). `steps` stays the
     schedule's length: if the steps run out first, the rest of the budget is left unspent. An
     adapter that reports nothing runs exactly `steps` steps, whatever the budget. `tensorboard`: a
-    torch.utils.tensorboard SummaryWriter (or None)."""
+    torch.utils.tensorboard SummaryWriter (or None).
+
+    In a process group (harness.core.distributed) every rank draws the whole batch and trains on
+    its share through DDP; the curve, the bytes and the FLOPs are those of the whole batch, and
+    rank 0 alone saves the training state."""
     model.train()
+    training_loss = distributed.wrap(model, device)
+    ranks = distributed.world_size()
+    saving = resume_path is not None and distributed.is_main()  # other ranks resume from rank 0's state
     optimizer = make_optimizer(model, settings)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, steps, settings.warmup_fraction, settings.min_lr_ratio)
@@ -205,9 +213,9 @@ def train(
     last_point = (time.perf_counter(), state["bytes_seen"])  # for the throughput TensorBoard gets
     stopped_by_budget = False
     for step in bar:
-        batch = stream.next_batch().to(device, non_blocking=True)
+        batch = stream.next_batch()  # the global batch: its bytes are what the budget counts
         with autocast(device):
-            out = model.training_loss(batch)
+            out = training_loss((distributed.shard(batch) if ranks > 1 else batch).to(device, non_blocking=True))
         nll = out.nll.float().mean()  # nats per byte over every byte of the batch
         loss = nll + sum(term.float() for term in out.auxiliary.values())
         optimizer.zero_grad(set_to_none=True)
@@ -215,21 +223,31 @@ def train(
         torch.nn.utils.clip_grad_norm_(trained, settings.grad_clip)
         optimizer.step()
         schedule.step()
-        value = nll.item()
-        if not math.isfinite(loss.item()):
-            raise Diverged(step + 1, state.get("last_loss"), loss.item())
-        state["last_loss"] = loss.item()
+        value, loss_value = nll.item(), loss.item()
+        auxiliary = {name: float(term.detach()) for name, term in out.auxiliary.items()}
+        forward_flops, units = out.forward_flops, out.units or 0
+        if ranks > 1:  # the whole batch's figures: means over the ranks' equal shares, FLOPs and units summed
+            names = sorted(auxiliary)
+            sums = distributed.total([value, loss_value, *(auxiliary[n] for n in names),
+                                      float(forward_flops or 0.0), float(units)], device)
+            value, loss_value = sums[0] / ranks, sums[1] / ranks
+            auxiliary = {n: v / ranks for n, v in zip(names, sums[2:2 + len(names)])}
+            forward_flops = sums[-2] if forward_flops is not None else None
+            units = int(sums[-1])
+        if not math.isfinite(loss_value):
+            raise Diverged(step + 1, state.get("last_loss"), loss_value)
+        state["last_loss"] = loss_value
         state["step"] = step + 1
         state["bytes_seen"] += batch.numel()
         state["window_sum"] += value
         state["window_count"] += 1
-        for name, term in out.auxiliary.items():
-            state["auxiliary_sums"][name] = state["auxiliary_sums"].get(name, 0.0) + float(term.detach())
-        if out.forward_flops is not None:  # the cost moves: charge what this step ran
-            step_flops = TRAIN_MULTIPLIER * float(out.forward_flops)
+        for name, term in auxiliary.items():
+            state["auxiliary_sums"][name] = state["auxiliary_sums"].get(name, 0.0) + term
+        if forward_flops is not None:  # the cost moves: charge what this step ran
+            step_flops = TRAIN_MULTIPLIER * float(forward_flops)
             state["flops"] = (state["flops"] or 0.0) + step_flops
             stopped_by_budget = budget_flops is not None and budget_flops - state["flops"] < step_flops
-        state["window_units"] += out.units or 0
+        state["window_units"] += units
         if (step + 1) % settings.log_every == 0 or step + 1 == steps or stopped_by_budget:
             count = state["window_count"]
             bpb = state["window_sum"] / count / math.log(2)
@@ -258,7 +276,7 @@ def train(
             plain.update(step + 1, state["bytes_seen"])
         if stopped_by_budget:
             break
-        if resume_path is not None and time.perf_counter() - last_save >= save_every_s and step + 1 < steps:
+        if saving and time.perf_counter() - last_save >= save_every_s and step + 1 < steps:
             state["seconds"] = time.perf_counter() - start
             save()
             last_save = time.perf_counter()
