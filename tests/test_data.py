@@ -21,6 +21,15 @@ def test_embedded_corpora_are_real_and_deterministic(name):
     assert first.count(b" ") > 2000  # text, not noise
 
 
+
+def test_stdlib_docstrings_are_prose_from_the_sources_and_large_enough_not_to_repeat():
+    docs = data.embedded_corpus("stdlib-docstrings", 10**8)
+    assert len(docs) > 1_500_000  # a study's training split must not cycle through it many times
+    sample = docs[:200_000]
+    letters = sum(chr(b).isalpha() for b in sample) / len(sample)
+    assert letters > 0.6 and sample.count(b"\ndef ") < 20  # English prose, not the code around it
+    assert b"Record of phased-in incompatible language changes." in docs[:1000]  # __future__'s, the first file
+
 def test_split_is_contiguous_and_hashed():
     raw = bytes(range(256)) * 10
     s = data.split("x", raw, 1000, 500, 500)

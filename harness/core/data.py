@@ -3,7 +3,8 @@
 Corpus sources:
 - embedded: text that ships with every Python installation, no download.
     `pydoc-topics`: the pydoc topic help texts (English prose, about 460 kB),
-    `stdlib-code`: the standard library's .py files (Python source, tens of MB);
+    `stdlib-code`: the standard library's .py files (Python source, tens of MB),
+    `stdlib-docstrings`: the docstrings of those files (English prose, about 1.8 MB);
 - local files: a path or glob of `.txt` (raw bytes) or `.jsonl` (one JSON object
   per line; the `field` string of each, UTF-8 encoded) files, documents joined
   by a blank line, in sorted path order;
@@ -20,6 +21,7 @@ contiguous and by bytes: train = the first train_bytes, then val, then test.
 
 from __future__ import annotations
 
+import ast
 import glob
 import hashlib
 import io
@@ -36,7 +38,7 @@ import torch
 
 from harness.errors import HarnessError
 
-EMBEDDED = ("pydoc-topics", "stdlib-code")
+EMBEDDED = ("pydoc-topics", "stdlib-code", "stdlib-docstrings")
 DOCUMENT_SEPARATOR = b"\n\n"
 
 # Preset downloads: the sha256 pins the extracted member, which is what is used.
@@ -71,13 +73,9 @@ def embedded_corpus(name: str, limit: int) -> bytes:
 
         text = DOCUMENT_SEPARATOR.join(topics[key].encode("utf-8") for key in sorted(topics))
         return text[:limit]
-    if name == "stdlib-code":
-        root = Path(sysconfig.get_paths()["stdlib"])
+    if name in ("stdlib-code", "stdlib-docstrings"):
         pieces, size = [], 0
-        for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
-            if "site-packages" in path.parts or "test" in path.relative_to(root).parts[:1]:
-                continue
-            data = path.read_bytes()
+        for data in (_stdlib_sources() if name == "stdlib-code" else _stdlib_docstrings()):
             pieces.append(data)
             size += len(data) + len(DOCUMENT_SEPARATOR)
             if size >= limit:
@@ -85,6 +83,29 @@ def embedded_corpus(name: str, limit: int) -> bytes:
         return DOCUMENT_SEPARATOR.join(pieces)[:limit]
     raise HarnessError(f"unknown embedded corpus {name!r} (known: {', '.join(EMBEDDED)})")
 
+
+
+def _stdlib_sources():
+    """The standard library's .py files (tests and site-packages left out), in sorted path order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+        if "site-packages" not in path.parts and "test" not in path.relative_to(root).parts[:1]:
+            yield path.read_bytes()
+
+
+def _stdlib_docstrings():
+    """The docstrings of those files (module, class, function; indentation cleaned), file by file
+    in source order: prose written by many hands, several times the pydoc topics."""
+    for source in _stdlib_sources():
+        try:
+            tree = ast.parse(source)
+        except (SyntaxError, ValueError):  # a file this Python cannot parse (none today) is left out
+            continue
+        nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        for node in sorted(nodes, key=lambda n: getattr(n, "lineno", 0)):
+            text = ast.get_docstring(node, clean=True)
+            if text:
+                yield text.encode("utf-8", "surrogateescape")
 
 def files_corpus(pattern: str, field: str, limit: int) -> bytes:
     matches = sorted(glob.glob(pattern, recursive=True))
