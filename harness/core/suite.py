@@ -49,7 +49,7 @@ class _CorpusSource(Strict):
 
 
 class EmbeddedCorpus(_CorpusSource):
-    embedded: Literal["pydoc-topics", "stdlib-code"] = Field(description="corpus that ships with Python")
+    embedded: Literal["pydoc-topics", "stdlib-code", "stdlib-docstrings"] = Field(description="corpus that ships with Python")
 
     @staticmethod
     def source_label(values: dict) -> str:
@@ -314,7 +314,7 @@ def _first_error(path: Path, error: ValidationError, prefix: str = "") -> Harnes
                                 "letters, digits, '.', '_' and '-' only")
         # a corpus matches none of its forms: say which keys each form takes
         return HarnessError(
-            f"{path}: corpus: expected one of {{embedded: pydoc-topics|stdlib-code}}, "
+            f"{path}: corpus: expected one of {{embedded: pydoc-topics|stdlib-code|stdlib-docstrings}}, "
             "{files: GLOB, field: NAME}, {url: URL, sha256: HEX, member: NAME}, {preset: enwik8|text8}, "
             "{hf: NAME|PATH, config: NAME, split: NAME, revision: REV, field: NAME}, each with an optional label: NAME"
         )
