@@ -2,12 +2,16 @@
 bootstrap intervals over seeds that cover the truth, a known crossover found with its
 interval, the "no crossing" sentence, and no fit from too few budgets."""
 
+import json
+
 import numpy as np
 import pytest
 from scipy.optimize import brentq
 
 from harness.analysis import fits
-from harness.analysis.report import model_colours
+from harness.analysis.report import build_report, model_colours
+from harness.core.records import write_record
+from tests.conftest import ROOT
 from tests.test_report import record
 
 LADDER = 1e11 * 3.0 ** np.arange(6)  # six rungs about 3x apart, as a study's ladder
@@ -115,3 +119,29 @@ def test_the_section_from_records_has_the_table_the_crossovers_and_the_plot(tmp_
     assert any(line.startswith("| bytes ") and "| bpe " in line for line in text.splitlines())  # a crossover row
     assert "![scaling fits with their extrapolation](plots/fits_c.png)" in text
     assert (tmp_path / "fits_c.png").stat().st_size > 1000
+
+
+def test_a_report_on_a_ladder_has_the_fits_the_crossover_sentence_and_the_plot(tmp_path):
+    """build_report on records of six budgets: the summary's crossover sentence and the section."""
+    suite = json.loads((ROOT / "results" / "fidelity" / "suite.json").read_text())  # its corpus and reference rows
+    suite["suite"] |= {"budgets": [float(c) for c in LADDER], "inference_scaling": {
+        "flops_per_byte": 1e5, "at_budget": 1e11, "exponent": 0.5}}
+    (tmp_path / "suite.json").write_text(json.dumps(suite))
+    corpus = {"label": "pydoc-topics", "id": "pydoc-topics", "sha256": "0" * 64, "train_bytes": 1, "val_bytes": 1,
+              "test_bytes": 512}
+    tokenizer = {"tokenizer": "bpe", "vocab_size": 320, "bytes_per_token_test": 3.0, "vocab_used_test": 0.5,
+                 "tokenizer_train_seconds": 0.1}
+    bpe, _ = law(1.7, 3.0, 0.15)
+    byte, _ = law(1.5, 4.0, 0.2)
+    for name, curve in (("bpe", bpe), ("bytes", byte)):
+        for c in LADDER:
+            for seed in range(2):
+                made = record(name, float(curve(c)), budget=float(c), seed=seed, tokenized=name == "bpe", corpus=corpus)
+                if name == "bpe":  # the tokenizer facts the report's tokenizer table reads
+                    made = made.model_copy(update={"tokenizer": tokenizer})
+                write_record(tmp_path / "runs" / made.run_id / "record.json", made)
+    text = build_report(tmp_path, tmp_path)
+    assert "sized to 1e+05 x (C / 1e+11)^0.5 forward FLOPs per byte" in text
+    summary = text.split("## Summary")[1].split("## Corpus")[0]
+    assert "- Fitted crossovers (L = E + A C^-alpha per model): bytes crosses bpe at " in summary
+    assert "### Scaling fits" in text and (tmp_path / "plots" / "fits_pydoc-topics.png").is_file()

@@ -275,8 +275,7 @@ def fits_section(fits: dict[str, ModelFit], label: str, plot_dir: Path, colours:
         return [f"Scaling fits need at least {MIN_BUDGETS} budgets per model; these records have {most}, "
                 "so no curve is fitted.", ""] if scaled_suite else []
     path = plot_dir / f"fits_{label}.png"
-    plot_fits(fits, path, f"{label}: test bpb against training compute, fits extrapolated to "
-              f"{EXTRAPOLATION:g}x the top rung", colours)
+    plot_fits(fits, path, f"{label}: E + A C^-alpha per model, dashed beyond the top rung", colours)
     lines = ["### Scaling fits", "",
              f"Per model, L(C) = E + A C^-alpha fitted by least squares (scipy) to the mean test bpb at each budget C "
              f"(training FLOPs per run; E >= 0, A > 0, 0 < alpha <= {MAX_ALPHA:g}); 95% intervals from {RESAMPLES} "
