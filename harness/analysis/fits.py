@@ -211,7 +211,7 @@ def summary_sentence(fits: dict[str, ModelFit]) -> str | None:
     found = crossovers(fits)
     if not found:
         return None
-    return (f"- Fitted crossovers (L = E + A C^-alpha per model): " + "; ".join(describe(c) for c in found) + ".")
+    return "- Fitted crossovers (L = E + A C^-alpha per model): " + "; ".join(describe(c) for c in found) + "."
 
 
 def _format_interval(interval: tuple[float, float] | None, fmt: str) -> str:
