@@ -14,7 +14,8 @@ from harness.errors import HarnessError
 from harness.core.records import read_suite_records
 from harness.api import load_checkpoint
 from harness.core.sizing import TOLERANCE, inference_flops_per_byte, resize, size_to_target
-from tests.conftest import SMALL_CONFIGS, SMALL_WINDOW, context, tiny_suite
+from harness.core.suite import load_suite
+from tests.conftest import ROOT, SMALL_CONFIGS, SMALL_WINDOW, context, tiny_suite
 
 TRAIN = embedded_corpus("pydoc-topics", 40_000)
 
@@ -114,3 +115,45 @@ def test_a_suite_with_an_inference_target_sizes_every_run_and_records_it(write_s
     assert len(err.splitlines()) == 1 and "model 'bytes' (bytes)" in err and "closest is" in err
     assert not (tmp_path / "tiny2" / "runs").exists()
     json.loads((tmp_path / "tiny" / "suite.json").read_text())  # the first suite's results are untouched
+
+
+def test_a_scaling_rule_sizes_each_budget_to_its_own_target_end_to_end(write_suite, tmp_path, capsys):
+    models = [{"name": "bytes", "adapter": "bytes", "config": SMALL_CONFIGS["bytes"]},
+              {"name": "bpe", "adapter": "bpe", "config": SMALL_CONFIGS["bpe"]}]
+    rule = {"flops_per_byte": 6e4, "at_budget": 2e9, "exponent": 0.5}
+    path = write_suite(tiny_suite(models=models, inference_scaling=rule, budgets=[2e9, 8e9], name="ladder"))
+    command = ["run", str(path), "--results", str(tmp_path), "--quiet", "--device", "cpu"]
+    assert main(command + ["--dry-run"]) == 0  # validated and listed, nothing trained
+    assert capsys.readouterr().out.count("to run (dry run)") == 4 and not (tmp_path / "ladder" / "runs").exists()
+    assert main(command) == 0
+    records = read_suite_records(tmp_path / "ladder")
+    assert len(records) == 4
+    by = {(r.model.name, r.budget_flops): r for r in records}
+    for (name, budget), record in by.items():
+        target = 6e4 * (budget / 2e9) ** 0.5  # 6e4 at 2e9, 1.2e5 at 8e9
+        assert record.sizing["target_flops_per_byte"] == pytest.approx(target, rel=1e-12)
+        assert record.sizing["scaling"] == rule
+        assert abs(record.flops_per_byte.analytic["total"] / target - 1) <= TOLERANCE
+    for name in ("bytes", "bpe"):  # the models grow with the budget
+        assert by[name, 8e9].model.config["d_model"] > by[name, 2e9].model.config["d_model"]
+    for budget in (2e9, 8e9):  # a rung's models share its inference cost, so its training bytes too
+        assert by["bpe", budget].bytes_seen == pytest.approx(by["bytes", budget].bytes_seen, rel=0.15)
+    assert main(["report", str(tmp_path / "ladder"), "-o", str(tmp_path / "report.md")]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "sized to 6e+04 x (C / 2e+09)^0.5 forward FLOPs per byte" in report
+    assert "6e+04 at 2e+09, 1.2e+05 at 8e+09" in report
+    assert "| model   | budget   | rule" in report  # the sizing table has a row per model and budget
+    assert "Scaling fits need at least 4 budgets per model; these records have 2, so no curve is fitted." in report
+
+
+def test_the_study_ladder_suite_sizes_every_adapter_over_five_rungs_without_repeating_data():
+    suite = load_suite(ROOT / "suites" / "study_v2.yaml")
+    budgets = sorted(suite.budgets)
+    assert len(budgets) >= 5 and 0.5e11 <= budgets[0] <= 2e11
+    assert all(2.5 <= high / low <= 3.5 for low, high in zip(budgets, budgets[1:]))  # about 3x apart
+    assert suite.inference_scaling is not None and suite.inference_flops_per_byte is None
+    assert {m.adapter for m in suite.models} == set(registry.available())
+    targets = [suite.inference_target(b) for b in budgets]
+    assert targets == sorted(targets) and targets[0] < targets[-1]
+    # training bytes at the top rung, C / (3 x target): at most 2 epochs over the training split
+    assert budgets[-1] / (3 * targets[-1]) <= 2 * suite.split.train_bytes

@@ -31,6 +31,12 @@ BAD = [
     ("two corpora with one label", tiny_suite(corpus=[{"embedded": "pydoc-topics"}, {"embedded": "pydoc-topics"}]), "share the label"),
     ("empty corpus list", tiny_suite(corpus=[]), "corpus"),
     ("missing key", {k: v for k, v in tiny_suite().items() if k != "split"}, "split"),
+    ("fixed target and scaling rule", tiny_suite(inference_flops_per_byte=6e4, inference_scaling={
+        "flops_per_byte": 6e4, "at_budget": 2e9, "exponent": 0.5}), "inference_scaling: give either"),
+    ("negative scaling exponent", tiny_suite(inference_scaling={"flops_per_byte": 6e4, "at_budget": 2e9,
+                                                                "exponent": -0.5}), "inference_scaling.exponent"),
+    ("scaling rule without its anchor", tiny_suite(inference_scaling={"flops_per_byte": 6e4, "exponent": 0.5}),
+     "inference_scaling.at_budget"),
 ]
 
 

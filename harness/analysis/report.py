@@ -14,11 +14,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from harness.analysis import stats  # noqa: E402
+from harness.analysis import fits as scaling, stats  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
 from harness.analysis.segment import Segmentation, plot_segmentation, segmentation_threshold  # noqa: E402
 from harness.analysis.tuning_report import tuning_section  # noqa: E402
 from harness.core.records import RunFailure, RunRecord, read_failures, read_suite_records  # noqa: E402
+from harness.core.suite import InferenceScaling  # noqa: E402
 
 
 COST_TOLERANCE = 0.02  # measured FLOPs further than this from the analytic figure are shown
@@ -332,21 +333,28 @@ def variant_table(records: list[RunRecord]) -> pd.DataFrame | None:
 
 
 def sizing_table(records: list[RunRecord]) -> pd.DataFrame | None:
-    """Per model (first run of each): configured and chosen width/depth, target and achieved cost."""
+    """Per model and target (first run of each): configured and chosen width/depth, target and
+    achieved cost; a budget column when the targets differ between budgets (a scaling rule)."""
     rows, seen = [], set()
-    for r in records:
+    for r in sorted(records, key=lambda r: (r.model.name, r.budget_flops)) if _scaled(records) else records:
         s = r.sizing
-        if not s or r.model.name in seen:
+        if not s or (r.model.name, s["target_flops_per_byte"]) in seen:
             continue
-        seen.add(r.model.name)
+        seen.add((r.model.name, s["target_flops_per_byte"]))
         configured = {k: v for k, v in s["configured"].items() if k != "flops_per_byte"}
-        rows.append({"model": r.model.name, "rule": s["rule"],
+        budget = {"budget": r.budget_flops} if _scaled(records) else {}
+        rows.append({"model": r.model.name, **budget, "rule": s["rule"],
                      "configured": ", ".join(f"{k}={v}" for k, v in configured.items()),
                      "configured FLOPs/byte": s["configured"]["flops_per_byte"],
                      "chosen": ", ".join(f"{k}={v}" for k, v in s["chosen"].items()),
                      "target FLOPs/byte": s["target_flops_per_byte"], "achieved FLOPs/byte": s["achieved_flops_per_byte"],
                      "error": s["relative_error"]})
     return pd.DataFrame(rows) if rows else None
+
+
+def _scaled(records: list[RunRecord]) -> bool:
+    """Whether the runs were sized to more than one target (a scaling rule over several budgets)."""
+    return len({r.sizing["target_flops_per_byte"] for r in records if r.sizing}) > 1
 
 
 def calibration_table(records: list[RunRecord]) -> pd.DataFrame | None:
@@ -465,10 +473,19 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
         lines += [f"Matched inference cost: every model was sized to {spec['inference_flops_per_byte']:.3g} forward FLOPs "
                   "per byte (within 5%) by its main width, then depth (README, \"Matched inference cost\"); "
                   "the sizing table of each corpus lists what changed.", ""]
+    if spec.get("inference_scaling"):
+        rule = InferenceScaling(**spec["inference_scaling"])
+        targets = ", ".join(f"{rule.target(b):.3g} at {b:.3g}" for b in sorted(spec["budgets"]))
+        lines += [f"Inference cost grows with compute: at a budget of C training FLOPs every model was sized to "
+                  f"{rule.describe()} forward FLOPs per byte (within 5%) by its main width, then depth (README, "
+                  f"\"Matched inference cost\"): {targets}. The sizing table of each corpus lists what changed.", ""]
+    fitted = {label: scaling.fit_records(runs, model_kinds(runs)) for label, runs in by_corpus.items()}
     lines += ["## Summary", ""]
     for label, ranking in rankings.items():
+        crossing = scaling.summary_sentence(fitted[label])
         lines += [f"Corpus `{label}`:", "", *summary_sentences(ranking, model_kinds(by_corpus[label]),
-                                                                suite["corpora"][label]), ""]
+                                                                suite["corpora"][label]),
+                  *([crossing] if crossing else []), ""]
     if failures:
         lines += ["## Runs that did not finish", "",
                   "These runs have no bpb and are in no table below: a diverged run's training loss stopped being "
@@ -477,6 +494,7 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
                   _markdown(failure_table(failures)), ""]
     for label, runs in by_corpus.items():
         lines += corpus_section(label, runs, rankings[label], suite["corpora"][label], plot_dir, colours)
+        lines += scaling.fits_section(fitted[label], label, plot_dir, colours, bool(spec.get("inference_scaling")))
     lines += tuning_section(results_dir, plot_dir)
     return "\n".join(lines)
 

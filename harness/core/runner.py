@@ -81,7 +81,7 @@ def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "au
     corpora = {corpus.label: load_corpus_data(suite, corpus.label, device) for corpus in suite.corpora}
     if distributed.is_main():
         write_suite_summary(out, suite, corpora, device, peak)
-    if suite.inference_flops_per_byte is not None and not dry_run:
+    if suite.inference_target(suite.budgets[0]) is not None and not dry_run:
         check_sizes(suite, corpora, device)
     runs = expand(suite)
     if suite.tune is not None:  # each model's trainer settings chosen on validation first (harness.core.tuning)
@@ -289,31 +289,41 @@ def warm_caches(suite: Suite, runs: list[Run], corpora: dict[str, CorpusData]) -
 
 def check_sizes(suite: Suite, corpora: dict[str, CorpusData], device: torch.device) -> None:
     """Before any training: every model can be sized to the suite's inference cost on every
-    corpus (the first seed's preparation), so an impossible target fails at once."""
+    corpus (the first seed's preparation), so an impossible target fails at once. Under a
+    scaling rule, the first budget's preparation is sized to every budget's target too (a run
+    sizes its own preparation later; this only checks that each target is within reach)."""
     for label, corpus in corpora.items():
         for run in expand(suite):
             if run.corpus.label != label or run.seed != suite.seeds[0] or run.budget != suite.budgets[0]:
                 continue
-            _, _, sizing = prepare(run, suite, corpus, context(suite, run, device))
+            model, _, sizing = prepare(run, suite, corpus, context(suite, run, device), resize_model=False)
             log(f"sizing {label} {run.model.name}: {sizing['chosen']} -> {sizing['achieved_flops_per_byte']:.4g} "
                 f"forward FLOPs/byte ({sizing['relative_error']:+.1%} of the target)")
+            for budget in sorted(set(suite.budgets) - {run.budget}):
+                _, facts = size_to_target(model, suite.inference_target(budget), suite.eval.window,
+                                          suite.count_auxiliary_flops, run.model.name)
+                log(f"sizing {label} {run.model.name} at {budget:.3g} FLOPs: {facts['chosen']} -> "
+                    f"{facts['achieved_flops_per_byte']:.4g} forward FLOPs/byte")
 
 
 # ---- the steps of one run ---------------------------------------------------------------------
 
-def prepare(run: Run, suite: Suite, corpus: CorpusData, ctx: RunContext) -> tuple[Adapter, Preparation, dict | None]:
+def prepare(run: Run, suite: Suite, corpus: CorpusData, ctx: RunContext,
+            resize_model: bool = True) -> tuple[Adapter, Preparation, dict | None]:
     """Build the adapter from the run's seed, fit it to the training split, and size it to the
-    suite's inference cost if it sets one (the resized model takes over the preparation)."""
+    suite's inference cost at the run's budget if it sets one (the resized model takes over the
+    preparation; with `resize_model` False the prepared model comes back as configured)."""
     torch.manual_seed(run.seed)
     model = build(run.model.adapter, run.model.config).to(ctx.device)
     started = time.perf_counter()
     preparation = model.prepare(corpus.splits.train, ctx)
     preparation.seconds = preparation.seconds or time.perf_counter() - started
-    sizing = None
-    if suite.inference_flops_per_byte is not None:
-        config, sizing = size_to_target(model, suite.inference_flops_per_byte, ctx.window, ctx.count_auxiliary_flops,
-                                        run.model.name)
-        if config != model.config:
+    sizing, target = None, suite.inference_target(run.budget)
+    if target is not None:
+        config, sizing = size_to_target(model, target, ctx.window, ctx.count_auxiliary_flops, run.model.name)
+        if suite.inference_scaling is not None:  # the record says where its target came from
+            sizing["scaling"] = suite.inference_scaling.model_dump()
+        if config != model.config and resize_model:
             torch.manual_seed(run.seed)  # the resized model starts from the run's seed too
             model = resize(model, config).to(ctx.device)
     return model, preparation, sizing

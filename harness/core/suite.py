@@ -149,6 +149,23 @@ class ModelEntry(Strict):
     trainer: TrainerOverrides = Field(default_factory=TrainerOverrides)
 
 
+class InferenceScaling(Strict):
+    """Matched inference cost that grows with compute: at budget C every model is sized to
+    flops_per_byte x (C / at_budget) ^ exponent forward FLOPs per byte (harness.core.sizing),
+    so all models of a rung share its inference cost and training bytes, and grow with C."""
+
+    flops_per_byte: float = Field(gt=0, description="forward FLOPs per byte at the budget `at_budget`")
+    at_budget: float = Field(gt=0, description="the training FLOPs where the target is `flops_per_byte`")
+    exponent: float = Field(ge=0, le=1, description="how the target grows with the budget (0.5: parameters and "
+                                                    "training bytes both grow as the square root of compute)")
+
+    def target(self, budget: float) -> float:
+        return self.flops_per_byte * (budget / self.at_budget) ** self.exponent
+
+    def describe(self) -> str:
+        return f"{self.flops_per_byte:.3g} x (C / {self.at_budget:.3g})^{self.exponent:g}"
+
+
 class TuneSettings(Strict):
     """Per-model learning-rate search on validation bpb (harness.core.tuning; README, "Tuning")."""
 
@@ -207,6 +224,9 @@ class Suite(Strict):
     inference_flops_per_byte: float | None = Field(
         None, gt=0, description="matched inference cost: size every model to this many forward FLOPs per byte "
                                 "(within 5%) by its main width, then depth (harness.sizing); none keeps configured sizes")
+    inference_scaling: InferenceScaling | None = Field(
+        None, description="matched inference cost per budget: size every model at budget C to "
+                          "flops_per_byte x (C / at_budget) ^ exponent; not with inference_flops_per_byte")
     count_auxiliary_flops: bool = Field(
         True, description="charge auxiliary models (e.g. BLT's entropy model) to the budget; the BLT paper does not")
     max_epochs: float | None = Field(
@@ -219,6 +239,8 @@ class Suite(Strict):
 
     @model_validator(mode="after")
     def _unique_names(self):
+        if self.inference_flops_per_byte is not None and self.inference_scaling is not None:
+            raise ValueError("inference_scaling: give either a fixed inference_flops_per_byte or a scaling rule, not both")
         names = [m.name for m in self.models]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -239,6 +261,12 @@ class Suite(Strict):
     def source(self) -> str:
         """The suite file, or the suite's name when it was not loaded from one."""
         return self._source or f"suite {self.name!r}"
+
+    def inference_target(self, budget: float) -> float | None:
+        """Forward FLOPs per byte that every model is sized to at this budget; None keeps configured sizes."""
+        if self.inference_scaling is not None:
+            return self.inference_scaling.target(budget)
+        return self.inference_flops_per_byte
 
     @property
     def corpora(self) -> list[Corpus]:
@@ -284,8 +312,9 @@ class Run(BaseModel):
             "trainer": self.trainer.model_dump(),
             "count_auxiliary_flops": suite.count_auxiliary_flops,
         }
-        if suite.inference_flops_per_byte is not None:  # absent otherwise, so older hashes still match
-            payload["inference_flops_per_byte"] = suite.inference_flops_per_byte
+        target = suite.inference_target(self.budget)  # the run's own target, fixed or from the scaling rule
+        if target is not None:  # absent otherwise, so older hashes still match
+            payload["inference_flops_per_byte"] = target
         if suite.max_epochs is not None:  # likewise
             payload["max_epochs"] = suite.max_epochs
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -416,13 +445,12 @@ def _check_models(path: Path, suite: Suite) -> None:
             raise HarnessError(f"{path}: {key}: a batch of {batch_windows} windows of {suite.eval.window} bytes is more "
                                f"than the training split holds (split.train_bytes {suite.split.train_bytes})")
         batch = batch_windows * suite.eval.window
-        forward = model.flops_per_byte(suite.eval.window)
-        if suite.inference_flops_per_byte is not None:  # the model will be resized to about this cost
-            forward = {"total": suite.inference_flops_per_byte}
-        per_byte = training_flops_per_byte(forward, suite.count_auxiliary_flops)
-        step_flops = per_byte * batch
         tune_budgets = [("tune.budgets", b) for b in suite.tune.budgets] if suite.tune else []
         for key, budget in [("budgets", b) for b in suite.budgets] + tune_budgets:
+            target = suite.inference_target(budget)  # the model will be resized to about this cost
+            forward = model.flops_per_byte(suite.eval.window) if target is None else {"total": target}
+            per_byte = training_flops_per_byte(forward, suite.count_auxiliary_flops)
+            step_flops = per_byte * batch
             if training_steps(budget, per_byte, batch) < 1:
                 raise HarnessError(
                     f"{path}: {key}: {budget:.3g} FLOPs is less than one optimizer step of "
