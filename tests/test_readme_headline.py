@@ -1,0 +1,43 @@
+"""The README's headline figures come from the committed study records: recompute them here, so a
+headline that drifts from results/study_v2 (new records, an edited sentence) fails."""
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "results" / "study_v2"
+
+
+def headline() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## What the study finds")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def mean_test_bpb() -> dict[float, dict[str, float]]:
+    runs = defaultdict(lambda: defaultdict(list))
+    for path in (STUDY / "runs").glob("*/record.json"):
+        record = json.loads(path.read_text())
+        runs[record["budget_flops"]][record["model"]["name"]].append(record["test"]["bpb"])
+    return {budget: {name: statistics.mean(v) for name, v in models.items()} for budget, models in runs.items()}
+
+
+@pytest.mark.skipif(not STUDY.exists(), reason="the study's records are not in this checkout")
+def test_headline_leaders_and_primed_gap_match_the_records():
+    text = " ".join(headline().split())
+    means = mean_test_bpb()
+    assert sorted(means) == [1e11, 3e11, 9e11, 2.7e12, 8.1e12]
+    for budget, models in means.items():
+        assert len(models) == 12
+        leader = min(models, key=models.get)
+        assert f"({models[leader]:.3f}" in text, (budget, leader)
+    top = means[8.1e12]
+    best = min(top, key=top.get)
+    ppmd = json.loads((STUDY / "suite.json").read_text())["corpora"]["stdlib-docstrings"]["references"]["test"][
+        "primed_bpb"]["PPMd order 16"]
+    assert f"{top[best]:.3f} bpb" in text and f"({ppmd:.3f} bpb)" in text
+    assert f"{top[best] - ppmd:.2f} bpb behind" in text
