@@ -25,15 +25,13 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from scipy.optimize import brentq, least_squares
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from scipy.optimize import brentq, least_squares  # noqa: E402
-
-from harness.core.records import RunRecord  # noqa: E402
+from harness.analysis.plotting import save_plot
+from harness.core.records import RunRecord
 
 MIN_BUDGETS = 4
 MAX_ALPHA = 5.0
@@ -258,12 +256,7 @@ def plot_fits(fits: dict[str, ModelFit], path: Path, title: str, colours: dict[s
         ax.plot(beyond, f.curve(beyond), "--", color=colours[f.model], linewidth=1)
     ax.axvline(top, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xscale("log")
-    ax.set(xlabel="training FLOPs (budget)", ylabel="test bits per byte", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_plot(fig, ax, "training FLOPs (budget)", "test bits per byte", title, path)
 
 
 def fits_section(fits: dict[str, ModelFit], label: str, plot_dir: Path, colours: dict[str, tuple],

@@ -7,19 +7,17 @@ import json
 import sys
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from harness.analysis import fits as scaling, stats  # noqa: E402
-from harness.errors import HarnessError  # noqa: E402
-from harness.analysis.segment import Segmentation, plot_segmentation, segmentation_threshold  # noqa: E402
-from harness.analysis.tuning_report import tuning_section  # noqa: E402
-from harness.core.records import RunFailure, RunRecord, read_failures, read_suite_records  # noqa: E402
-from harness.core.suite import InferenceScaling  # noqa: E402
+from harness.analysis import fits as scaling, stats
+from harness.analysis.plotting import save_plot
+from harness.errors import HarnessError
+from harness.analysis.segment import Segmentation, plot_segmentation, segmentation_threshold
+from harness.analysis.tuning_report import tuning_section
+from harness.core.records import RunFailure, RunRecord, read_failures, read_suite_records
+from harness.core.suite import InferenceScaling
 
 
 COST_TOLERANCE = 0.02  # measured FLOPs further than this from the analytic figure are shown
@@ -271,18 +269,6 @@ def plot_segmentation_examples(records: list[RunRecord], plot_dir: Path, label: 
     return lines
 
 
-def _save(fig, ax, xlabel: str, ylabel: str, title: str, path: Path, legend_size: int) -> None:
-    """Label, grid and legend an axis, then write the figure as PNG and close it."""
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=legend_size)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def plot_length_distributions(curves: dict[str, np.ndarray], path: Path, title: str,
                               colours: dict[str, tuple] | None = None) -> bool:
     """Fraction of chunks of each length, one line per model; counts[i] = chunks of i bytes.
@@ -299,7 +285,7 @@ def plot_length_distributions(curves: dict[str, np.ndarray], path: Path, title: 
         mean = (lengths * counts).sum() / counts.sum()
         ax.plot(lengths[1:], counts[1:] / counts.sum(), marker="o", markersize=3, linewidth=1, color=colours[name],
                 label=f"{label} (mean {mean:.2f} B)")
-    _save(fig, ax, "chunk length (bytes)", "fraction of chunks", title, path, legend_size=7)
+    save_plot(fig, ax, "chunk length (bytes)", "fraction of chunks", title, path, legend_size=7)
     return True
 
 
@@ -381,7 +367,7 @@ def plot_bpb(summary: pd.DataFrame, x: str, xlabel: str, title: str, path: Path,
                 ax.annotate(f"C={budget:.2g}", (px, py), textcoords="offset points", xytext=(4, 4), fontsize=6,
                             color=colours[model])
     ax.set_xscale("log")
-    _save(fig, ax, xlabel, "test bits per byte", title, path, legend_size=8)
+    save_plot(fig, ax, xlabel, "test bits per byte", title, path, legend_size=8)
 
 
 def plot_learning_curves(records: list[RunRecord], path: Path, colours: dict[str, tuple] | None = None) -> None:
@@ -391,7 +377,7 @@ def plot_learning_curves(records: list[RunRecord], path: Path, colours: dict[str
     for name, r in representative_runs(records, "loss_curve").items():
         curve = r.loss_curve
         ax.plot([p.bytes for p in curve], [p.train_bpb for p in curve], label=name, linewidth=1, color=colours[name])
-    _save(fig, ax, "training bytes seen", "train bits per byte", "learning curves (each model: largest budget, lowest seed)",
+    save_plot(fig, ax, "training bytes seen", "train bits per byte", "learning curves (each model: largest budget, lowest seed)",
           path, legend_size=7)
 
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+from harness.analysis.plotting import save_plot
 
 
 def tuning_table(entries: list[dict]) -> pd.DataFrame:
@@ -36,12 +35,7 @@ def plot_val_against_lr(entries: list[dict], path: Path, title: str) -> None:
         line, = ax.plot([t["lr"] for t in trials], [t["val_bpb"] for t in trials], marker="o", label=e["model"])
         ax.plot([e["chosen"]["lr"]], [e["val_bpb"]], marker="*", markersize=12, color=line.get_color())
     ax.set_xscale("log")
-    ax.set(xlabel="peak learning rate", ylabel="validation bpb (mean over tuning seeds)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_plot(fig, ax, "peak learning rate", "validation bpb (mean over tuning seeds)", title, path)
 
 
 def drift_lines(entries: list[dict]) -> list[str]:
