@@ -556,7 +556,7 @@ def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, 
          "the fair counterpart of a trained model (none for gzip, whose 32 kB window sees almost none of the split, "
          "nor for bz2, which re-sorts its whole block). "
          + (f"Here the compressors are {primed_with(refs['prime_bytes'])} (the suite's `references.prime_bytes` "
-            f"cap; the models train on all {refs['train_bytes']:,} bytes). " if refs.get("prime_bytes") else "")
+            f"cap; the training split holds {refs['train_bytes']:,} bytes). " if refs.get("prime_bytes") else "")
          + "Whole split: all scored windows compressed at once (each window "
          "after the windows before it, a context the models do not get), comparable with published whole-file figures. "
          "Each window alone: the container's headers dominate a window this short."
