@@ -6,6 +6,7 @@ import threading
 import zipfile
 
 import pytest
+import torch
 
 from harness.core import data
 from harness.errors import HarnessError
@@ -53,6 +54,16 @@ def test_train_stream_order_depends_only_on_seed():
     assert all((x == b.next_batch()).all() for x in batches_a)
     assert any((x != c.next_batch()).any() for x in batches_a)
     assert a.epoch >= 1  # 160 windows / 4 per batch = 40 batches per epoch
+
+
+def test_the_train_stream_keeps_one_byte_per_byte_and_draws_int64_windows():
+    train = bytes(range(256)) * 40 + b"tail"
+    stream = data.TrainStream(train, 64, 4, seed=1)
+    assert stream.data.dtype == torch.uint8 and stream.data.shape == (160, 64)  # a whole split as int64 is 8x its size
+    batch = stream.next_batch()
+    assert batch.dtype == torch.long and any((batch[0] == w).all() for w in data.windows(train, 64))
+    assert (data.byte_windows(train, 64, 3).long() == data.windows(train, 64, 3)).all()
+    assert data.byte_windows(b"short", 64).shape == (0, 64)
 
 
 def test_files_corpus_txt_and_jsonl(tmp_path, write_suite):

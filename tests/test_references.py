@@ -210,3 +210,52 @@ def test_a_second_run_of_a_suite_takes_the_references_from_the_cache(cache, writ
     run_suite(path, tmp_path / "results", "cpu", show_progress=False)
     assert "references for pydoc-topics: from the cache" in capsys.readouterr().out
     assert json.loads((out / "suite.json").read_text())["corpora"]["pydoc-topics"]["references"] == entry
+
+
+def test_a_priming_cap_primes_with_the_last_bytes_of_the_split():
+    cap = 6000
+    entry = compute_references(TRAIN, WINDOWS, log=lambda line: None, prime_bytes=cap)
+    chunks = [bytes(w.tolist()) for w in WINDOWS]
+    total = 8.0 / sum(map(len, chunks))
+    last = TRAIN[-cap:]  # the bytes nearest the test split, computed here directly through each compressor
+    dict_size = 1 << 13  # the power of two that holds 6000 B + a window
+    xz = lambda b: lzma.compress(b, format=lzma.FORMAT_XZ, filters=[  # noqa: E731
+        {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": dict_size}])
+    ppmd = lambda b: pyppmd.compress(b, max_order=references.PPMD_ORDER, mem_size=references.PPMD_MEMORY)  # noqa: E731
+    zstd = zstandard.ZstdCompressor(level=19).compress
+    for name, fn in (("xz -9e", xz), ("zstd -19", zstd), (f"PPMd order {references.PPMD_ORDER}", ppmd)):
+        assert entry["test"]["primed_bpb"][name] == total * sum(len(fn(last + w)) - len(fn(last)) for w in chunks), name
+    assert entry["prime_bytes"] == cap and entry["train_bytes"] == len(TRAIN)
+    # the windows at offset 5000 and 12000 lie before the last 6000 bytes: capped, they cost more than primed fully
+    full = compute_references(TRAIN, WINDOWS, log=lambda line: None)
+    assert entry["test"]["primed_bpb"]["xz -9e"] > full["test"]["primed_bpb"]["xz -9e"]
+    # the rows that are not primed do not depend on the cap
+    assert entry["test"]["whole_split_bpb"] == full["test"]["whole_split_bpb"]
+    assert entry["test"]["compressors_bpb"] == full["test"]["compressors_bpb"]
+
+
+def test_without_a_cap_the_entry_and_its_cache_key_are_as_before():
+    entry = compute_references(TRAIN, WINDOWS, log=lambda line: None)
+    assert "prime_bytes" not in entry
+    assert "prime_bytes" not in references.cache_key(TRAIN, WINDOWS)
+    # a cap, even one as long as the split, is another cache entry
+    assert references.cache_key(TRAIN, WINDOWS, len(TRAIN)) != references.cache_key(TRAIN, WINDOWS)
+    assert references.cache_key(TRAIN, WINDOWS, 6000) != references.cache_key(TRAIN, WINDOWS, 7000)
+
+
+def test_a_capped_and_an_uncapped_suite_never_share_a_cached_entry(cache):
+    lines = []
+    full = cached_references(TRAIN, WINDOWS, "toy", lines.append)
+    capped = cached_references(TRAIN, WINDOWS, "toy", lines.append, prime_bytes=6000)
+    assert not any("from the cache" in line for line in lines)
+    assert any("primed with the last 6,000 bytes of the training split ... 4/4 windows" in line for line in lines)
+    assert capped["test"]["primed_bpb"] != full["test"]["primed_bpb"] and len(list(cache.glob("*.json"))) == 2
+    assert cached_references(TRAIN, WINDOWS, "toy", lines.append, prime_bytes=6000) == capped
+
+
+def test_the_report_says_how_many_bytes_primed_the_compressors():
+    capped = {**NEW, "prime_bytes": 64_000_000, "train_bytes": 12_000_000_000}
+    assert reference_table(capped)["reference"][0] == \
+        "xz -9e, primed with the last 64,000,000 bytes of the training split"
+    assert primed_clause(1.943, {"references": capped}).endswith(
+        "PPMd order 16 primed with the last 64,000,000 bytes of the training split (1.8400 bpb)")

@@ -37,6 +37,8 @@ BAD = [
                                                                 "exponent": -0.5}), "inference_scaling.exponent"),
     ("scaling rule without its anchor", tiny_suite(inference_scaling={"flops_per_byte": 6e4, "exponent": 0.5}),
      "inference_scaling.at_budget"),
+    ("priming cap over the split", tiny_suite(references={"prime_bytes": 40001}), "references.prime_bytes"),
+    ("priming cap of no bytes", tiny_suite(references={"prime_bytes": 0}), "references.prime_bytes"),
 ]
 
 

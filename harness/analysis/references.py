@@ -6,14 +6,17 @@ Three codings of the windows, each reported in bits per scored byte:
 - primed: each window coded after the training split, as the extra bytes
   C(train + window) - C(train). The compressor has seen what a model trains on
   and codes the window with that context, so this is the fair counterpart of a
-  trained model (DESIGN.md section 9).
+  trained model (DESIGN.md section 9). A suite may cap the priming at the last
+  `prime_bytes` bytes of the split (`references: {prime_bytes: N}`): each of the
+  primed codings reads the priming text twice per window, which at a split of
+  many GB takes days; the entry then records the cap.
 - whole split: all scored windows concatenated and compressed at once, comparable
   with published whole-file figures.
 - each window alone: every window compressed on its own, container (headers,
   checksums, tables) included. At 256 bytes a window is mostly overhead.
 
-`cached_references` computes all of them once per (training split, scored windows,
-window, format) and keeps the answer in a per-user cache (see `cache_dir`).
+`cached_references` computes all of them once per (training split, priming cap, scored
+windows, window, format) and keeps the answer in a per-user cache (see `cache_dir`).
 """
 
 from __future__ import annotations
@@ -162,20 +165,35 @@ def primed_extra_bytes(compressor: Compressor, train: bytes, chunks: list[bytes]
     return extra
 
 
+def priming(train: bytes, prime_bytes: int | None) -> bytes:
+    """What the compressors are primed with: the whole training split, or its last `prime_bytes`
+    bytes (the text nearest the test split, which follows it)."""
+    return train if prime_bytes is None else train[-prime_bytes:]
+
+
+def primed_with(prime_bytes: int | None) -> str:
+    """How the primed rows were primed, in words (log lines and the report)."""
+    return "primed with the training split" if prime_bytes is None else \
+        f"primed with the last {prime_bytes:,} bytes of the training split"
+
+
 def compute_references(train: bytes, windows: torch.Tensor, label: str = "",
-                       log: Callable[[str], None] = print, log_every_s: float = 10.0) -> dict:
-    """The "references" entry of suite.json for one corpus (uncached; see cached_references)."""
+                       log: Callable[[str], None] = print, log_every_s: float = 10.0,
+                       prime_bytes: int | None = None) -> dict:
+    """The "references" entry of suite.json for one corpus (uncached; see cached_references).
+    With `prime_bytes`, the primed rows are primed with the last `prime_bytes` bytes of `train`."""
     chunks = window_bytes(windows)
     total = sum(len(c) for c in chunks)
     table = compressors()
     prefix = f"references for {label}: " if label else "references: "
     started = time.perf_counter()
+    primer = priming(train, prime_bytes)
     primed = {}
     for name, c in table.items():
         if not c.primed:
             continue
         last = [time.perf_counter()]
-        what = f"{prefix}{name} primed with the training split ..."
+        what = f"{prefix}{name} {primed_with(prime_bytes)} ..."
 
         def progress(done: int, what=what, last=last) -> None:
             now = time.perf_counter()
@@ -184,13 +202,14 @@ def compute_references(train: bytes, windows: torch.Tensor, label: str = "",
                 last[0] = now
 
         log(f"{what} 0/{len(chunks)} windows")
-        primed[name] = 8.0 * sum(primed_extra_bytes(c, train, chunks, progress)) / total
+        primed[name] = 8.0 * sum(primed_extra_bytes(c, primer, chunks, progress)) / total
     log(f"{prefix}whole test split and each window alone ...")
     whole = b"".join(chunks)
     whole_split = {name: 8.0 * len(c.compress(whole)) / total for name, c in table.items()}
     alone = {name: 8.0 * sum(len(c.compress(w)) for w in chunks) / total for name, c in table.items()}
     seconds = time.perf_counter() - started
     log(f"{prefix}done in {seconds:.1f}s")
+    cap = {} if prime_bytes is None else {"prime_bytes": prime_bytes}  # absent uncapped, as in entries before the cap
     return {
         "format": REFERENCES_FORMAT,
         "test": {
@@ -202,6 +221,7 @@ def compute_references(train: bytes, windows: torch.Tensor, label: str = "",
         "windows": len(chunks),
         "window": int(windows.shape[1]),
         "train_bytes": len(train),
+        **cap,
         "compressors": {name: c.settings for name, c in table.items()},
         "versions": compressor_versions(),
         "compute_seconds": seconds,
@@ -214,17 +234,21 @@ def cache_dir() -> Path:
     return shared_cache_dir("references")
 
 
-def cache_key(train: bytes, windows: torch.Tensor) -> dict:
+def cache_key(train: bytes, windows: torch.Tensor, prime_bytes: int | None = None) -> dict:
+    """The whole split's hash and, when capped, the cap: a capped entry is never read for an
+    uncapped suite or the other way round (the entry's train_bytes is the whole split's in both)."""
+    cap = {} if prime_bytes is None else {"prime_bytes": prime_bytes}  # absent uncapped: older keys still match
     return {"format": REFERENCES_FORMAT, "train_sha256": hashlib.sha256(train).hexdigest(),
             "test_windows_sha256": hashlib.sha256(b"".join(window_bytes(windows))).hexdigest(),
-            "window": int(windows.shape[1]), "versions": compressor_versions()}
+            "window": int(windows.shape[1]), "versions": compressor_versions(), **cap}
 
 
-def cached_references(train: bytes, windows: torch.Tensor, label: str = "", log: Callable[[str], None] = print) -> dict:
-    """compute_references, cached by (sha256 of the training split, sha256 of the scored
-    windows' bytes, window, format, compressor versions) in cache_dir(). A cache that cannot
-    be read is recomputed; one that cannot be written is skipped with a line in the log."""
-    key = cache_key(train, windows)
+def cached_references(train: bytes, windows: torch.Tensor, label: str = "", log: Callable[[str], None] = print,
+                      prime_bytes: int | None = None) -> dict:
+    """compute_references, cached by (sha256 of the training split, the priming cap, sha256 of
+    the scored windows' bytes, window, format, compressor versions) in cache_dir(). A cache that
+    cannot be read is recomputed; one that cannot be written is skipped with a line in the log."""
+    key = cache_key(train, windows, prime_bytes)
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     path = cache_dir() / f"{name}.json"
     try:
@@ -234,7 +258,7 @@ def cached_references(train: bytes, windows: torch.Tensor, label: str = "", log:
             return cached["entry"]
     except (OSError, ValueError, AttributeError):
         pass
-    entry = compute_references(train, windows, label, log)
+    entry = compute_references(train, windows, label, log, prime_bytes=prime_bytes)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import pandas as pd
 
 from harness.analysis import fits as scaling, stats
 from harness.analysis.plotting import save_plot
+from harness.analysis.references import primed_with
 from harness.errors import HarnessError
 from harness.analysis.segment import Segmentation, plot_segmentation, segmentation_threshold
 from harness.analysis.tuning_report import tuning_section
@@ -152,15 +153,16 @@ def summary_sentences(ranking: pd.DataFrame, kinds: dict[str, str], corpus: dict
 def primed_clause(bpb: float, corpus: dict | None) -> str | None:
     """Where a bpb stands against the best compressor primed with the training split (None for a
     record without primed references)."""
-    primed = (corpus or {}).get("references", {}).get("test", {}).get("primed_bpb")
+    refs = (corpus or {}).get("references", {})
+    primed = refs.get("test", {}).get("primed_bpb")
     if not primed:
         return None
     name, reference = min(primed.items(), key=lambda item: item[1])
     side = "behind" if bpb > reference else "ahead of"
-    return f"it is {abs(bpb - reference):.4f} bpb {side} the best primed compressor, {name} {PRIMED} ({reference:.4f} bpb)"
+    return (f"it is {abs(bpb - reference):.4f} bpb {side} the best primed compressor, {name} "
+            f"{primed_with(refs.get('prime_bytes'))} ({reference:.4f} bpb)")
 
 
-PRIMED = "primed with the training split"
 WHOLE_SPLIT = "whole test split at once"
 ALONE = "each window alone (container overhead included)"
 
@@ -168,8 +170,8 @@ ALONE = "each window alone (container overhead included)"
 def reference_table(refs: dict) -> pd.DataFrame:
     """A corpus's reference rows: primed, whole split, each window alone, order-0 entropy.
     A record from before primed references has only the per-window rows (its "compressors_bpb")."""
-    test = refs["test"]
-    rows = ([{"reference": f"{name}, {PRIMED}", "bpb": bpb} for name, bpb in test.get("primed_bpb", {}).items()]
+    test, primed = refs["test"], primed_with(refs.get("prime_bytes"))  # a suite may cap the priming
+    rows = ([{"reference": f"{name}, {primed}", "bpb": bpb} for name, bpb in test.get("primed_bpb", {}).items()]
             + [{"reference": f"{name}, {WHOLE_SPLIT}", "bpb": bpb} for name, bpb in test.get("whole_split_bpb", {}).items()]
             + [{"reference": f"{name}, {ALONE}", "bpb": bpb} for name, bpb in test["compressors_bpb"].items()]
             + [{"reference": "order-0 entropy of the test windows", "bpb": test["order0_entropy_bpb"]}])
@@ -538,7 +540,10 @@ def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, 
         "",
         ("Primed: each window coded after the training split, the extra bytes C(train + window) - C(train), "
          "the fair counterpart of a trained model (none for gzip, whose 32 kB window sees almost none of the split, "
-         "nor for bz2, which re-sorts its whole block). Whole split: all scored windows compressed at once (each window "
+         "nor for bz2, which re-sorts its whole block). "
+         + (f"Here the compressors are {primed_with(refs['prime_bytes'])} (the suite's `references.prime_bytes` "
+            f"cap; the training split holds {refs['train_bytes']:,} bytes). " if refs.get("prime_bytes") else "")
+         + "Whole split: all scored windows compressed at once (each window "
          "after the windows before it, a context the models do not get), comparable with published whole-file figures. "
          "Each window alone: the container's headers dominate a window this short."
          if refs["test"].get("primed_bpb") else

@@ -213,21 +213,25 @@ def hf_corpus(name: str, config: str | None, split_name: str, revision: str | No
     corpus_id = f"hf:{where}{f'/{config}' if config else ''}:{split_name}.{field}"
     try:
         rows = datasets.load_dataset(**arguments, split=split_name, streaming=True)
-        documents, size = [], 0
+        # documents joined by the separator as they arrive, not kept in a list and joined at the end:
+        # at a split of many GB that holds the text twice at most (here, then as bytes), not three times
+        joined = bytearray()
         for number, row in enumerate(rows):
             text = row.get(field)
             if not isinstance(text, str):
                 raise HarnessError(f"corpus {corpus_id}: row {number} has no string field {field!r} "
                                    f"(fields: {', '.join(map(str, row))})")
-            documents.append(text.encode("utf-8"))
-            size += len(documents[-1]) + len(DOCUMENT_SEPARATOR)
-            if size >= limit:
+            if number:
+                joined += DOCUMENT_SEPARATOR
+            joined += text.encode("utf-8")
+            if len(joined) + len(DOCUMENT_SEPARATOR) >= limit:
                 break
     except HarnessError:
         raise
     except Exception as e:  # datasets raises many kinds (missing split, no network, bad files)
         raise HarnessError(f"corpus {corpus_id}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    return corpus_id, DOCUMENT_SEPARATOR.join(documents)[:limit]
+    del joined[limit:]
+    return corpus_id, bytes(joined)
 
 
 def _hub_commit(name: str, revision: str | None) -> str:
@@ -267,10 +271,18 @@ def to_tensor(data: bytes) -> torch.Tensor:
 def windows(data: bytes, window: int, max_windows: int | None = None) -> torch.Tensor:
     """Consecutive, non-overlapping windows of `window` bytes: (N, window); the tail
     shorter than a window is not used."""
+    return byte_windows(data, window, max_windows).long()
+
+
+def byte_windows(data: bytes, window: int, max_windows: int | None = None) -> torch.Tensor:
+    """windows() as uint8, one byte per byte: for a whole training split, which as int64 would
+    take 8 times its size (96 GB for a 12 GB split); index it, then convert the windows taken."""
     n = len(data) // window
     if max_windows is not None:
         n = min(n, max_windows)
-    return to_tensor(data[: n * window]).view(n, window)
+    if n == 0:  # frombuffer refuses an empty buffer
+        return torch.empty(0, window, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(memoryview(data)[: n * window]), dtype=torch.uint8).view(n, window)
 
 
 class TrainStream:
@@ -279,7 +291,7 @@ class TrainStream:
     of a suite sees the same bytes in the same order."""
 
     def __init__(self, train: bytes, window: int, batch_windows: int, seed: int):
-        self.data = windows(train, window)
+        self.data = byte_windows(train, window)  # uint8: each batch is converted as it is drawn
         if len(self.data) < batch_windows:
             raise HarnessError(f"the train split holds {len(self.data)} windows of {window} bytes; a batch needs {batch_windows}")
         self.batch_windows = batch_windows
@@ -306,4 +318,4 @@ class TrainStream:
             self._cursor = 0
         index = self._order[self._cursor : self._cursor + self.batch_windows]
         self._cursor += self.batch_windows
-        return self.data[index]
+        return self.data[index].long()

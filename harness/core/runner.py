@@ -255,12 +255,14 @@ def load_corpus_data(suite: Suite, label: str, device: torch.device) -> CorpusDa
 def write_suite_summary(out: Path, suite: Suite, corpora: dict[str, CorpusData], device: torch.device,
                         peak: float) -> None:
     """suite.json: the suite as run, and per corpus its hash and the reference rows."""
+    prime_bytes = suite.references.prime_bytes if suite.references is not None else None
+    unset = {key for key in ("executor", "references") if getattr(suite, key) is None}  # as suite.json was before them
     write_json_atomic(out / "suite.json", {
         "format_version": RECORD_FORMAT_VERSION,
-        "suite": suite.model_dump(mode="json", exclude={"executor"} if suite.executor is None else None),
+        "suite": suite.model_dump(mode="json", exclude=unset or None),
         "corpora": {label: {
             "id": c.splits.corpus_id, "sha256": c.splits.sha256,
-            "references": cached_references(c.splits.train, c.test_windows, label, log),
+            "references": cached_references(c.splits.train, c.test_windows, label, log, prime_bytes),
             "raw_bytes_tokenizer": raw_byte_metrics(c.splits.test),
         } for label, c in corpora.items()},
         "device": str(device),

@@ -210,6 +210,14 @@ class ExecutorSettings(Strict):
         return self
 
 
+class ReferenceSettings(Strict):
+    """How the reference compressors are primed (harness.analysis.references; README, "Reference rows")."""
+
+    prime_bytes: int = Field(gt=0, description="prime each compressor with the last prime_bytes bytes of the training "
+                                               "split (those nearest the test split) instead of all of it: coding a "
+                                               "window after a split of many GB would take days")
+
+
 class Suite(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", description="the results folder's name: not . or ..")
     version: int = Field(SUITE_FORMAT_VERSION, description="suite format version")
@@ -235,6 +243,8 @@ class Suite(Strict):
     models: list[ModelEntry] = Field(min_length=1)
     tune: TuneSettings | None = Field(None, description="choose each model's trainer settings on validation first")
     executor: ExecutorSettings | None = Field(None, description="run the suite's runs as jobs (harness.core.dispatch)")
+    references: ReferenceSettings | None = Field(
+        None, description="cap on the bytes the reference compressors are primed with; none: the whole training split")
     _source: str | None = PrivateAttr(None)  # the suite file, for errors found after loading
 
     @model_validator(mode="after")
@@ -250,6 +260,10 @@ class Suite(Strict):
             raise ValueError("corpus: the list is empty")
         if len(set(labels)) != len(labels):
             raise ValueError(f"corpus: two corpora share the label {max(labels, key=labels.count)!r} (run ids need distinct ones)")
+        if self.references is not None and self.references.prime_bytes > self.split.train_bytes:
+            raise ValueError(f"references.prime_bytes: {self.references.prime_bytes} bytes is more than the training "
+                             f"split holds (split.train_bytes {self.split.train_bytes}); leave it out to prime with "
+                             "the whole split")
         for split in ("val", "test"):
             size = getattr(self.split, f"{split}_bytes")
             if self.eval.window > size:
