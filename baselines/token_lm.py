@@ -69,6 +69,9 @@ class TokenLMConfig(AdapterConfig):
     n_heads: int = Field(4, ge=1, description="attention heads")
     mlp_ratio: float = Field(8 / 3, gt=0, description="SwiGLU hidden width / d_model")
     window: int = Field(0, ge=0, description="sliding attention window in tokens (0 = full causal)")
+    tokenizer_bytes: int | None = Field(
+        None, gt=0, description="train the tokenizer on the first N bytes of the training split (none: all of it; "
+                                "a 12 GB split would take hours, and SentencePiece far more memory)")
 
 
 def split_text(data: bytes, reserved: str = "") -> list[str | int]:
@@ -177,7 +180,10 @@ class TokenLM(Adapter):
         if not train:
             raise HarnessError(f"{self.name}: the training split is empty; a tokenizer cannot be trained")
         settings = self.tokenizer_settings()
-        corpus_sha256 = hashlib.sha256(train).hexdigest()
+        if self.config.tokenizer_bytes is not None:  # absent otherwise, so earlier cache entries still match
+            settings["tokenizer_bytes"] = self.config.tokenizer_bytes
+        sample = train[:self.config.tokenizer_bytes] if self.config.tokenizer_bytes else train
+        corpus_sha256 = hashlib.sha256(sample).hexdigest()
         key = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "adapter": self.name, "corpus_sha256": corpus_sha256,
                                          "settings": settings}, sort_keys=True).encode()).hexdigest()[:24]
         path = cache_dir() / f"{self.name}-{key}.json"
@@ -185,7 +191,7 @@ class TokenLM(Adapter):
         cache_hit = entry is not None
         if entry is None:
             fit_started = time.perf_counter()
-            serialized = self.fit_tokenizer(self._training_texts(train))
+            serialized = self.fit_tokenizer(self._training_texts(sample))
             fit_seconds = time.perf_counter() - fit_started
             vocab = self.load_tokenizer(serialized)
             entry = {"tokenizer": serialized, "train_seconds": fit_seconds, "corpus_sha256": corpus_sha256,

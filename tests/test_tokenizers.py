@@ -286,6 +286,22 @@ def test_other_settings_miss_the_cache(prepared):
 
 
 @pytest.mark.parametrize("kind", ["bpe", "sp-unigram"])
+def test_tokenizer_bytes_trains_on_the_head_of_the_split_only(cache_root, kind):
+    """A capped tokenizer is the one trained on the split's first N bytes, and never shares a cache
+    entry with the uncapped tokenizer of those same bytes."""
+    head = TRAIN[:30000]
+    capped = build(kind, tokenizer_bytes=len(head))
+    facts = capped.prepare(TRAIN, context()).facts
+    assert facts["tokenizer_settings"]["tokenizer_bytes"] == len(head)
+    direct = build(kind)
+    assert direct.prepare(head, context()).facts["tokenizer_cache_file"] != facts["tokenizer_cache_file"]
+    assert capped.tokenizer_state["tokenizer"] == direct.tokenizer_state["tokenizer"]
+    uncapped = build(kind)
+    uncapped.prepare(TRAIN, context())
+    assert uncapped.tokenizer_state["tokenizer"] != capped.tokenizer_state["tokenizer"]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sp-unigram"])
 def test_checkpoint_restores_the_tokenizer(prepared, kind):
     model = prepared[0][kind].eval()
     fresh = build(kind)
