@@ -140,3 +140,20 @@ def test_a_compiled_training_forward_gives_the_eager_losses(monkeypatch):
 def test_a_compiled_training_forward_gives_the_eager_losses_with_inductor():
     eager, compiled = train_twice()
     assert [p["train_bpb"] for p in compiled] == pytest.approx([p["train_bpb"] for p in eager], rel=1e-4)
+
+
+def test_a_window_is_tokenized_once_per_tokenizer():
+    from baselines.token_lm import Vocabulary
+
+    calls = []
+
+    def encode_texts(texts):
+        calls.append(len(texts))
+        return [[ord(c) for c in t] for t in texts]
+
+    vocab = Vocabulary(encode_texts, [bytes([i]) for i in range(256)] + [b""], list(range(256)), 256)
+    windows = [b"the cat", b"a dog", b"the cat"]
+    assert vocab.encode_windows(windows) == vocab.encode(windows)
+    tokenized = len(calls)
+    assert vocab.encode_windows(windows[::-1]) == vocab.encode(windows)[::-1]
+    assert len(calls) == tokenized + 1  # the encode() just above; encode_windows asked the library nothing
