@@ -60,6 +60,7 @@ TRAINING_CHUNK = 4096  # bytes of the training split per training text
 LONG_CHUNK = 8192  # "long text" for bytes per token
 SHORT_WINDOW = 64  # short windows for the edge effect
 MEASURE_BYTES = 1 << 19  # training bytes tokenized for those two measurements
+WINDOW_CACHE = 1 << 16  # tokenized windows a Vocabulary keeps (a 16 MB split in windows of 256 bytes)
 
 
 class TokenLMConfig(AdapterConfig):
@@ -103,9 +104,21 @@ class Vocabulary:
     bos_id: int
     reserved: str = ""  # characters never handed to the library (written byte by byte)
     lengths: np.ndarray = field(init=False)  # (V,) bytes per id
+    known: dict[bytes, list[int]] = field(init=False, repr=False)  # windows tokenized before (encode_windows)
 
     def __post_init__(self):
         self.lengths = np.array([len(p) for p in self.pieces], dtype=np.int64)
+        self.known = {}
+
+    def encode_windows(self, windows: list[bytes]) -> list[list[int]]:
+        """encode(), remembering each window: training draws the same windows of the training
+        split epoch after epoch, so each is tokenized once per tokenizer, not in every step."""
+        new = list(dict.fromkeys(w for w in windows if w not in self.known))
+        if new:
+            if len(self.known) + len(new) > WINDOW_CACHE:  # bounded: evaluation brings windows of its own
+                self.known.clear()
+            self.known.update(zip(new, self.encode(new)))
+        return [self.known[w] for w in windows]
 
     def encode(self, windows: list[bytes]) -> list[list[int]]:
         """Token ids of each byte string, each tokenized on its own; one library call for all."""
@@ -250,7 +263,7 @@ class TokenLM(Adapter):
         vocab = self.vocabulary()
         rows = windows.to("cpu", torch.uint8).numpy()
         width = rows.shape[1]
-        encoded = vocab.encode([row.tobytes() for row in rows])
+        encoded = vocab.encode_windows([row.tobytes() for row in rows])
         length = max(len(ids) for ids in encoded)
         ids = np.full((len(encoded), length), vocab.bos_id, dtype=np.int64)
         for i, row_ids in enumerate(encoded):

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from harness.commands import export, listing, lm_eval, report, run, segment
+from harness.commands import bench, export, listing, lm_eval, report, run, segment
 from harness.errors import HarnessError
 
 EPILOG = """examples:
@@ -20,6 +20,10 @@ EPILOG = """examples:
   harness run suites/matched_flops.yaml --executor slurm --partition gpu --time-min 240
                                            one Slurm job per run; preempted jobs requeue and resume
   harness run suites/smoke.yaml --nproc 2  each run across 2 processes (DDP; gloo on the CPU)
+  harness run suites/smoke.yaml --threads 2
+                                           torch on 2 CPU threads (README, "Speed": never more than the cores)
+  harness bench suites/smoke.yaml --steps 10 --out results/bench/cpu_smoke.json
+                                           bytes/s, FLOP/s, MFU and step phases of each model on this machine
   harness report results/smoke             results/smoke/report.md, plots in results/smoke/plots
   harness report results/smoke -o -        the markdown to stdout instead
   harness list                             adapters, their descriptions and config fields
@@ -41,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for command in (run, report, listing, export, segment, lm_eval):
+    for command in (run, report, listing, export, segment, lm_eval, bench):
         command.add_parser(sub)
     return top
 

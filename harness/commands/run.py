@@ -16,6 +16,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.nproc < 1:
         raise_error(f"--nproc: {args.nproc}; give 1 or more processes")
+    check_threads(args.threads)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet inside the processes it asks for
         if args.executor not in (None, "none"):
             raise_error("--nproc: with --executor, a run's processes are its GPUs (--gpus-per-run)")
@@ -32,10 +33,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = run_suite(args.suite, Path(args.results), args.device, show_progress=not args.quiet,
                     save_every_s=args.save_every, retry_failed=args.retry_failed, dry_run=args.dry_run,
                     tensorboard_dir=Path(args.tensorboard) if args.tensorboard else None,
-                    executor=executor_settings(args))
+                    executor=executor_settings(args), threads=args.threads)
     if os.environ.get("RANK", "0") == "0":
         print(f"{'suite.json' if args.dry_run else 'records'} in {out}; next: harness report {out}")
     return 0
+
+
+def check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise_error(f"--threads: {threads}; give 1 or more")
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """--threads, shared by `run` and `bench`."""
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch CPU threads (torch.set_num_threads; recorded). By default torch takes every core; "
+                             "two jobs that each do so on the same cores run many times slower (README, \"Speed\")")
 
 
 def raise_error(message: str):
@@ -88,6 +101,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                          "records go to RESULTS/SUITE_NAME/runs/RUN_ID/")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                      help="auto takes CUDA when present (bf16 autocast), else CPU")
+    add_threads_option(run)
     run.add_argument("--quiet", action="store_true",
                      help="no progress (by default a bar on a terminal, a plain line every 30 s in a log)")
     run.add_argument("--tensorboard", metavar="DIR",

@@ -1,11 +1,14 @@
 """The one place that knows about devices: which to use, its numerics (bf16 autocast on
-CUDA, full precision elsewhere), synchronisation for timing, and its measured matmul peak."""
+CUDA, full precision elsewhere), host-to-device copies, synchronisation for timing, and its
+measured matmul peak."""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -53,10 +56,35 @@ def median_seconds(fn, repeats: int, device: torch.device) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure_matmul_peak(device: torch.device, size: int = 1024, seconds: float = 0.5) -> float:
-    """Achievable fp32 matmul FLOP/s on `device`, measured now, never looked up."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+PEAK_REPEATS = 5  # the peak is the median of this many measurements
+WIDE_SPREAD = 0.15  # (max - min) / median of the peak above this: something else used the machine
+BUSY_LOAD = 0.5  # a 1-minute load average above this before measuring on the CPU: another job is running
+
+
+@dataclass(frozen=True)
+class Peak:
+    """The achievable matmul FLOP/s measured in this process: the median of PEAK_REPEATS
+    measurements (the MFU denominator) and their range, which says how steady the machine was."""
+
+    flops_per_s: float
+    low: float
+    high: float
+    dtype: str = "float32"
+
+    @property
+    def spread(self) -> float:
+        return (self.high - self.low) / self.flops_per_s
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on `device`; on CUDA through pinned memory, so the copy runs asynchronously."""
+    if device.type == "cuda" and batch.device.type == "cpu":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+
+def _matmul_flops_per_s(a: torch.Tensor, b: torch.Tensor, seconds: float) -> float:
+    device = a.device
     synchronize(device)
     for _ in range(2):
         a @ b
@@ -69,4 +97,35 @@ def measure_matmul_peak(device: torch.device, size: int = 1024, seconds: float =
             continue
         synchronize(device)
     synchronize(device)
-    return 2.0 * size**3 * reps / (time.perf_counter() - start)
+    return 2.0 * a.shape[0] ** 3 * reps / (time.perf_counter() - start)
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024,
+                        seconds: float = 0.2, repeats: int = PEAK_REPEATS) -> Peak:
+    """Achievable matmul FLOP/s on `device` in `dtype`, measured now, never looked up: the
+    median of `repeats` timings of square products (one busy moment moves the median little)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    rates = sorted(_matmul_flops_per_s(a, b, seconds) for _ in range(repeats))
+    return Peak(rates[len(rates) // 2], rates[0], rates[-1], str(dtype).removeprefix("torch."))
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the system has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def busy_machine_warning(device: torch.device, peak: Peak | None = None, load: float | None = None) -> str | None:
+    """One line when the figures measured now would be low because the machine is shared: on
+    the CPU a load average above BUSY_LOAD (another job; `load`, read before measuring, else
+    now), or a peak that varied widely."""
+    reasons = []
+    load = load_average() if load is None else load
+    if device.type == "cpu" and load is not None and load > BUSY_LOAD:
+        reasons.append(f"load average {load:.2f} on {os.cpu_count()} cores")
+    if peak is not None and peak.spread > WIDE_SPREAD:
+        reasons.append(f"the {peak.dtype} matmul peak varied from {peak.low / 1e9:.3g} to {peak.high / 1e9:.3g} "
+                       "GFLOP/s")
+    if not reasons:
+        return None
+    return f"warning: the machine looks busy ({'; '.join(reasons)}); speed and MFU figures will read low"

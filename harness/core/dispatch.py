@@ -129,9 +129,10 @@ def submit(executor, settings: ExecutorSettings, runs: list[Run], job_for) -> li
 
 
 def dispatch(suite: Suite, runs: list[Run], corpora: dict, out: Path, settings: ExecutorSettings, device_name: str,
-             save_every_s: float, retry_failed: bool, tensorboard_dir: Path | None) -> None:
+             save_every_s: float, retry_failed: bool, tensorboard_dir: Path | None, threads: int | None = None) -> None:
     """Prepare what the runs share, send the pending runs out as jobs, show progress until every
-    job has ended; raise one line if a run did not finish."""
+    job has ended; raise one line if a run did not finish. `threads`: torch threads per job (by
+    default local CPU jobs share the cores out, unless OMP_NUM_THREADS is set)."""
     from harness.core.runner import check_shares, failure_summary, log, warm_caches
 
     settings = resolved(settings)
@@ -155,8 +156,7 @@ def dispatch(suite: Suite, runs: list[Run], corpora: dict, out: Path, settings: 
         folder = out / "jobs"
         executor = make_executor(settings, folder, f"harness-{suite.name}")
         device = device_name if settings.gpus_per_run else "cpu"
-        threads = None
-        if settings.kind == "local" and not settings.gpus_per_run and "OMP_NUM_THREADS" not in os.environ:
+        if threads is None and settings.kind == "local" and not settings.gpus_per_run and "OMP_NUM_THREADS" not in os.environ:
             threads = max(1, (os.cpu_count() or 1) // min(settings.workers, len(pending)))  # CPU workers share cores
 
         def job_for(some: list[Run]) -> RunJob:

@@ -9,7 +9,7 @@ import math
 import torch
 
 from harness.api import Adapter
-from harness.core.device import autocast
+from harness.core.device import autocast, to_device
 from harness.core.records import Evaluation
 
 
@@ -21,7 +21,7 @@ def window_nll(model: Adapter, windows: torch.Tensor, batch_windows: int, device
     totals = []
     try:
         for start in range(0, len(windows), batch_windows):
-            batch = windows[start : start + batch_windows].to(device)
+            batch = to_device(windows[start : start + batch_windows], device)
             with autocast(device):
                 nll = model(batch)
             totals.append(nll.double().sum(dim=1).cpu())

@@ -134,7 +134,9 @@ class RunRecord(Typed):
     resumed_at_step: int | None = None
     wall_seconds: float
     achieved_flops_per_s: float
-    matmul_peak_flops_per_s: float
+    matmul_peak_flops_per_s: float  # the median of the measurements (harness.core.device.Peak)
+    matmul_peak_range: list[float] | None = None  # their min and max (older records: not measured)
+    threads: int | None = None  # torch's CPU threads (older records: not recorded)
     mfu: float
     device: str
     processes: int | None = None  # DDP processes of a run trained across several (then mfu is per process)

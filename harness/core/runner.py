@@ -34,7 +34,7 @@ from harness.analysis.references import cached_references, raw_byte_metrics
 from harness.analysis.segment import segment_bytes
 from harness.api import Adapter, Preparation, RunContext, build, get as adapter_class
 from harness.core import data, distributed
-from harness.core.device import measure_matmul_peak, pick_device
+from harness.core.device import Peak, busy_machine_warning, load_average, measure_matmul_peak, pick_device
 from harness.core.evaluate import evaluate
 from harness.core.records import (CorpusFacts, EpochCap, FlopsPerByte, ModelSpec, PreparationFacts, RunFailure,
                                   RunRecord, SegmentationExample, read_failure, read_record, remove_temporaries,
@@ -64,20 +64,28 @@ class CorpusData:
 
 def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "auto", show_progress: bool = True,
               save_every_s: float = 60.0, retry_failed: bool = False, dry_run: bool = False,
-              tensorboard_dir: Path | None = None, executor: ExecutorSettings | None = None) -> Path:
+              tensorboard_dir: Path | None = None, executor: ExecutorSettings | None = None,
+              threads: int | None = None) -> Path:
     """Every run of the suite that has no record yet; returns the suite's results folder. Raises
     a one-line HarnessError at the end if any run diverged or failed (the others are done). With
     `dry_run`, only write suite.json (corpora, reference rows) and say which runs are done. With
     `tensorboard_dir`, each run's training curves go to TENSORBOARD_DIR/SUITE/RUN_ID. With
-    `executor`, the runs go out as submitit jobs after the shared preparation (harness.core.dispatch)."""
+    `executor`, the runs go out as submitit jobs after the shared preparation (harness.core.dispatch).
+    `threads`: torch's CPU threads for training here and in each job (recorded in every record)."""
     suite = load_suite(suite_path)
+    if threads is not None:
+        torch.set_num_threads(threads)
     device = distributed.start(pick_device(device_name))
     check_shares(suite, distributed.world_size())
     if tensorboard_dir is not None and not tensorboard_available():
         log(f"warning: {TENSORBOARD_MISSING}")
         tensorboard_dir = None
     out = results_root / suite.name
+    load = load_average()  # before the peak loads the machine itself
     peak = measure_matmul_peak(device)
+    busy = busy_machine_warning(device, peak, load)
+    if busy:
+        log(busy)
     corpora = {corpus.label: load_corpus_data(suite, corpus.label, device) for corpus in suite.corpora}
     if distributed.is_main():
         write_suite_summary(out, suite, corpora, device, peak)
@@ -98,7 +106,7 @@ def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "au
     if executor is not None:
         from harness.core.dispatch import dispatch
 
-        dispatch(suite, runs, corpora, out, executor, device_name, save_every_s, retry_failed, tensorboard_dir)
+        dispatch(suite, runs, corpora, out, executor, device_name, save_every_s, retry_failed, tensorboard_dir, threads)
         return out
     run_all(runs, suite, corpora, device, peak, out, show_progress, save_every_s, retry_failed, failures,
             tensorboard_dir)
@@ -107,7 +115,7 @@ def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "au
     return out
 
 
-def run_all(runs: list[Run], suite: Suite, corpora: dict[str, "CorpusData"], device: torch.device, peak: float,
+def run_all(runs: list[Run], suite: Suite, corpora: dict[str, "CorpusData"], device: torch.device, peak: Peak,
             out: Path, show_progress: bool, save_every_s: float, retry_failed: bool, failures: list[RunFailure],
             tensorboard_dir: Path | None = None) -> None:
     """Every run in turn; runs another process holds are left for a second pass, then waited for."""
@@ -132,7 +140,7 @@ def check_shares(suite: Suite, ranks: int) -> None:
 
 
 def attempt(run: Run, index: int, total: int, suite: Suite, corpora: dict[str, "CorpusData"], device: torch.device,
-            peak: float, out: Path, show_progress: bool, save_every_s: float, retry_failed: bool,
+            peak: Peak, out: Path, show_progress: bool, save_every_s: float, retry_failed: bool,
             failures: list[RunFailure], wait: bool, tensorboard_dir: Path | None = None) -> bool:
     """Do one run unless it is done, or failed before (then add its marker to `failures`), under
     its lock. Returns False, doing nothing, if another process holds the run and not `wait`."""
@@ -253,7 +261,7 @@ def load_corpus_data(suite: Suite, label: str, device: torch.device) -> CorpusDa
 
 
 def write_suite_summary(out: Path, suite: Suite, corpora: dict[str, CorpusData], device: torch.device,
-                        peak: float) -> None:
+                        peak: Peak) -> None:
     """suite.json: the suite as run, and per corpus its hash and the reference rows."""
     prime_bytes = suite.references.prime_bytes if suite.references is not None else None
     unset = {key for key in ("executor", "references") if getattr(suite, key) is None}  # as suite.json was before them
@@ -266,7 +274,9 @@ def write_suite_summary(out: Path, suite: Suite, corpora: dict[str, CorpusData],
             "raw_bytes_tokenizer": raw_byte_metrics(c.splits.test),
         } for label, c in corpora.items()},
         "device": str(device),
-        "matmul_peak_flops_per_s": peak,
+        "matmul_peak_flops_per_s": peak.flops_per_s,
+        "matmul_peak_range": [peak.low, peak.high],
+        "threads": torch.get_num_threads(),
         "versions": versions(),
     })
 
@@ -404,7 +414,7 @@ def segmentation_example(model: Adapter, test: bytes, window: int, example_bytes
     )
 
 
-def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, peak: float, config_hash: str,
+def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, peak: Peak, config_hash: str,
             run_dir: Path, show_progress: bool, save_every_s: float, tensorboard_dir: Path | None = None) -> RunRecord:
     started = time.perf_counter()
     ctx = context(suite, run, device)
@@ -470,8 +480,9 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
                                  else training_flops / training["bytes_seen"]), calibration=calibration,
         loss_curve=training["curve"], tokenizer=model.tokenizer_metrics(splits.test, ctx.window),
         train_seconds=training["seconds"], resumed_at_step=training["resumed_at_step"],
-        wall_seconds=time.perf_counter() - started, achieved_flops_per_s=achieved, matmul_peak_flops_per_s=peak,
-        mfu=achieved / peak / distributed.world_size(), device=str(device), warnings=warnings, versions=versions(),
+        wall_seconds=time.perf_counter() - started, achieved_flops_per_s=achieved,
+        matmul_peak_flops_per_s=peak.flops_per_s, matmul_peak_range=[peak.low, peak.high],
+        threads=torch.get_num_threads(), mfu=achieved / peak.flops_per_s / distributed.world_size(), device=str(device), warnings=warnings, versions=versions(),
         tuning=run.tuning, processes=distributed.world_size() if distributed.world_size() > 1 else None, **results,
     )
     if distributed.is_main():

@@ -129,6 +129,9 @@ class TrainerSettings(Strict):
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
     grad_clip: float = Field(1.0, gt=0)
     log_every: int = Field(10, gt=0, description="steps between loss-curve points")
+    # off by default: it pays on fixed shapes (bytes, megabyte, patcher) and costs on data-dependent
+    # chunk counts (hnet, spacebyte, byteflow recompile); README, "Speed"
+    compile: bool = Field(False, description="compile the training forward with torch.compile")
 
 
 class TrainerOverrides(Strict):
@@ -140,6 +143,7 @@ class TrainerOverrides(Strict):
     warmup_fraction: float | None = Field(None, ge=0, lt=1)
     weight_decay: float | None = Field(None, ge=0)
     grad_clip: float | None = Field(None, gt=0)
+    compile: bool | None = None
 
 
 class ModelEntry(Strict):
@@ -320,10 +324,11 @@ class Run(BaseModel):
             "corpus": self.corpus.model_dump(exclude={"label"}),  # the label names runs, it does not change them
             "split": suite.split.model_dump(),
             "eval": suite.eval.model_dump(),
-            "model": self.model.model_dump(),
+            "model": self.model.model_dump(exclude={"trainer": {"compile"}} if self.model.trainer.compile is None
+                                           else None),
             "budget": self.budget,
             "seed": self.seed,
-            "trainer": self.trainer.model_dump(),
+            "trainer": self.trainer.model_dump(exclude={"compile"} if not self.trainer.compile else None),  # older hashes match
             "count_auxiliary_flops": suite.count_auxiliary_flops,
         }
         target = suite.inference_target(self.budget)  # the run's own target, fixed or from the scaling rule

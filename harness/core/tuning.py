@@ -93,7 +93,7 @@ def trial_label(settings: dict) -> str:
     return "__".join(parts)
 
 
-def tune_suite(suite: Suite, out: Path, corpora: dict, device, peak: float, show_progress: bool = False,
+def tune_suite(suite: Suite, out: Path, corpora: dict, device, peak, show_progress: bool = False,
                save_every_s: float = 60.0, dry_run: bool = False) -> list[dict]:
     """Run (or reuse) every tuning trial and write out/tuning.json. Returns its entries, one per
     (corpus, model, tuning budget): trials, the chosen settings, how often the grid was extended.
@@ -157,7 +157,7 @@ def tune_suite(suite: Suite, out: Path, corpora: dict, device, peak: float, show
     return entries
 
 
-def _val_bpb(run: TrialRun, suite: Suite, out: Path, corpus, device, peak: float, show_progress: bool,
+def _val_bpb(run: TrialRun, suite: Suite, out: Path, corpus, device, peak, show_progress: bool,
              save_every_s: float) -> float:
     """The trial's validation bpb: from its record when it is done with this config, else trained now."""
     run_dir = out / "tuning" / "runs" / run.run_id

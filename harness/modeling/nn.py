@@ -28,11 +28,25 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
+ROTARY_TABLES: dict = {}  # (length, head_dim, device, base) -> (cos, sin)
+
+
 def rotary_tables(length: int, head_dim: int, device, base: float = 10000.0):
-    """cos and sin tables, each (length, head_dim // 2)."""
+    """cos and sin tables, each (length, head_dim // 2). Built once per length, width and device
+    rather than in every attention layer of every forward pass (a visible share of a small
+    model's step); not kept when made under inference_mode, whose tensors autograd refuses, or
+    while torch.compile traces."""
+    key = (length, head_dim, str(device), base)
+    if key in ROTARY_TABLES:
+        return ROTARY_TABLES[key]
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    tables = angles.cos(), angles.sin()
+    if not (torch.is_inference_mode_enabled() or torch.compiler.is_compiling()):  # a compiled graph keeps its own
+        if len(ROTARY_TABLES) >= 512:  # data-dependent lengths (chunks) make many keys; keep it bounded
+            ROTARY_TABLES.clear()
+        ROTARY_TABLES[key] = tables
+    return tables
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,214 @@
+"""Speed where users run it (`harness bench`): each model of a suite, sized as the suite sizes
+it at its first budget, trained for a few steps through the trainer's own pieces (optimizer,
+forward, objective, clipping) with the device synchronised around each phase, then evaluated
+through the evaluator. FLOPs are the ones records use (the adapter's analytic count, or what a
+step reports it ran), so bench and run records give the same FLOP/s for the same work.
+
+Figures: training and evaluation bytes/s and FLOP/s, MFU against the matmul peak measured in
+this process, the time of a training step by phase (data, forward, backward, optimizer), and
+for adapters with an auxiliary part its time on its own: ByteFlow's chunk scoring (scores,
+top-K, layout, given the encoder outputs) and the BLT entropy patcher's entropy model.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from harness.api import Adapter
+from harness.core import data
+from harness.core.device import (Peak, autocast, busy_machine_warning, measure_matmul_peak, median_seconds,
+                                 synchronize, to_device)
+from harness.core.evaluate import window_nll
+from harness.core.records import versions
+from harness.core.runner import CorpusData, context, load_corpus_data, log, prepare
+from harness.core.suite import Run, Suite, expand
+from harness.core.train import make_optimizer, objective, training_forward
+from harness.errors import HarnessError
+from harness.modeling import chunking
+from harness.modeling.flops import TRAIN_MULTIPLIER, training_flops_per_byte
+
+PHASES = ("data", "forward", "backward", "optimizer")
+AUXILIARY_REPEATS = 5
+
+
+def bench_runs(suite: Suite, names: list[str] | None) -> list[Run]:
+    """One run per model (all, or those named, in the suite's order): the first budget, seed and
+    corpus, so each model has the size the suite gives it at its first budget."""
+    known = [m.name for m in suite.models]
+    unknown = [n for n in names or [] if n not in known]
+    if unknown:
+        raise HarnessError(f"--models: {', '.join(unknown)} not in {suite.source}; its models: {', '.join(known)}")
+    first = suite.corpora[0].label
+    runs = {run.model.name: run for run in expand(suite)
+            if run.budget == suite.budgets[0] and run.seed == suite.seeds[0] and run.corpus.label == first}
+    return [runs[name] for name in (names or known)]
+
+
+def machine() -> dict:
+    """What the figures depend on besides the code: processor, cores, threads, load."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    facts = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    if torch.cuda.is_available():
+        facts["gpu"] = torch.cuda.get_device_name()
+    return facts
+
+
+def peaks(device: torch.device) -> dict[str, Peak]:
+    """The fp32 matmul peak; on CUDA also the bf16 one (the dtype autocast trains in)."""
+    found = {"float32": measure_matmul_peak(device)}
+    if device.type == "cuda":
+        found["bfloat16"] = measure_matmul_peak(device, torch.bfloat16, size=4096)
+    return found
+
+
+def bench_suite(suite: Suite, runs: list[Run], device: torch.device, steps: int, warmup: int = 2,
+                compile: bool | None = None, profile: bool = False) -> dict:
+    """The bench's JSON payload for `runs` (see the module note)."""
+    before = machine()  # its load average is read before the peak loads the machine itself
+    measured = peaks(device)
+    busy = busy_machine_warning(device, measured["float32"], (before["load_average"] or [None])[0])
+    if busy:
+        log(busy)
+    corpus = load_corpus_data(suite, suite.corpora[0].label, device)
+    models = []
+    for run in runs:
+        log(f"bench: {run.model.name}")
+        models.append(bench_model(run, suite, corpus, device, measured, steps, warmup, compile, profile))
+    return {
+        "suite": suite.name, "suite_file": str(suite.source), "device": str(device), "steps": steps,
+        "warmup_steps": warmup, "corpus": corpus.splits.corpus_id,
+        "machine": before, "load_average_after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "matmul_peak": {dtype: {"flops_per_s": p.flops_per_s, "min": p.low, "max": p.high}
+                        for dtype, p in measured.items()},
+        "warnings": [busy] if busy else [],
+        "versions": versions(),
+        "models": models,
+    }
+
+
+def bench_model(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, measured: dict[str, Peak],
+                steps: int, warmup: int, compile: bool | None, profile: bool) -> dict:
+    ctx = context(suite, run, device)
+    model, _, sizing = prepare(run, suite, corpus, ctx)
+    settings = run.trainer if compile is None else run.trainer.model_copy(update={"compile": compile})
+    forward = model.flops_per_byte(ctx.window)
+    auxiliary = forward.get("auxiliary", 0.0)
+    per_byte = training_flops_per_byte(forward, ctx.count_auxiliary_flops)
+    inference_per_byte = forward["total"] - (0.0 if ctx.count_auxiliary_flops else auxiliary)
+
+    train = time_training(model, settings, corpus.splits.train, ctx.window, per_byte, device, steps, warmup, profile)
+    windows = corpus.test_windows
+    window_nll(model, windows[: suite.eval.batch_windows], suite.eval.batch_windows, device)  # warm-up
+    synchronize(device)
+    started = time.perf_counter()
+    window_nll(model, windows, suite.eval.batch_windows, device)
+    synchronize(device)
+    eval_seconds = time.perf_counter() - started
+
+    eval_bytes_per_s = windows.numel() / eval_seconds
+    step_seconds = sum(train["phases"].values()) / steps
+    part = auxiliary_part(model, corpus.splits.train, ctx.window, settings.batch_windows, device)
+    flops_per_s = train["flops"] / train["seconds"]
+    figures = {
+        "name": run.model.name, "adapter": run.model.adapter, "config": model.config.model_dump(mode="json"),
+        "sized": sizing is not None, "parameters": model.parameter_counts(), "window": ctx.window,
+        "batch_windows": settings.batch_windows, "compile": settings.compile,
+        "forward_flops_per_byte": forward["total"], "training_flops_per_byte": per_byte,
+        "train_bytes_per_s": train["bytes"] / train["seconds"], "eval_bytes_per_s": eval_bytes_per_s,
+        "train_flops_per_s": flops_per_s, "eval_flops_per_s": inference_per_byte * eval_bytes_per_s,
+        "mfu": flops_per_s / measured["float32"].flops_per_s,
+        "step_seconds": {phase: seconds / steps for phase, seconds in train["phases"].items()} | {"total": step_seconds},
+        "auxiliary": None if part is None else part | {"share_of_step": part["seconds"] / step_seconds},
+    }
+    if "bfloat16" in measured:
+        figures["mfu_bf16"] = flops_per_s / measured["bfloat16"].flops_per_s
+    if train["profile"] is not None:
+        figures["profile"] = train["profile"]
+    return figures
+
+
+def time_training(model: Adapter, settings, train: bytes, window: int, per_byte: float, device: torch.device,
+                  steps: int, warmup: int, profile: bool) -> dict:
+    """`warmup` then `steps` training steps as the trainer takes them, each phase timed between
+    device synchronisations. FLOPs as records count them: what a step reports it ran (x3), else
+    the analytic training FLOPs per byte."""
+    stream = data.TrainStream(train, window, settings.batch_windows, seed=0)
+    model.train()
+    step_forward = training_forward(model, device, settings)
+    optimizer = make_optimizer(model, settings)
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
+    phases = dict.fromkeys(PHASES, 0.0)
+    flops = bytes_seen = 0.0
+    profiler = None
+    for step in range(warmup + steps):
+        if step == warmup and profile:
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                              + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
+            profiler.__enter__()
+        synchronize(device)
+        marks = [time.perf_counter()]
+        batch = to_device(stream.next_batch(), device)
+        synchronize(device)
+        marks.append(time.perf_counter())
+        with autocast(device):
+            out = step_forward(batch)
+        _, loss = objective(out)
+        synchronize(device)
+        marks.append(time.perf_counter())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        synchronize(device)
+        marks.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(trained, settings.grad_clip)
+        optimizer.step()
+        synchronize(device)
+        marks.append(time.perf_counter())
+        if step < warmup:
+            continue
+        for phase, start, end in zip(PHASES, marks, marks[1:]):
+            phases[phase] += end - start
+        bytes_seen += batch.numel()
+        flops += TRAIN_MULTIPLIER * float(out.forward_flops) if out.forward_flops is not None else per_byte * batch.numel()
+    table = None
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
+        table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    return {"phases": phases, "seconds": sum(phases.values()), "flops": flops, "bytes": bytes_seen, "profile": table}
+
+
+def auxiliary_part(model: Adapter, train: bytes, window: int, batch_windows: int, device: torch.device) -> dict | None:
+    """The median time of the adapter's auxiliary part on one training batch, on its own: ByteFlow's
+    chunk scoring given the encoder outputs, or the entropy patcher's entropy model; None for
+    adapters without one."""
+    batch = data.windows(train, window, batch_windows).to(device)
+    config = model.config
+    if model.name == "byteflow":
+        with torch.no_grad(), autocast(device):
+            h = model.encode(batch)
+
+        def part():
+            starts = model.select(model.scores(h), "topk")
+            chunking.layout(starts, chunking.selected_count(window, config.rate))
+
+        name = f"coding-rate scoring ({config.score}), top-K and layout"
+    elif model.name == "patcher" and config.patcher == "entropy":
+        def part():
+            with torch.no_grad(), autocast(device):
+                model.entropies(batch)
+
+        name = "entropy model (next-byte entropies)"
+    else:
+        return None
+    return {"part": name, "seconds": median_seconds(part, AUXILIARY_REPEATS, device)}
