@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from harness.commands.run import add_threads_option, check_threads, raise_error
+from harness.commands.run import add_device_options, check_threads, raise_error
 
 COLUMNS = ("model", "params", "train B/s", "eval B/s", "GFLOP/s", "MFU", "step ms", "data", "fwd", "bwd", "opt",
            "auxiliary ms")
@@ -108,9 +108,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="untimed training steps first (default 2; compiling happens in them)")
     bench.add_argument("--out", metavar="FILE.json",
                        help="also write the figures as JSON, and the table as markdown to FILE.md")
-    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                       help="auto takes CUDA when present (bf16 autocast), else CPU")
-    add_threads_option(bench)
+    add_device_options(bench)
     bench.add_argument("--compile", action="store_true",
                        help="compile every model's training forward (torch.compile), whatever the suite says")
     bench.add_argument("--profile", action="store_true",

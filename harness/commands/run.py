@@ -44,8 +44,10 @@ def check_threads(threads: int | None) -> None:
         raise_error(f"--threads: {threads}; give 1 or more")
 
 
-def add_threads_option(parser: argparse.ArgumentParser) -> None:
-    """--threads, shared by `run` and `bench`."""
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """--device and --threads, shared by `run` and `bench`."""
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto takes CUDA when present (bf16 autocast), else CPU")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch CPU threads (torch.set_num_threads; recorded). By default torch takes every core; "
                              "two jobs that each do so on the same cores run many times slower (README, \"Speed\")")
@@ -99,9 +101,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument("suite", help="suite YAML file, e.g. suites/smoke.yaml")
     run.add_argument("--results", default="results", help="root folder for results (default: results); "
                                                          "records go to RESULTS/SUITE_NAME/runs/RUN_ID/")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                     help="auto takes CUDA when present (bf16 autocast), else CPU")
-    add_threads_option(run)
+    add_device_options(run)
     run.add_argument("--quiet", action="store_true",
                      help="no progress (by default a bar on a terminal, a plain line every 30 s in a log)")
     run.add_argument("--tensorboard", metavar="DIR",

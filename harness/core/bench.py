@@ -89,7 +89,7 @@ def bench_suite(suite: Suite, runs: list[Run], device: torch.device, steps: int,
     return {
         "suite": suite.name, "suite_file": str(suite.source), "device": str(device), "steps": steps,
         "warmup_steps": warmup, "corpus": corpus.splits.corpus_id,
-        "machine": before, "load_average_after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "machine": before, "load_average_after": machine()["load_average"],
         "matmul_peak": {dtype: {"flops_per_s": p.flops_per_s, "min": p.low, "max": p.high}
                         for dtype, p in measured.items()},
         "warnings": [busy] if busy else [],

@@ -263,9 +263,14 @@ def split(corpus_id: str, data: bytes, train_bytes: int, val_bytes: int, test_by
 
 
 def to_tensor(data: bytes) -> torch.Tensor:
-    if not data:  # frombuffer refuses an empty buffer
-        return torch.empty(0, dtype=torch.long)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+    return _uint8(data).long()
+
+
+def _uint8(data) -> torch.Tensor:
+    """The bytes as a writable uint8 tensor of their own (a copy: frombuffer shares read-only bytes)."""
+    if not len(data):  # frombuffer refuses an empty buffer
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def windows(data: bytes, window: int, max_windows: int | None = None) -> torch.Tensor:
@@ -280,9 +285,7 @@ def byte_windows(data: bytes, window: int, max_windows: int | None = None) -> to
     n = len(data) // window
     if max_windows is not None:
         n = min(n, max_windows)
-    if n == 0:  # frombuffer refuses an empty buffer
-        return torch.empty(0, window, dtype=torch.uint8)
-    return torch.frombuffer(bytearray(memoryview(data)[: n * window]), dtype=torch.uint8).view(n, window)
+    return _uint8(memoryview(data)[: n * window]).view(n, window)
 
 
 class TrainStream:

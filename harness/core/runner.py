@@ -482,7 +482,8 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
         train_seconds=training["seconds"], resumed_at_step=training["resumed_at_step"],
         wall_seconds=time.perf_counter() - started, achieved_flops_per_s=achieved,
         matmul_peak_flops_per_s=peak.flops_per_s, matmul_peak_range=[peak.low, peak.high],
-        threads=torch.get_num_threads(), mfu=achieved / peak.flops_per_s / distributed.world_size(), device=str(device), warnings=warnings, versions=versions(),
+        threads=torch.get_num_threads(), mfu=achieved / peak.flops_per_s / distributed.world_size(), device=str(device),
+        warnings=warnings, versions=versions(),
         tuning=run.tuning, processes=distributed.world_size() if distributed.world_size() > 1 else None, **results,
     )
     if distributed.is_main():

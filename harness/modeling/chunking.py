@@ -105,11 +105,12 @@ def select_rolling(scores: torch.Tensor, window: int, rate: float) -> torch.Tens
 def calibration_windows(train: bytes, window: int, count: int) -> torch.Tensor:
     """`count` windows of `window` bytes evenly spaced over the training split (all of them if
     it holds fewer): calibration sees every part of the split, deterministically."""
-    windows = data.byte_windows(train, window)  # uint8 until picked: a whole split as int64 is 8 times its size
-    if len(windows) == 0:
+    n = len(train) // window
+    if n == 0:
         raise HarnessError(f"the training split ({len(train)} bytes) is shorter than one {window}-byte window")
-    pick = torch.linspace(0, len(windows) - 1, min(count, len(windows))).round().long()
-    return windows[pick].long()
+    pick = torch.linspace(0, n - 1, min(count, n)).round().long().tolist()
+    # only the picked windows are copied out of the split (of many GB, perhaps)
+    return data.windows(b"".join(train[i * window:(i + 1) * window] for i in pick), window)
 
 
 def threshold_for_rate(scores: torch.Tensor, k: int) -> float:
