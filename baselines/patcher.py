@@ -294,6 +294,12 @@ class Patcher(Adapter):
             steps = flops.training_steps(budget, flops.TRAIN_MULTIPLIER * fpb, batch_bytes)
             if steps < 1:
                 raise HarnessError(f"patcher: {budget:.3g} FLOPs for the entropy model is less than one step")
+        # like the main model, no more passes over the split than the suite allows; the share it
+        # does not spend goes back to the main model (only what it spends is charged)
+        epoch_cap = None
+        if ctx.max_epochs is not None and steps * batch_bytes > ctx.max_epochs * len(fit):
+            epoch_cap = {"max_epochs": ctx.max_epochs, "budget_steps": steps}
+            steps = max(1, int(ctx.max_epochs * len(fit) // batch_bytes))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed)  # the same entropy model for a seed, however this module was built
             init_weights(model)
@@ -312,6 +318,7 @@ class Patcher(Adapter):
             "config": c.entropy_model.model_dump(), "parameters": model.parameter_counts()["total"], "steps": steps,
             "batch_windows": c.entropy_batch_windows, "lr": c.entropy_lr, "budget_share": c.entropy_budget_share,
             "training_bytes": len(fit), "bytes_seen": result["bytes_seen"], "epochs": result["epochs"],
+            "epoch_cap": epoch_cap,
             "seconds": result["seconds"], "final_train_bpb": result["curve"][-1]["train_bpb"], "flops_per_byte": fpb,
             "training_flops": flops.TRAIN_MULTIPLIER * fpb * result["bytes_seen"],
             # held out: the split's last entropy_holdout_bytes, never trained on

@@ -121,6 +121,19 @@ def test_entropy_model_beats_order0_within_its_budget_share():
     assert prep.facts["starts_after_space_like"] > 1.5 * prep.facts["space_like_rate"]
 
 
+def test_the_entropy_model_keeps_the_suites_epoch_cap():
+    """Asked for more passes over the split than max_epochs allows, the entropy model stops at
+    the cap, says so, and is charged only what it trained."""
+    model = build(patcher="entropy", entropy_steps=1000, entropy_batch_windows=2, entropy_holdout_bytes=8192)
+    facts = model.prepare(TRAIN, RunContext(window=WINDOW, seed=0, max_epochs=0.05)).facts["entropy_model"]
+    fit = len(TRAIN) - 8192
+    assert facts["epoch_cap"] == {"max_epochs": 0.05, "budget_steps": 1000}
+    assert facts["steps"] == int(0.05 * fit // (2 * WINDOW)) and facts["epochs"] <= 0.05
+    assert facts["training_flops"] == 3 * facts["flops_per_byte"] * facts["steps"] * 2 * WINDOW
+    uncapped = build(patcher="entropy", entropy_steps=3, entropy_batch_windows=2, entropy_holdout_bytes=8192)
+    assert uncapped.prepare(TRAIN, RunContext(window=WINDOW, seed=0, max_epochs=0.05)).facts["entropy_model"]["epoch_cap"] is None
+
+
 def test_an_undertrained_entropy_model_is_flagged():
     model = build(patcher="entropy", entropy_steps=2)
     facts = model.prepare(TRAIN, context(WINDOW)).facts

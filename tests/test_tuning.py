@@ -130,3 +130,26 @@ def test_warmup_and_batch_grids_are_crossed_with_the_lr_search(write_suite, tmp_
     (run,) = apply_tuning(runner.expand(suite), [entry])
     assert (run.trainer.lr, run.trainer.warmup_fraction, run.trainer.batch_windows) == (3e-3, 0.1, 4)
     assert run.tuning["selected_on"] == "val" and len(run.tuning["trials"]) == 12
+
+
+def test_confirm_seeds_overturn_a_choice_one_lucky_seed_made(write_suite, tmp_path, monkeypatch):
+    tune = {"budgets": [2e9], "lr": [1e-3, 3e-3, 1e-2, 3e-2], "confirm_seeds": [1]}
+    suite = load_suite(write_suite(tiny_suite(tune=tune)))
+    calls = []
+
+    def execute(run, *args):  # 1e-2 looks best on seed 0 by luck and is unstable on seed 1
+        calls.append(run.run_id)
+        luck = {0: -0.5, 1: 0.5}[run.seed] if run.trainer.lr == 1e-2 else 0.0
+        return SimpleNamespace(val=SimpleNamespace(bpb=3.0 + bowl(3e-3)(run.trainer.lr) + luck))
+
+    monkeypatch.setattr(runner, "execute", execute)
+    (entry,) = tune_suite(suite, tmp_path, {"pydoc-topics": None}, torch.device("cpu"), 1.0)
+    assert entry["chosen"] == {"lr": 3e-3} and entry["val_bpb"] == pytest.approx(3.0)
+    assert len(calls) == 6 and calls[-2:] == ["tune__bytes__lr1.00e-02__C2.00e09__s1", "tune__bytes__lr3.00e-03__C2.00e09__s1"]
+    confirmed = {t["lr"]: t for t in entry["trials"] if t["confirmed"]}
+    assert sorted(confirmed) == [3e-3, 1e-2] and len(confirmed[1e-2]["run_ids"]) == 2
+    assert confirmed[1e-2]["val_bpb"] == pytest.approx(3.0 + bowl(3e-3)(1e-2))  # the mean over both seeds
+    (run,) = apply_tuning(runner.expand(suite), [entry])
+    assert run.tuning["confirm_seeds"] == [1] and len(run.tuning["trials"]) == 6
+    with pytest.raises(HarnessError, match=r"tune: .*confirm_seeds must be distinct and not among seeds"):
+        load_suite(write_suite(tiny_suite(tune={**tune, "confirm_seeds": [0]})))

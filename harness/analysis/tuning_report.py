@@ -20,6 +20,8 @@ def tuning_table(entries: list[dict]) -> pd.DataFrame:
         rows.append({
             "corpus": e["corpus"], "model": e["model"], "budget": e["budget"],
             "lr tried": " ".join(f"{t['lr']:.2g}" for t in e["trials"]),
+            "confirmed (val bpb, seeds)": " ".join(f"{t['lr']:.2g} ({t['val_bpb']:.4f}, {len(t['run_ids'])})"
+                                                   for t in e["trials"] if t.get("confirmed")) or "-",
             "chosen": ", ".join(f"{k} {v:.3g}" for k, v in e["chosen"].items()),
             "val bpb": round(e["val_bpb"], 4), "extensions": e["extensions"],
             "untuned": ", ".join(f"{k} {v:.3g}" for k, v in e["untuned"].items()),
@@ -59,9 +61,12 @@ def tuning_section(results_dir: Path, plot_dir: Path) -> list[str]:
     tuning = json.loads(path.read_text())
     entries = tuning["entries"]
     seeds = sorted({s for e in entries for s in e["seeds"]})
+    confirm = sorted({s for e in entries for s in e.get("confirm_seeds", [])})
+    again = (f"; the best values of each search were trained again on seeds {confirm} and the best mean over all "
+             "seeds won (the confirmed column)") if confirm else ""
     lines = ["## Tuning", "",
-             f"Each model's learning rate was chosen on **validation** bpb (mean over seeds {seeds}; test bpb is "
-             "never read), as the best of a grid that is extended past its edge until the optimum is bracketed. "
+             f"Each model's learning rate was chosen on **validation** bpb (mean over seeds {seeds}{again}; test bpb "
+             "is never read), as the best of a grid that is extended past its edge until the optimum is bracketed. "
              "Every trial is a run under `tuning/runs/`; each run of this suite trains with the choice at the "
              "tuning budget nearest its own and records which trials chose it. The last column is the validation "
              "gain of tuning at the tuning budget, where the untuned setting was among the trials.", "",

@@ -36,6 +36,7 @@ class RunContext:
     device: torch.device = torch.device("cpu")
     budget_flops: float = 0.0  # the run's training budget; auxiliary training is charged to it
     count_auxiliary_flops: bool = True  # whether auxiliary models count (the BLT paper leaves them out)
+    max_epochs: float | None = None  # the suite's cap on passes over the training split; auxiliary models keep it too
 
 
 @dataclass

@@ -283,7 +283,7 @@ def write_suite_summary(out: Path, suite: Suite, corpora: dict[str, CorpusData],
 
 def context(suite: Suite, run: Run, device: torch.device) -> RunContext:
     return RunContext(window=suite.eval.window, seed=run.seed, device=device, budget_flops=run.budget,
-                      count_auxiliary_flops=suite.count_auxiliary_flops)
+                      count_auxiliary_flops=suite.count_auxiliary_flops, max_epochs=suite.max_epochs)
 
 
 def warm_caches(suite: Suite, runs: list[Run], corpora: dict[str, CorpusData]) -> None:

@@ -178,12 +178,22 @@ class TuneSettings(Strict):
     seeds: list[int] = Field([0], min_length=1, description="trial seeds; a value is scored by its mean val bpb")
     lr: list[Annotated[float, Field(gt=0)]] = Field(
         [1e-3, 3e-3, 1e-2], min_length=2, description="starting grid of peak learning rates")
+    confirm_seeds: list[int] = Field(
+        [], description="extra seeds for the best `confirm_top` values of the search, which then compete on their "
+                        "mean val bpb over all their seeds (one seed's noise can pick an unstable lr)")
+    confirm_top: int = Field(2, ge=2, description="how many of the search's best values the confirm_seeds rescore")
     factor: float = Field(3.0, gt=1, description="an optimum at an edge adds lr x factor (or / factor) beyond it")
     max_extensions: int = Field(2, ge=0, description="grid extensions per model and budget before giving up")
     warmup_fraction: list[Annotated[float, Field(ge=0, lt=1)]] | None = Field(
         None, min_length=1, description="optional: also search these warmup fractions (crossed with lr)")
     batch_windows: list[Annotated[int, Field(gt=0)]] | None = Field(
         None, min_length=1, description="optional: also search these batch sizes (crossed with lr)")
+
+    @model_validator(mode="after")
+    def _confirm_seeds_are_new(self):
+        if set(self.confirm_seeds) & set(self.seeds) or len(set(self.confirm_seeds)) < len(self.confirm_seeds):
+            raise ValueError("confirm_seeds must be distinct and not among seeds")
+        return self
 
 
 class ExecutorSettings(Strict):

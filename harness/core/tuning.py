@@ -7,7 +7,9 @@ runner's `execute`, recorded under RESULTS/SUITE/tuning/runs/RUN_ID, skipped whe
 exists with the same config hash. A value is scored by its mean validation bpb over the
 tuning seeds; test bpb is never read. When the best lr sits at an edge of the grid, the grid
 is extended by `factor` past that edge, at most `max_extensions` times; an optimum still at
-the edge stops the suite with a one-line error. The choices go to tuning.json, and the
+the edge stops the suite with a one-line error. With `confirm_seeds`, the `confirm_top` best
+values are trained again on those seeds and the best mean over all seeds wins: on short runs
+one seed's noise can otherwise pick a rate that is unstable on the next seed. The choices go to tuning.json, and the
 suite's runs then train with them (the config hash includes the chosen lr) and record which
 trials chose them.
 """
@@ -116,36 +118,46 @@ def tune_suite(suite: Suite, out: Path, corpora: dict, device, peak, show_progre
                 for combo in itertools.product(*others.values()):
                     fixed = dict(zip(others, combo))
 
-                    def objective(lr: float, fixed=fixed) -> float:
+                    def val_bpbs(lr: float, seeds: list[int], fixed=fixed) -> float:
+                        """Train (or reuse) the trial at `lr` on `seeds`; its entry keeps every seed
+                        scored so far, and the mean over them is its score."""
                         settings = {"lr": lr, **fixed}
-                        ids, vals = [], []
-                        for seed in tune.seeds:
+                        trial = next((t for t in trials if all(t[k] == v for k, v in settings.items())), None)
+                        if trial is None:
+                            trial = {**settings, "run_ids": [], "val_bpb_per_seed": []}
+                            trials.append(trial)
+                        for seed in seeds:
                             run = TrialRun(suite=suite.name, corpus=corpus, model=entry, budget=budget, seed=seed,
                                            trainer=base.model_copy(update=settings), label=trial_label(settings),
                                            name_corpus=len(suite.corpora) > 1)
-                            ids.append(run.run_id)
-                            vals.append(_val_bpb(run, suite, out, corpora[corpus.label], device, peak,
-                                                 show_progress, save_every_s))
-                        score = sum(vals) / len(vals)
-                        trials.append({**settings, "run_ids": ids, "val_bpb": score, "val_bpb_per_seed": vals})
-                        return score
+                            trial["run_ids"].append(run.run_id)
+                            trial["val_bpb_per_seed"].append(_val_bpb(run, suite, out, corpora[corpus.label], device,
+                                                                      peak, show_progress, save_every_s))
+                        trial["val_bpb"] = sum(trial["val_bpb_per_seed"]) / len(trial["val_bpb_per_seed"])
+                        return trial["val_bpb"]
 
                     what = f"{corpus.label} {entry.name} at {budget:.2e} FLOPs" + \
                         "".join(f", {k} {v}" for k, v in fixed.items())
                     try:
-                        search = bracketed_search(objective, tune.lr, tune.factor, tune.max_extensions, what="lr")
+                        search = bracketed_search(lambda lr: val_bpbs(lr, tune.seeds), tune.lr, tune.factor,
+                                                  tune.max_extensions, what="lr")
                     except HarnessError as e:
                         raise HarnessError(f"tuning {what}: {e}") from None
-                    chosen = {"lr": search.best, **fixed}
-                    score = search.scores[search.best]
-                    if best is None or score < best[1]:
-                        best = (chosen, score, search.extensions)
+                    scores = search.scores
+                    if tune.confirm_seeds:  # the front-runners again on fresh seeds; the mean over all decides
+                        top = sorted(scores, key=lambda v: _key(scores[v]))[:tune.confirm_top]
+                        scores = {lr: val_bpbs(lr, tune.confirm_seeds) for lr in top}
+                    lr = min(scores, key=lambda v: _key(scores[v]))
+                    if best is None or scores[lr] < best[1]:
+                        best = ({"lr": lr, **fixed}, scores[lr], search.extensions)
                 for trial in trials:
                     trial["extension"] = trial["lr"] not in tune.lr
+                    trial["confirmed"] = len(trial["run_ids"]) > len(tune.seeds)
                 chosen, score, extensions = best
                 untuned = {"lr": base.lr} | {k: getattr(base, k) for k in others}
                 entries.append({
                     "corpus": corpus.label, "model": entry.name, "budget": budget, "seeds": list(tune.seeds),
+                    "confirm_seeds": list(tune.confirm_seeds),
                     "trials": sorted(trials, key=lambda t: tuple(t[k] for k in ("lr", *others))),
                     "chosen": chosen, "val_bpb": score, "extensions": extensions, "untuned": untuned,
                 })
@@ -192,6 +204,7 @@ def apply_tuning(runs: list[Run], entries: list[dict]) -> list[Run]:
             continue
         entry = min(candidates, key=lambda e: abs(math.log(e["budget"] / run.budget)))
         provenance = {"chosen": entry["chosen"], "budget": entry["budget"], "seeds": entry["seeds"],
+                      "confirm_seeds": entry.get("confirm_seeds", []),
                       "val_bpb": entry["val_bpb"], "extensions": entry["extensions"], "selected_on": "val",
                       "trials": [i for t in entry["trials"] for i in t["run_ids"]]}
         tuned.append(run.model_copy(update={"trainer": run.trainer.model_copy(update=entry["chosen"]),
