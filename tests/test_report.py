@@ -57,6 +57,16 @@ def test_runs_table_is_sorted_by_model_then_budget_then_seed():
         (n, b, s) for n in ("a", "b") for b in (1e9, 3e9) for s in (0, 1))
 
 
+def test_an_mfu_above_one_is_left_blank_and_explained():
+    """A run faster than the peak it measured had its peak taken under load: no 133% in a table."""
+    records = [record("a", 2.0, mfu=0.4, matmul_peak_flops_per_s=1e11), record("b", 2.1, seed=1, mfu=1.33,
+                                                                              matmul_peak_flops_per_s=5e10)]
+    assert report.runs_table(records)["MFU"].tolist()[0] == 0.4 and report.runs_table(records)["MFU"].isna().tolist()[1]
+    assert "| 40.0%" in report._markdown(report.runs_table(records))
+    assert "1 of 2 runs trained faster than the peak they measured" in report._peak_sentence(records)
+    assert "faster than the peak" not in report._peak_sentence(records[:1])
+
+
 @pytest.fixture
 def figures(monkeypatch):
     """The figures the plotting functions close (instead of pixels, their data is checked)."""

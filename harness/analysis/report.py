@@ -196,7 +196,7 @@ def runs_table(records: list[RunRecord]) -> pd.DataFrame:
             "bytes/unit": r.bytes_per_unit,
             "wall s": r.wall_seconds,
             "FLOP/s": r.achieved_flops_per_s,
-            "MFU": r.mfu,
+            "MFU": r.mfu if r.mfu <= 1 else None,  # above 1: the peak was measured under load (blank)
         })
     return pd.DataFrame(rows).sort_values(["model", "budget", "seed"], kind="stable")
 
@@ -410,9 +410,15 @@ def _peak_sentence(records: list[RunRecord]) -> str:
     """The fp32 matmul peak that each run measured when it started (its MFU's denominator)."""
     peaks = [r.matmul_peak_flops_per_s for r in records]
     if max(peaks) - min(peaks) <= 0.005 * max(peaks):
-        return f"measured fp32 matmul peak {peaks[0]:.3g} FLOP/s (MFU is relative to it)."
-    return (f"measured fp32 matmul peak {min(peaks):.3g} to {max(peaks):.3g} FLOP/s across runs (each run's MFU "
-            "is relative to the peak measured when it ran).")
+        text = f"measured fp32 matmul peak {peaks[0]:.3g} FLOP/s (MFU is relative to it)."
+    else:
+        text = (f"measured fp32 matmul peak {min(peaks):.3g} to {max(peaks):.3g} FLOP/s across runs (each run's MFU "
+                "is relative to the peak measured when it ran).")
+    above = sum(r.mfu > 1 for r in records)
+    if above:  # a peak measured while other work shared the machine reads low
+        text += (f" {above} of {len(records)} runs trained faster than the peak they measured (a peak taken while "
+                 "other work shared the machine reads low); their MFU is left blank.")
+    return text
 
 
 def build_report(results_dir: Path, report_dir: Path) -> str:

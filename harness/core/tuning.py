@@ -9,9 +9,9 @@ tuning seeds; test bpb is never read. When the best lr sits at an edge of the gr
 is extended by `factor` past that edge, at most `max_extensions` times; an optimum still at
 the edge stops the suite with a one-line error. With `confirm_seeds`, the `confirm_top` best
 values are trained again on those seeds and the best mean over all seeds wins: on short runs
-one seed's noise can otherwise pick a rate that is unstable on the next seed. The choices go to tuning.json, and the
-suite's runs then train with them (the config hash includes the chosen lr) and record which
-trials chose them.
+one seed's noise can otherwise pick a rate that is unstable on the next seed. The choices go
+to tuning.json, and the suite's runs then train with them (the config hash includes the
+chosen lr) and record which trials chose them.
 """
 
 from __future__ import annotations
