@@ -157,3 +157,13 @@ def test_a_window_is_tokenized_once_per_tokenizer():
     tokenized = len(calls)
     assert vocab.encode_windows(windows[::-1]) == vocab.encode(windows)[::-1]
     assert len(calls) == tokenized + 1  # the encode() just above; encode_windows asked the library nothing
+
+
+def test_a_run_faster_than_the_peak_it_measured_says_so(write_suite, tmp_path, monkeypatch):
+    from harness.core import runner
+    from harness.core.records import read_suite_records
+
+    monkeypatch.setattr(runner, "measure_matmul_peak", lambda device: Peak(1e3, 1e3, 1e3))  # a peak taken under load
+    out = runner.run_suite(write_suite(tiny_suite(budgets=[1e9])), tmp_path, "cpu", show_progress=False)
+    (record,) = read_suite_records(out)
+    assert record.mfu > 1 and any("above the 1e+03 matmul peak" in w for w in record.warnings)

@@ -459,6 +459,10 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
     # what train() charged when the adapter reports the FLOPs each step ran (a learned rate), else the plan's rate
     training_flops = training["flops"] if training["flops"] is not None else steps.training_flops_per_byte * training["bytes_seen"]
     achieved = training_flops / training["seconds"]
+    if achieved > peak.flops_per_s * distributed.world_size():
+        warnings.append(f"trained at {achieved:.3g} FLOP/s, above the {peak.flops_per_s:.3g} matmul peak measured when "
+                        "the suite started (other work was sharing the machine then): its MFU reads high")
+        log(f"warning: {run.run_id}: {warnings[-1]}")
     splits = corpus.splits
     record = RunRecord(
         suite=suite.name, run_id=run.run_id, config_hash=config_hash,
