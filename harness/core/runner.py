@@ -459,7 +459,8 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
     # what train() charged when the adapter reports the FLOPs each step ran (a learned rate), else the plan's rate
     training_flops = training["flops"] if training["flops"] is not None else steps.training_flops_per_byte * training["bytes_seen"]
     achieved = training_flops / training["seconds"]
-    if achieved > peak.flops_per_s * distributed.world_size():
+    mfu = achieved / peak.flops_per_s / distributed.world_size()
+    if mfu > 1:
         warnings.append(f"trained at {achieved:.3g} FLOP/s, above the {peak.flops_per_s:.3g} matmul peak measured when "
                         "the suite started (other work was sharing the machine then): its MFU reads high")
         log(f"warning: {run.run_id}: {warnings[-1]}")
@@ -486,7 +487,7 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
         train_seconds=training["seconds"], resumed_at_step=training["resumed_at_step"],
         wall_seconds=time.perf_counter() - started, achieved_flops_per_s=achieved,
         matmul_peak_flops_per_s=peak.flops_per_s, matmul_peak_range=[peak.low, peak.high],
-        threads=torch.get_num_threads(), mfu=achieved / peak.flops_per_s / distributed.world_size(), device=str(device),
+        threads=torch.get_num_threads(), mfu=mfu, device=str(device),
         warnings=warnings, versions=versions(),
         tuning=run.tuning, processes=distributed.world_size() if distributed.world_size() > 1 else None, **results,
     )
