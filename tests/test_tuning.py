@@ -61,6 +61,19 @@ def test_selection_uses_validation_only(write_suite, tmp_path, monkeypatch):
     assert json.loads(written)["selected_on"] == "val" and "test" not in written
 
 
+def test_a_dry_run_says_when_tuning_json_is_for_other_tune_settings(write_suite, tmp_path, monkeypatch, capsys):
+    tune = {"budgets": [2e9], "seeds": [0], "lr": [1e-3, 3e-3, 1e-2], "max_extensions": 2}
+    monkeypatch.setattr(runner, "execute", fake_execute(val_optimum=3e-3, test_optimum=3e-3, calls=[]))
+    tune_suite(load_suite(write_suite(tiny_suite(tune=tune))), tmp_path, {"pydoc-topics": None},
+               torch.device("cpu"), 1.0)
+    capsys.readouterr()
+    tune_suite(load_suite(write_suite(tiny_suite(tune=tune))), tmp_path, {}, None, 1.0, dry_run=True)
+    assert "tunes again" not in capsys.readouterr().out
+    more = load_suite(write_suite(tiny_suite(tune=tune | {"budgets": [2e9, 6e9]})))
+    entries = tune_suite(more, tmp_path, {}, None, 1.0, dry_run=True)
+    assert len(entries) == 1 and "a real run tunes again first" in capsys.readouterr().out
+
+
 def test_runs_use_the_chosen_settings_and_record_which_trials_chose_them(write_suite, tmp_path):
     # a bad untuned lr (3e-4); at 1e9 FLOPs the tiny bytes model's val optimum is near 3e-2
     # (measured: val 6.67 / 5.11 / 4.95 / 4.96 bpb at lr 3e-3 / 1e-2 / 3e-2 / 9e-2)
@@ -81,6 +94,15 @@ def test_runs_use_the_chosen_settings_and_record_which_trials_chose_them(write_s
     before = {p: p.stat().st_mtime for p in out.glob("**/record.json")}
     runner.run_suite(path, tmp_path, "cpu", show_progress=False)
     assert before == {p: p.stat().st_mtime for p in out.glob("**/record.json")}
+    # a record whose provenance is stale (its lr chosen before at another budget) gets the
+    # current provenance written in, and keeps its result
+    record_path = out / "runs" / record.run_id / "record.json"
+    stale = json.loads(record_path.read_text())
+    stale["tuning"] |= {"budget": 3e8, "trials": ["an-older-trial"]}
+    record_path.write_text(json.dumps(stale))
+    runner.run_suite(path, tmp_path, "cpu", show_progress=False)
+    (again,) = read_suite_records(out)
+    assert again.tuning == record.tuning and again.test.bpb == record.test.bpb
 
 
 def test_the_report_shows_the_tuning_table_plot_and_gap(tmp_path):

@@ -93,9 +93,11 @@ def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "au
         check_sizes(suite, corpora, device)
     runs = expand(suite)
     if suite.tune is not None:  # each model's trainer settings chosen on validation first (harness.core.tuning)
-        from harness.core.tuning import apply_tuning, tune_suite
+        from harness.core.tuning import apply_tuning, refresh_provenance, tune_suite
 
         runs = apply_tuning(runs, tune_suite(suite, out, corpora, device, peak, show_progress, save_every_s, dry_run))
+        if not dry_run and distributed.is_main():
+            refresh_provenance(runs, suite, out)
     failures: list[RunFailure] = []
     if dry_run:
         for index, run in enumerate(runs, 1):

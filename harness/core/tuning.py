@@ -11,7 +11,8 @@ the edge stops the suite with a one-line error. With `confirm_seeds`, the `confi
 values are trained again on those seeds and the best mean over all seeds wins: on short runs
 one seed's noise can otherwise pick a rate that is unstable on the next seed. The choices go
 to tuning.json, and the suite's runs then train with them (the config hash includes the
-chosen lr) and record which trials chose them.
+chosen lr) and record which trials chose them; a finished run whose settings a new tuning
+budget chose again keeps its result and has that provenance written into its record.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from harness.core import runner
-from harness.core.records import read_record, write_json_atomic
+from harness.core.records import read_record, write_json_atomic, write_record
 from harness.core.suite import Run, Suite
 from harness.errors import HarnessError
 
@@ -103,10 +104,14 @@ def tune_suite(suite: Suite, out: Path, corpora: dict, device, peak, show_progre
     tune = suite.tune
     if dry_run:
         existing = read_tuning(out)
-        log = runner.log
-        log("tuning: " + ("using the choices in tuning.json (dry run)" if existing else
-                          "no tuning.json yet; the runs below show untuned settings (dry run)"))
-        return existing["entries"] if existing else []
+        if existing is None:
+            runner.log("tuning: no tuning.json yet; the runs below show untuned settings (dry run)")
+            return []
+        stale = existing["settings"] != tune.model_dump(mode="json")
+        runner.log("tuning: using the choices in tuning.json (dry run)" + (
+            "; it was made for other tune: settings, so a real run tunes again first and the runs "
+            "below may change" if stale else ""))
+        return existing["entries"]
     others = {k: v for k, v in (("warmup_fraction", tune.warmup_fraction), ("batch_windows", tune.batch_windows)) if v}
     entries = []
     for corpus in suite.corpora:
@@ -210,3 +215,21 @@ def apply_tuning(runs: list[Run], entries: list[dict]) -> list[Run]:
         tuned.append(run.model_copy(update={"trainer": run.trainer.model_copy(update=entry["chosen"]),
                                             "tuning": provenance}))
     return tuned
+
+
+def refresh_provenance(runs: list[Run], suite: Suite, out: Path) -> None:
+    """A finished run whose chosen settings are unchanged but now come from other trials (a
+    tuning budget was added nearer its own) keeps its result: only its record's `tuning` field
+    is rewritten, so no record names trials that no longer chose it."""
+    for run in runs:
+        path = out / "runs" / run.run_id / "record.json"
+        if run.tuning is None or not path.exists():
+            continue
+        try:
+            record = read_record(path)
+        except HarnessError:
+            continue  # the runner says so and runs it again
+        if record.config_hash == run.config_hash(suite) and record.tuning != run.tuning:
+            write_record(path, record.model_copy(update={"tuning": run.tuning}))
+            runner.log(f"{run.run_id}: tuning provenance updated (settings chosen again at "
+                       f"{run.tuning['budget']:.2e} FLOPs; result unchanged)")
