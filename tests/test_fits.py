@@ -48,6 +48,21 @@ def test_noisy_points_give_the_known_parameters_within_their_intervals():
     # with one seed per budget there is nothing to resample: no interval rather than a made-up one
     single = fits.fit_model("m", "bytes", "tokenizer-free", noisy_points(curve, seeds=1, noise=0.01, seed=1))
     assert single.curve is not None and single.interval("E") is None
+    # the curve passes inside every rung's 95% seed interval; with one seed no miss can be judged
+    assert result.missed() == [] and result.misses() == "0 of 6"
+    assert single.missed() is None and single.misses() == "one seed per budget"
+
+
+def test_points_that_bend_away_from_a_power_law_are_flagged_and_their_crossovers_called_rough():
+    bpe, _ = law(1.7, 3.0, 0.15)
+    byte, _ = law(1.5, 4.0, 0.2)
+    bent = lambda c: byte(c) - 0.3 * (np.asarray(c) >= LADDER[-2])  # a step down at the top two rungs
+    fitted = _fits({"bpe": ("bpe", "tokenized", bpe), "bytes": ("bytes", "tokenizer-free", bent)})
+    assert fitted["bpe"].missed() == [] and len(fitted["bytes"].missed()) >= 2
+    assert fits.fit_table(fitted).set_index("model").loc["bytes", "rungs missed"] != "0 of 6"
+    assert "1 of 2 fits pass outside the 95% seed interval" in fits.summary_sentence(fitted)
+    straight = _fits({"bpe": ("bpe", "tokenized", bpe), "bytes": ("bytes", "tokenizer-free", byte)})
+    assert "pass outside" not in fits.summary_sentence(straight)
 
 
 def test_the_bounds_hold_when_bpb_does_not_fall_with_compute():
