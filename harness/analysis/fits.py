@@ -304,7 +304,8 @@ def fits_section(fits: dict[str, ModelFit], label: str, plot_dir: Path, colours:
              f"{MIN_BUDGETS} budgets for a fit. Rungs missed: of the rungs with two seeds or more, how many "
              "have a mean the curve misses by more than its 95% t-interval over seeds; a curve that misses "
              "rungs describes its points only roughly, and so do the crossovers read from it. Top rung: "
-             "the curve minus the mean there (negative: the curve runs below the points).", "", fit_table(fits).to_markdown(index=False, disable_numparse=True), ""]
+             "the curve minus the mean there (negative: the curve runs below the points).", "",
+             fit_table(fits).to_markdown(index=False, disable_numparse=True), ""]
     found = crossovers(fits)
     if found:
         lines += [f"Where each byte-level model's curve crosses {found[0].reference}'s: the first crossing from the "
