@@ -85,7 +85,7 @@ def test_a_known_crossover_is_found_with_an_interval_that_covers_it():
     fitted = _fits({"bpe": ("bpe", "tokenized", bpe), "bytes": ("bytes", "tokenizer-free", byte),
                     "sentencepiece": ("sentencepiece", "tokenized", spm)})
     (found,) = fits.crossovers(fitted)  # only byte-level models are compared, and only with BPE
-    assert (found.model, found.reference, found.ahead_above) == ("bytes", "bpe", True)
+    assert (found.model, found.reference, found.ahead) == ("bytes", "bpe", True)
     assert abs(np.log10(found.compute / truth)) < 0.15
     # the interval brackets the estimate and stays in range (whether it covers the truth is a matter
     # of the draw: resampling 3 seeds runs narrow, about 88% coverage in a simulation of 25 draws)
@@ -101,9 +101,35 @@ def test_curves_that_do_not_meet_give_the_no_crossing_sentence():
     byte, _ = law(2.0, 3.5, 0.2)  # worse everywhere, and in the limit
     fitted = _fits({"bpe": ("bpe", "tokenized", bpe), "bytes": ("bytes", "tokenizer-free", byte)})
     (found,) = fits.crossovers(fitted)
-    assert found.compute is None and found.crossed < 0.05
+    assert found.compute is None and found.crossed < 0.05 and not found.ahead
     assert fits.describe(found) == "bytes: no crossing within 100x of the top rung"
     assert "bytes: no crossing within 100x of the top rung" in fits.summary_sentence(fitted)
+    # better everywhere is not "no crossing" alone: the sentence and the table say who leads
+    ahead = _fits({"bpe": ("bpe", "tokenized", byte), "bytes": ("bytes", "tokenizer-free", bpe)})
+    (found,) = fits.crossovers(ahead)
+    assert found.compute is None and found.ahead
+    assert fits.describe(found) == "bytes: no crossing within 100x of the top rung, ahead of bpe throughout"
+    assert fits.crossover_table([found], []).loc[0, "ahead above it"] == "bytes (throughout)"
+
+
+def test_the_crossover_is_estimated_again_without_the_lowest_rung():
+    bpe, _ = law(1.7, 3.0, 0.15)
+    byte, _ = law(1.5, 4.0, 0.2)
+    exact = {name: fits.fit_model(name, adapter, kind, {float(c): [float(curve(c))] * 2 for c in LADDER})
+             for name, adapter, kind, curve in (("bpe", "bpe", "tokenized", bpe),
+                                                ("bytes", "bytes", "tokenizer-free", byte))}
+    (full,) = fits.crossovers(exact)
+    (trimmed,) = fits.crossovers(fits.without_lowest_rung(exact))
+    assert trimmed.compute == pytest.approx(full.compute, rel=1e-3)  # a true power law: any 5 rungs give it
+    assert fits.crossover_table([full], [trimmed]).loc[0, "without the lowest rung"] == f"{trimmed.compute:.3g}"
+    assert fits.fit_table(exact).set_index("model").loc["bytes", "alpha without the lowest rung"] == "0.200"
+    # a lowest rung off the law moves the estimate, and the summary shows both
+    kinked = dict(exact, bytes=fits.fit_model("bytes", "bytes", "tokenizer-free",
+                                              {float(c): [float(byte(c)) + 0.5 * (c == LADDER[0])] * 2 for c in LADDER}))
+    (moved,) = fits.crossovers(fits.without_lowest_rung(kinked))
+    assert moved.compute == pytest.approx(full.compute, rel=1e-3)
+    assert fits.crossovers(kinked)[0].compute != pytest.approx(full.compute, rel=0.05)
+    assert f"Fitted without the lowest rung: bytes crosses bpe at {moved.compute:.3g}" in fits.summary_sentence(kinked)
 
 
 def test_too_few_budgets_give_no_fit_and_say_so(tmp_path):

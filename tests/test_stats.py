@@ -18,6 +18,7 @@ def test_seed_interval_matches_the_textbook_t_interval():
 
 def test_one_seed_has_no_seed_interval():
     assert stats.seed_interval([2.5]) == (2.5, 2.5, 2.5)
+    assert stats.seed_interval([2.5, 2.5, 2.5]) == (2.5, 2.5, 2.5)  # no spread: no nan from scipy
 
 
 def test_bootstrap_interval_covers_the_mean_and_shrinks_with_more_windows():

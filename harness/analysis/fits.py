@@ -20,7 +20,10 @@ curve crosses BPE's.
 - Crossover: the first C from the lowest rung up to EXTRAPOLATION x the top rung where a
   byte-level model's fitted curve meets BPE's (brentq on the difference, in log C). A
   bootstrap replicate without a crossing counts as beyond that range, so an interval's upper
-  end may read "beyond 100x the top rung".
+  end may read "beyond 100x the top rung". Without a crossing, which model leads over the whole
+  range is said too: "no crossing" alone would read as "never ahead".
+- Sensitivity: the crossovers are estimated again without the lowest rung (point estimates),
+  because the smallest models weigh on a short power law as much as the largest.
 """
 
 from __future__ import annotations
@@ -148,7 +151,7 @@ def fit_model(model: str, adapter: str, kind: str, points: dict[float, list[floa
         return fitted
     budgets = sorted(points)
     fitted.curve = fit_curve(budgets, [np.mean(points[b]) for b in budgets])
-    if all(len(points[b]) < 2 for b in budgets):
+    if resamples == 0 or all(len(points[b]) < 2 for b in budgets):
         return fitted
     rng = np.random.default_rng(zlib.crc32(model.encode()))
     means = np.stack([np.asarray(points[b])[rng.integers(0, len(points[b]), (resamples, len(points[b])))].mean(1)
@@ -167,6 +170,13 @@ def fit_records(records: list[RunRecord], kinds: dict[str, str], resamples: int 
     return {name: fit_model(name, adapters[name], kinds[name], p, resamples) for name, p in points.items()}
 
 
+def without_lowest_rung(fits: dict[str, ModelFit]) -> dict[str, ModelFit]:
+    """The same models fitted again without the lowest rung (point estimates, no bootstrap)."""
+    lowest = min(b for f in fits.values() for b in f.points)
+    return {name: fit_model(name, f.adapter, f.kind, {b: v for b, v in f.points.items() if b != lowest}, resamples=0)
+            for name, f in fits.items()}
+
+
 def reference_model(fits: dict[str, ModelFit]) -> str | None:
     """The BPE model the byte-level models are compared with: the one named `bpe`, else the
     first of adapter `bpe`."""
@@ -180,7 +190,7 @@ class Crossover:
     model: str
     reference: str
     compute: float | None  # None: no crossing within the range
-    ahead_above: bool | None  # whether the byte-level model is the better one above the crossing
+    ahead: bool  # whether the byte-level model is the better one above the crossing (or throughout, without one)
     interval: tuple[float, float] | None  # 95% bootstrap; inf: beyond the range
     crossed: float | None  # fraction of bootstrap replicates that cross within the range
 
@@ -198,7 +208,8 @@ def crossovers(fits: dict[str, ModelFit]) -> list[Crossover]:
         if f.kind != "tokenizer-free" or f.curve is None:
             continue
         compute = crossing(f.curve, reference.curve, low, high)
-        ahead = None if compute is None else bool(f.curve(compute * 1.01) < reference.curve(compute * 1.01))
+        at = low if compute is None else compute * 1.01  # above the crossing; anywhere without one
+        ahead = bool(f.curve(at) < reference.curve(at))
         interval = crossed = None
         pairs = list(zip(f.replicates, reference.replicates))
         if pairs:
@@ -216,8 +227,8 @@ def _bound(value: float) -> str:
 def describe(c: Crossover) -> str:
     """One clause: where `c.model`'s curve crosses BPE's, with its interval, or NO_CROSSING."""
     if c.compute is None:
-        return f"{c.model}: {NO_CROSSING}"
-    side = f"{c.model} ahead" if c.ahead_above else f"{c.reference} ahead"
+        return f"{c.model}: {NO_CROSSING}" + (f", ahead of {c.reference} throughout" if c.ahead else "")
+    side = f"{c.model} ahead" if c.ahead else f"{c.reference} ahead"
     interval = "" if c.interval is None else f" [95%: {_bound(c.interval[0])}, {_bound(c.interval[1])}]"
     return f"{c.model} crosses {c.reference} at {c.compute:.3g} training FLOPs{interval}, {side} above it"
 
@@ -232,8 +243,11 @@ def summary_sentence(fits: dict[str, ModelFit]) -> str | None:
     caveat = (f" {rough} of {len(fitted)} fits pass outside the 95% seed interval of at least one rung's mean, so "
               "these points bend away from a power law and the crossovers read from them are rough (fits table)."
               if rough else "")
+    trimmed = crossovers(without_lowest_rung(fits))
+    sensitivity = (" Fitted without the lowest rung: " + "; ".join(describe(c) for c in trimmed) + "."
+                   if trimmed else "")
     return ("- Fitted crossovers (L = E + A C^-alpha per model): " + "; ".join(describe(c) for c in found) + "."
-            + caveat)
+            + caveat + sensitivity)
 
 
 def _format_interval(interval: tuple[float, float] | None, fmt: str) -> str:
@@ -242,6 +256,7 @@ def _format_interval(interval: tuple[float, float] | None, fmt: str) -> str:
 
 def fit_table(fits: dict[str, ModelFit]) -> pd.DataFrame:
     rows = []
+    trimmed = without_lowest_rung(fits)
     for f in fits.values():
         top = max(f.points)
         if f.curve is None:
@@ -254,16 +269,25 @@ def fit_table(fits: dict[str, ModelFit]) -> pd.DataFrame:
                      "alpha": f"{f.curve.alpha:.3f}", "alpha 95%": _format_interval(f.interval("alpha"), "{:.3f}"),
                      "rms residual": f"{f.residual():.4f}",
                      "top rung: fit - mean": f"{float(f.curve(top)) - np.mean(f.points[top]):+.3f}",
-                     "rungs missed": f.misses()})
+                     "rungs missed": f.misses(),
+                     "alpha without the lowest rung": "" if trimmed[f.model].curve is None
+                     else f"{trimmed[f.model].curve.alpha:.3f}"})
     return pd.DataFrame(rows).fillna("")
 
 
-def crossover_table(found: list[Crossover]) -> pd.DataFrame:
+def _short(c: Crossover) -> str:
+    return f"{c.compute:.3g}" if c.compute is not None else f"none, {c.model if c.ahead else c.reference} ahead"
+
+
+def crossover_table(found: list[Crossover], trimmed: list[Crossover]) -> pd.DataFrame:
+    """One row per crossover; `trimmed`: the same estimated without the lowest rung."""
+    again = {c.model: c for c in trimmed}
     rows = [{"model": c.model, "against": c.reference,
              "crossover FLOPs": NO_CROSSING if c.compute is None else f"{c.compute:.3g}",
              "95% interval": "" if c.interval is None else f"[{_bound(c.interval[0])}, {_bound(c.interval[1])}]",
-             "ahead above it": "" if c.compute is None else (c.model if c.ahead_above else c.reference),
-             "replicates crossing": "" if c.crossed is None else f"{c.crossed:.0%}"} for c in found]
+             "ahead above it": (c.model if c.ahead else c.reference) + (" (throughout)" if c.compute is None else ""),
+             "replicates crossing": "" if c.crossed is None else f"{c.crossed:.0%}",
+             "without the lowest rung": _short(again[c.model]) if c.model in again else ""} for c in found]
     return pd.DataFrame(rows)
 
 
@@ -310,7 +334,10 @@ def fits_section(fits: dict[str, ModelFit], label: str, plot_dir: Path, colours:
     if found:
         lines += [f"Where each byte-level model's curve crosses {found[0].reference}'s: the first crossing from the "
                   f"lowest rung to {EXTRAPOLATION:g}x the top rung; a replicate without one counts as beyond that "
-                  "range.", "", crossover_table(found).to_markdown(index=False, disable_numparse=True), ""]
+                  "range. The last column fits every model again without the lowest rung (point estimates): "
+                  "how much the estimate leans on the smallest models.", "",
+                  crossover_table(found, crossovers(without_lowest_rung(fits))).to_markdown(
+                      index=False, disable_numparse=True), ""]
     elif reference_model(fits) is None:
         lines += ["No BPE model in these records, so no crossover is estimated.", ""]
     elif fits[reference_model(fits)].curve is None:

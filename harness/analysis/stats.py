@@ -29,10 +29,11 @@ def window_bpb(record: RunRecord, split: str = "test") -> np.ndarray:
 
 
 def seed_interval(values: list[float] | np.ndarray) -> tuple[float, float, float]:
-    """(mean, low, high) of a 95% Student-t interval over seeds; low = high = mean for one value."""
+    """(mean, low, high) of a 95% Student-t interval over seeds; low = high = mean for one value
+    or for values that do not vary (scipy would give nan)."""
     values = np.asarray(values, dtype=float)
     mean = float(values.mean())
-    if len(values) < 2:
+    if len(values) < 2 or np.ptp(values) == 0:
         return mean, mean, mean
     low, high = stats.t.interval(CONFIDENCE, len(values) - 1, loc=mean, scale=stats.sem(values))
     return mean, float(low), float(high)
