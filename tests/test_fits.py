@@ -108,7 +108,7 @@ def test_curves_that_do_not_meet_give_the_no_crossing_sentence():
     ahead = _fits({"bpe": ("bpe", "tokenized", byte), "bytes": ("bytes", "tokenizer-free", bpe)})
     (found,) = fits.crossovers(ahead)
     assert found.compute is None and found.ahead
-    assert fits.describe(found) == "bytes: no crossing within 100x of the top rung, ahead of bpe throughout"
+    assert fits.describe(found) == "bytes: ahead of bpe from the lowest rung to 100x the top rung, no crossing"
     assert fits.crossover_table([found], []).loc[0, "ahead above it"] == "bytes (throughout)"
 
 

@@ -227,7 +227,10 @@ def _bound(value: float) -> str:
 def describe(c: Crossover) -> str:
     """One clause: where `c.model`'s curve crosses BPE's, with its interval, or NO_CROSSING."""
     if c.compute is None:
-        return f"{c.model}: {NO_CROSSING}" + (f", ahead of {c.reference} throughout" if c.ahead else "")
+        if c.ahead:
+            return (f"{c.model}: ahead of {c.reference} from the lowest rung to {EXTRAPOLATION:g}x the top rung, "
+                    "no crossing")
+        return f"{c.model}: {NO_CROSSING}"
     side = f"{c.model} ahead" if c.ahead else f"{c.reference} ahead"
     interval = "" if c.interval is None else f" [95%: {_bound(c.interval[0])}, {_bound(c.interval[1])}]"
     return f"{c.model} crosses {c.reference} at {c.compute:.3g} training FLOPs{interval}, {side} above it"
