@@ -136,11 +136,6 @@ class ModelFit:
             return None
         return [b for b, (_, low, high) in judged.items() if not low <= float(self.curve(b)) <= high]
 
-    def misses(self) -> str:
-        missed = self.missed()
-        judged = sum(len(v) >= 2 for v in self.points.values())
-        return "one seed per budget" if missed is None else f"{len(missed)} of {judged}"
-
 
 def fit_model(model: str, adapter: str, kind: str, points: dict[float, list[float]],
               resamples: int = RESAMPLES) -> ModelFit:
@@ -257,9 +252,15 @@ def _format_interval(interval: tuple[float, float] | None, fmt: str) -> str:
     return "one seed per budget" if interval is None else f"[{fmt.format(interval[0])}, {fmt.format(interval[1])}]"
 
 
-def fit_table(fits: dict[str, ModelFit]) -> pd.DataFrame:
+def missed_label(f: ModelFit) -> str:
+    missed = f.missed()
+    judged = sum(len(v) >= 2 for v in f.points.values())
+    return "one seed per budget" if missed is None else f"{len(missed)} of {judged}"
+
+
+def fit_table(fits: dict[str, ModelFit], trimmed: dict[str, ModelFit]) -> pd.DataFrame:
+    """One row per model; `trimmed`: the same models fitted without the lowest rung."""
     rows = []
-    trimmed = without_lowest_rung(fits)
     for f in fits.values():
         top = max(f.points)
         if f.curve is None:
@@ -272,7 +273,7 @@ def fit_table(fits: dict[str, ModelFit]) -> pd.DataFrame:
                      "alpha": f"{f.curve.alpha:.3f}", "alpha 95%": _format_interval(f.interval("alpha"), "{:.3f}"),
                      "rms residual": f"{f.residual():.4f}",
                      "top rung: fit - mean": f"{float(f.curve(top)) - np.mean(f.points[top]):+.3f}",
-                     "rungs missed": f.misses(),
+                     "rungs missed": missed_label(f),
                      "alpha without the lowest rung": "" if trimmed[f.model].curve is None
                      else f"{trimmed[f.model].curve.alpha:.3f}"})
     return pd.DataFrame(rows).fillna("")
@@ -323,6 +324,7 @@ def fits_section(fits: dict[str, ModelFit], label: str, plot_dir: Path, colours:
                 "so no curve is fitted.", ""] if scaled_suite else []
     path = plot_dir / f"fits_{label}.png"
     plot_fits(fits, path, f"{label}: E + A C^-alpha per model, dashed beyond the top rung", colours)
+    trimmed = without_lowest_rung(fits)
     lines = ["### Scaling fits", "",
              f"Per model, L(C) = E + A C^-alpha fitted by least squares (scipy) to the mean test bpb at each budget C "
              f"(training FLOPs per run; E >= 0, A > 0, 0 < alpha <= {MAX_ALPHA:g}); 95% intervals from {RESAMPLES} "
@@ -332,14 +334,14 @@ def fits_section(fits: dict[str, ModelFit], label: str, plot_dir: Path, colours:
              "have a mean the curve misses by more than its 95% t-interval over seeds; a curve that misses "
              "rungs describes its points only roughly, and so do the crossovers read from it. Top rung: "
              "the curve minus the mean there (negative: the curve runs below the points).", "",
-             fit_table(fits).to_markdown(index=False, disable_numparse=True), ""]
+             fit_table(fits, trimmed).to_markdown(index=False, disable_numparse=True), ""]
     found = crossovers(fits)
     if found:
         lines += [f"Where each byte-level model's curve crosses {found[0].reference}'s: the first crossing from the "
                   f"lowest rung to {EXTRAPOLATION:g}x the top rung; a replicate without one counts as beyond that "
                   "range. The last column fits every model again without the lowest rung (point estimates): "
                   "how much the estimate leans on the smallest models.", "",
-                  crossover_table(found, crossovers(without_lowest_rung(fits))).to_markdown(
+                  crossover_table(found, crossovers(trimmed)).to_markdown(
                       index=False, disable_numparse=True), ""]
     elif reference_model(fits) is None:
         lines += ["No BPE model in these records, so no crossover is estimated.", ""]
