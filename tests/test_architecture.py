@@ -68,6 +68,11 @@ class EightByteUnits(Adapter):
 @pytest.fixture
 def third_party(tmp_path, monkeypatch):
     """Install the one-file adapter as a package would: a module and an entry point."""
+    from harness.api import registry
+
+    # the built-ins register once, as their packages are imported; before the site is on the
+    # path, or a first discovery here would register the third-party adapter for good
+    registry.available()
     (tmp_path / "site" / "eight_byte_units.py").parent.mkdir()
     (tmp_path / "site" / "eight_byte_units.py").write_text(ADAPTER_FILE)
     dist = tmp_path / "site" / "eight_byte_units-1.0.dist-info"
@@ -75,9 +80,6 @@ def third_party(tmp_path, monkeypatch):
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: eight-byte-units\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[harness.adapters]\neight = eight_byte_units:EightByteUnits\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    from harness.api import registry
-
-    registry.available()  # the built-ins register once, as their packages are imported
     monkeypatch.setattr(registry, "_discovered", False)
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     return "eight-byte-units"
