@@ -49,7 +49,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from harness.api import BOS, BYTE_VOCAB, Adapter, AdapterConfig, RunContext, SizingFields, TrainingLoss, register
-from harness.core.device import autocast
+from harness.modeling.runtime import autocast
 from harness.modeling import chunking, flops
 from harness.modeling.nn import Transformer, init_weights
 

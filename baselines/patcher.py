@@ -43,13 +43,10 @@ from torch import nn
 from baselines import patching
 from baselines.bytes import ByteTransformer, ByteTransformerConfig
 from harness.api import BYTE_VOCAB, Adapter, AdapterConfig, Preparation, RunContext, SizingFields, register
-from harness.analysis.references import order0_entropy
-from harness.core import data
-from harness.core.evaluate import evaluate
-from harness.core.suite import TrainerSettings
-from harness.core.train import train
 from harness.errors import HarnessError
 from harness.modeling import chunking, flops
+from harness.modeling.entropy import order0_entropy
+from harness.modeling.runtime import autocast
 from harness.modeling.nn import CrossAttention, Transformer, init_weights
 
 HASH_PRIME = 2_147_483_647  # 2^31 - 1: rolling-hash modulus (no int64 overflow)
@@ -150,6 +147,17 @@ class Patcher(Adapter):
 
     def set_extra_state(self, state: dict) -> None:
         self.start_rate = [float(r) for r in state["start_rate"]]
+
+    def auxiliary_part(self, windows: torch.Tensor):
+        """The entropy model's next-byte entropies (timed by `harness bench`); other rules have none."""
+        if self.config.patcher != "entropy":
+            return None
+
+        def part() -> None:
+            with torch.no_grad(), autocast(windows.device):
+                self.entropies(windows)
+
+        return "entropy model (next-byte entropies)", part
 
     def entropies(self, windows: torch.Tensor) -> torch.Tensor:
         """(B, W) next-byte entropy in nats: H[:, t] is computed from bytes < t."""
@@ -275,11 +283,13 @@ class Patcher(Adapter):
         entropy_holdout_bytes, for entropy_steps, entropy_flops, or entropy_budget_share of the
         run's budget; then score those held-out bytes. Its FLOPs are charged to the run."""
         c, model = self.config, self.entropy_model
+        if ctx.trainer is None:
+            raise HarnessError("patcher: the entropy rule trains an entropy model, which needs the harness's trainer "
+                               "(RunContext.trainer)")
         if c.entropy_holdout_bytes < ctx.window:
             raise HarnessError(f"patcher: entropy_holdout_bytes {c.entropy_holdout_bytes} is less than one "
                                f"{ctx.window}-byte window")
         fit, held_out = train_bytes[: -c.entropy_holdout_bytes], train_bytes[-c.entropy_holdout_bytes :]
-        held = data.windows(held_out, ctx.window)
         fpb = model.flops_per_byte(ctx.window)["total"]
         batch_bytes = c.entropy_batch_windows * ctx.window
         if len(fit) < batch_bytes:
@@ -303,27 +313,25 @@ class Patcher(Adapter):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed)  # the same entropy model for a seed, however this module was built
             init_weights(model)
-        settings = TrainerSettings(batch_windows=c.entropy_batch_windows, lr=c.entropy_lr, log_every=max(1, steps // 10))
-        stream = data.TrainStream(fit, ctx.window, c.entropy_batch_windows, ctx.seed)
-        device = next(model.parameters()).device
         model.requires_grad_(True)
         try:
-            result = train(model, stream, settings, steps, device, description="entropy model", show_progress=False)
+            result = ctx.trainer.train(model, fit, batch_windows=c.entropy_batch_windows, lr=c.entropy_lr, steps=steps,
+                                       description="entropy model")
         finally:
             model.requires_grad_(False)
             model.zero_grad(set_to_none=True)  # frozen from here on: no gradient left behind
             model.eval()
-        test = evaluate(model, held, 64, device)
+        test_bpb, holdout_bytes = ctx.trainer.bits_per_byte(model, held_out)
         return {
             "config": c.entropy_model.model_dump(), "parameters": model.parameter_counts()["total"], "steps": steps,
             "batch_windows": c.entropy_batch_windows, "lr": c.entropy_lr, "budget_share": c.entropy_budget_share,
-            "training_bytes": len(fit), "bytes_seen": result["bytes_seen"], "epochs": result["epochs"],
+            "training_bytes": len(fit), "bytes_seen": result.bytes_seen, "epochs": result.epochs,
             "epoch_cap": epoch_cap,
-            "seconds": result["seconds"], "final_train_bpb": result["curve"][-1]["train_bpb"], "flops_per_byte": fpb,
-            "training_flops": flops.TRAIN_MULTIPLIER * fpb * result["bytes_seen"],
+            "seconds": result.seconds, "final_train_bpb": result.final_train_bpb, "flops_per_byte": fpb,
+            "training_flops": flops.TRAIN_MULTIPLIER * fpb * result.bytes_seen,
             # held out: the split's last entropy_holdout_bytes, never trained on
-            "holdout_bytes": held.numel(), "test_bpb": test.bpb,
-            "order0_bpb": order0_entropy(held_out[: held.numel()]), "holdout_flops": fpb * held.numel(),
+            "holdout_bytes": holdout_bytes, "test_bpb": test_bpb,
+            "order0_bpb": order0_entropy(held_out[:holdout_bytes]), "holdout_flops": fpb * holdout_bytes,
         }
 
     # ---- accounting ------------------------------------------------------------------------

@@ -51,8 +51,8 @@ from torch import nn
 from harness.modeling import flops
 from harness.errors import HarnessError
 from harness.modeling.nn import Transformer, init_weights
-from harness.core.cache import cache_dir as shared_cache_dir
-from harness.core.records import write_json_atomic
+from harness.api.storage import cache_dir as shared_cache_dir
+from harness.api.storage import write_json_atomic
 from harness.api import Adapter, AdapterConfig, Preparation, RunContext, SizingFields
 
 CACHE_FORMAT = 1
@@ -146,7 +146,7 @@ class Vocabulary:
 
 def cache_dir() -> Path:
     """Where trained tokenizers are kept: $HARNESS_CACHE_DIR/tokenizers if set, else the user's
-    cache folder ($XDG_CACHE_HOME or ~/.cache)/tokenizer-harness/tokenizers (harness.core.cache)."""
+    cache folder ($XDG_CACHE_HOME or ~/.cache)/tokenizer-harness/tokenizers (harness.api.storage)."""
     return shared_cache_dir("tokenizers")
 
 

@@ -44,8 +44,8 @@ from torch import nn
 
 from byteflow import coding_rate
 from harness.api import BOS, BYTE_VOCAB, Adapter, AdapterConfig, RunContext, SizingFields, register
-from harness.core import data
-from harness.core.device import autocast, median_seconds
+from harness.modeling.windows import windows
+from harness.modeling.runtime import autocast, median_seconds
 from harness.errors import HarnessError
 from harness.modeling import chunking, flops
 from harness.modeling.nn import Block, Transformer, init_weights
@@ -105,6 +105,17 @@ class ByteFlow(Adapter):
         self.variant: str | None = None
 
     # --- stages -------------------------------------------------------------------------
+
+    def auxiliary_part(self, windows: torch.Tensor):
+        """Coding-rate scoring, top-K and layout, given the encoder outputs (timed by `harness bench`)."""
+        with torch.no_grad(), autocast(windows.device):
+            h = self.encode(windows)
+
+        def part() -> None:
+            starts = self.select(self.scores(h), "topk")
+            chunking.layout(starts, chunking.selected_count(windows.shape[1], self.config.rate))
+
+        return f"coding-rate scoring ({self.config.score}), top-K and layout", part
 
     def encode(self, windows: torch.Tensor) -> torch.Tensor:
         """(B, T) bytes -> (B, T, d_local); position t has seen bytes < t only."""
@@ -228,7 +239,7 @@ class ByteFlow(Adapter):
         """Fraction of a training step's time (forward + backward) spent computing the
         scores, the top-K selection and the chunk layout, on a batch of training windows."""
         device = self.threshold.device
-        batch = data.windows(train, window, batch_windows).to(device)
+        batch = windows(train, window, batch_windows).to(device)
         was_training = self.training
         self.train()
         parameters = [p for p in self.parameters() if p.requires_grad]

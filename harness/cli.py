@@ -52,7 +52,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # for a command that starts copies of itself
+    # for a command that starts copies of itself (harness/orchestrate/launch.py): its arguments and this entry
+    args.argv, args.main = list(sys.argv[1:] if argv is None else argv), main
     try:
         status = args.func(args) or 0  # a command that launched processes returns theirs
         sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit

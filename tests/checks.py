@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from harness.api import Adapter
-from harness.core.records import RunRecord
+from harness.run.records import RunRecord
 from harness.modeling.flops import measure_forward
 
 

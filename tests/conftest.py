@@ -37,11 +37,15 @@ SMALL_CONFIGS = {
 }
 
 
-def context(window: int = SMALL_WINDOW, seed: int = 0):
-    """The run context an adapter gets from the runner, for tests that prepare it directly."""
-    from harness.api import RunContext
+def context(window: int = SMALL_WINDOW, seed: int = 0, **fields):
+    """The run context an adapter gets from the runner (its auxiliary trainer included), for tests
+    that prepare it directly."""
+    import torch
 
-    return RunContext(window=window, seed=seed)
+    from harness.api import RunContext
+    from harness.run.pipeline import AuxiliaryModelTrainer
+
+    return RunContext(window=window, seed=seed, trainer=AuxiliaryModelTrainer(window, seed, torch.device("cpu")), **fields)
 
 
 def tiny_suite(**overrides) -> dict:

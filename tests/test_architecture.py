@@ -10,8 +10,8 @@ import pytest
 
 from harness.analysis.report import build_report
 from harness.cli import main
-from harness.core.records import read_record, read_suite_records
-from harness.core.suite import load_suite
+from harness.run.records import read_record, read_suite_records
+from harness.orchestrate.suite import load_suite
 from harness.errors import HarnessError
 from tests.conftest import ROOT, tiny_suite
 

@@ -8,11 +8,12 @@ import torch
 
 from harness.api import build
 from harness.cli import main
-from harness.core import data
-from harness.core.device import Peak, busy_machine_warning, measure_matmul_peak
-from harness.core.records import read_record
-from harness.core.suite import TrainerSettings, expand, load_suite
-from harness.core.train import adamw_options, make_optimizer, train
+from harness.run import data
+from harness.run.device import Peak, busy_machine_warning, measure_matmul_peak
+from harness.run.records import read_record
+from harness.run.spec import TrainerSettings, expand
+from harness.orchestrate.suite import load_suite
+from harness.run.train import adamw_options, make_optimizer, train
 from tests.checks import record_for
 from tests.conftest import tiny_suite
 
@@ -123,7 +124,7 @@ def train_twice() -> tuple[list, list]:
         model = build("bytes", {"d_model": 32, "n_layers": 1, "n_heads": 2})
         stream = data.TrainStream(data.embedded_corpus("pydoc-topics", 20000), 64, 4, seed=0)
         settings = TrainerSettings(batch_windows=4, log_every=1, compile=compile)
-        curves.append(train(model, stream, settings, 3, torch.device("cpu"), show_progress=False)["curve"])
+        curves.append(train(model, stream, settings, 3, torch.device("cpu"), show_progress=False).curve)
     return curves
 
 
@@ -160,8 +161,8 @@ def test_a_window_is_tokenized_once_per_tokenizer():
 
 
 def test_a_run_faster_than_the_peak_it_measured_says_so(write_suite, tmp_path, monkeypatch):
-    from harness.core import runner
-    from harness.core.records import read_suite_records
+    from harness.orchestrate import runner
+    from harness.run.records import read_suite_records
 
     monkeypatch.setattr(runner, "measure_matmul_peak", lambda device: Peak(1e3, 1e3, 1e3))  # a peak taken under load
     out = runner.run_suite(write_suite(tiny_suite(budgets=[1e9])), tmp_path, "cpu", show_progress=False)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from harness.core import data
+from harness.run import data
 
 from harness.api import registry
 from harness.analysis.audit import assert_causal, causality_audit
@@ -127,8 +127,8 @@ def test_default_reading_spreads_chunk_starts_over_the_window_after_training():
     """After a short training on real text, the default (logdet_recent) starts chunks all over
     the window under both rules (mean start within 20% of uniform's (W - 1) / 2), where the
     prefix reading (logdet) piles them into the first part."""
-    from harness.core.suite import TrainerSettings
-    from harness.core.train import train
+    from harness.run.spec import TrainerSettings
+    from harness.run.train import train
 
     window, means = 128, {}
     for score in ("logdet_recent", "logdet"):
@@ -206,10 +206,10 @@ def segment_cli(argv):
 
 
 def test_runner_end_to_end_with_both_rules_and_the_segment_command(write_suite, tmp_path, capsys):
-    from harness.core.evaluate import evaluate
-    from harness.core.records import read_suite_records
-    from harness.api import load_checkpoint
-    from harness.core.runner import run_suite
+    from harness.run.evaluate import evaluate
+    from harness.run.records import read_suite_records
+    from harness.run.checkpoint import load_checkpoint
+    from harness.orchestrate.runner import run_suite
     from harness.analysis.segment import segment_bytes
 
     config = TINY | {"calibration_windows": 16}

@@ -8,9 +8,10 @@ import zipfile
 import pytest
 import torch
 
-from harness.core import data
+from harness.run import data
 from harness.errors import HarnessError
-from harness.core.suite import load_corpus, load_suite
+from harness.run.spec import load_corpus
+from harness.orchestrate.suite import load_suite
 from tests.conftest import tiny_suite
 
 
@@ -149,7 +150,7 @@ def test_presets_pin_the_well_known_files():
 # ---- corpus labels, Hugging Face datasets, missing files ---------------------------------------
 
 def test_every_corpus_may_carry_a_label(tmp_path, write_suite):
-    from harness.core.suite import expand
+    from harness.run.spec import expand
 
     (tmp_path / "notes.txt").write_bytes(b"some notes " * 1000)
     suite = load_suite(write_suite(tiny_suite(corpus=[

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 
-from harness.core import data
+from harness.run import data
 
 from harness.api import registry
 from harness.errors import HarnessError
 from harness.commands.export import add_parser, export_run
-from harness.core.records import save_checkpoint_atomic, write_record
+from harness.run.checkpoint import save_checkpoint_atomic
+from harness.run.records import write_record
 from tests.checks import record_for
 from tests.conftest import context
 

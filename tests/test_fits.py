@@ -10,7 +10,7 @@ from scipy.optimize import brentq
 
 from harness.analysis import fits
 from harness.analysis.report import build_report, model_colours
-from harness.core.records import write_record
+from harness.run.records import write_record
 from tests.conftest import ROOT
 from tests.test_report import record
 

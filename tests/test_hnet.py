@@ -11,10 +11,11 @@ from baselines.bytes import ByteTransformer, ByteTransformerConfig
 from baselines.hnet import P_CLAMP, ratio_loss, smooth, ste_ones
 from harness.analysis.audit import assert_causal
 from harness.api import TrainingLoss, registry
-from harness.core import data
-from harness.core.suite import TrainerSettings
-from harness.core.train import train
-from harness.modeling.flops import TRAIN_MULTIPLIER, measure_forward, training_flops_per_byte, training_steps
+from harness.run import data
+from harness.run.spec import TrainerSettings
+from harness.run.train import train
+from harness.modeling.flops import TRAIN_MULTIPLIER, measure_forward, training_steps
+from harness.run.budget import training_flops_per_byte
 from tests.conftest import SMALL_CONFIGS, context, tiny_suite
 
 TINY = SMALL_CONFIGS["hnet"]
@@ -227,23 +228,23 @@ def run_train(model, steps, budget=None):
 def test_the_trainer_stops_once_the_budget_cannot_pay_for_another_step():
     step = TRAIN_MULTIPLIER * Metered.cost
     result = run_train(tiny_bytes(Metered), steps=20, budget=5.5 * step)
-    assert result["steps"] == 5 and result["stopped_by_budget"] and result["bytes_seen"] == 5 * 256
-    assert result["flops"] == 5 * step
-    curve = result["curve"]
+    assert result.steps == 5 and result.stopped_by_budget and result.bytes_seen == 5 * 256
+    assert result.flops == 5 * step
+    curve = result.curve
     assert [p["step"] for p in curve] == [3, 5]  # the step where the budget ran out is logged
     assert [p["flops"] for p in curve] == [3 * step, 5 * step] and curve[-1]["bytes_per_unit"] == 4.0
     exact = run_train(tiny_bytes(Metered), steps=20, budget=5 * step)  # a budget that pays exactly 5 steps
-    assert exact["steps"] == 5 and exact["flops"] == 5 * step
+    assert exact.steps == 5 and exact.flops == 5 * step
     unspent = run_train(tiny_bytes(Metered), steps=4, budget=100 * step)  # the schedule ends first
-    assert unspent["steps"] == 4 and not unspent["stopped_by_budget"] and unspent["flops"] == 4 * step
+    assert unspent.steps == 4 and not unspent.stopped_by_budget and unspent.flops == 4 * step
 
 
 def test_fixed_rate_adapters_run_every_planned_step_whatever_the_budget():
     plain = run_train(tiny_bytes(), steps=7)
     budgeted = run_train(tiny_bytes(), steps=7, budget=1.0)  # far less than one step: ignored
-    assert plain["steps"] == budgeted["steps"] == 7 and plain["bytes_seen"] == budgeted["bytes_seen"] == 7 * 256
-    assert plain["curve"] == budgeted["curve"] and plain["flops"] is None and not budgeted["stopped_by_budget"]
-    assert all("flops" not in p and "bytes_per_unit" not in p for p in plain["curve"])
+    assert plain.steps == budgeted.steps == 7 and plain.bytes_seen == budgeted.bytes_seen == 7 * 256
+    assert plain.curve == budgeted.curve and plain.flops is None and not budgeted.stopped_by_budget
+    assert all("flops" not in p and "bytes_per_unit" not in p for p in plain.curve)
 
 
 def test_hnet_training_charges_each_step_at_its_own_chunk_count():
@@ -258,19 +259,19 @@ def test_hnet_training_charges_each_step_at_its_own_chunk_count():
 
     model.training_loss = spy
     result = run_train(model, steps=6)
-    assert result["flops"] == pytest.approx(TRAIN_MULTIPLIER * sum(per_step)) and len(per_step) == 6
+    assert result.flops == pytest.approx(TRAIN_MULTIPLIER * sum(per_step)) and len(per_step) == 6
     assert len(set(per_step)) > 1  # the chunk count moves from step to step
-    assert all(p["bytes_per_unit"] > 1 for p in result["curve"])
+    assert all(p["bytes_per_unit"] > 1 for p in result.curve)
 
 
 # ---- end to end -------------------------------------------------------------------------------
 
 def test_runner_end_to_end_charges_actual_flops_and_records_the_rate(write_suite, tmp_path):
     from harness.analysis.segment import segment_bytes
-    from harness.api import load_checkpoint
-    from harness.core.evaluate import evaluate
-    from harness.core.records import read_suite_records
-    from harness.core.runner import run_suite
+    from harness.run.checkpoint import load_checkpoint
+    from harness.run.evaluate import evaluate
+    from harness.run.records import read_suite_records
+    from harness.orchestrate.runner import run_suite
 
     budget = 4e9
     models = [{"name": "hnet", "adapter": "hnet", "config": TINY | {"calibration_windows": 32}},

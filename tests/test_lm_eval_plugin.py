@@ -23,12 +23,12 @@ from hypothesis import strategies as st
 
 from harness.api import registry
 from harness.errors import HarnessError
-from harness.core.evaluate import window_nll
+from harness.run.evaluate import window_nll
 from harness.lm_eval_plugin import RAW_BYTE_BASE, TASKS_DIR, HarnessLM, bytes_to_text, task_manager, text_to_bytes
 from harness.lm_eval_plugin.model import scoring_windows
 from harness.commands.lm_eval import add_parser
-from harness.core.records import read_record, read_suite_records
-from harness.core.runner import run_suite
+from harness.run.records import read_record, read_suite_records
+from harness.orchestrate.runner import run_suite
 from tests.conftest import ROOT, SMALL_CONFIGS, tiny_suite
 
 import lm_eval  # noqa: E402  (after the plugin: the plugin must work whatever the import order)
@@ -44,7 +44,7 @@ ADAPTERS = [name for name in SMALL_CONFIGS if name in registry.available()]
 def tricky_corpus() -> bytes:
     """Prose with multi-byte characters (cut by window edges), invalid UTF-8, NUL bytes and
     a genuine U+10FF80 (the first character of the plugin's raw-byte range)."""
-    from harness.core.data import embedded_corpus
+    from harness.run.data import embedded_corpus
 
     prose = embedded_corpus("pydoc-topics", 24_000)
     extras = ["naïve café — ", "日本語のテキスト ", "😀 ", "\U0010ff80 "]

@@ -10,9 +10,9 @@ from harness.modeling import flops
 from harness.api import registry
 from harness.analysis.audit import assert_causal, causality_audit
 from harness.errors import HarnessError
-from harness.core.records import read_suite_records
-from harness.core.runner import run_suite
-from harness.core.suite import load_suite
+from harness.run.records import read_suite_records
+from harness.orchestrate.runner import run_suite
+from harness.orchestrate.suite import load_suite
 from tests.checks import assert_flops_match
 from tests.conftest import tiny_suite
 

@@ -10,15 +10,15 @@ import torch
 
 from baselines import patching
 from baselines.patcher import ENTROPY_MODEL_MARGIN_BPB
-from harness.core import data
-from harness.api import RunContext, registry
+from harness.run import data
+from harness.api import registry
 from harness.analysis.audit import assert_causal, causality_audit
 from harness.errors import HarnessError
 from harness.modeling.flops import measure_forward
 from harness.analysis.report import plot_patch_sizes
 from harness.analysis.segment import plot_segmentation, segment_bytes
-from harness.core.records import read_suite_records
-from harness.core.runner import run_suite
+from harness.run.records import read_suite_records
+from harness.orchestrate.runner import run_suite
 from tests.checks import assert_flops_match
 from harness.modeling import chunking
 from tests.conftest import context, tiny_suite
@@ -110,7 +110,7 @@ def test_entropy_model_beats_order0_within_its_budget_share():
     never saw clearly below their order-0 entropy, and the preparation says so."""
     torch.manual_seed(0)
     model = build(patcher="entropy", entropy_budget_share=0.1, entropy_batch_windows=2, entropy_holdout_bytes=8192)
-    prep = model.prepare(TRAIN, RunContext(window=WINDOW, seed=0, budget_flops=1e10))
+    prep = model.prepare(TRAIN, context(WINDOW, budget_flops=1e10))
     facts = prep.facts["entropy_model"]
     assert facts["training_flops"] <= 0.1 * 1e10 and facts["budget_share"] == 0.1
     assert facts["training_bytes"] == len(TRAIN) - 8192 and facts["holdout_bytes"] == 8192
@@ -125,13 +125,13 @@ def test_the_entropy_model_keeps_the_suites_epoch_cap():
     """Asked for more passes over the split than max_epochs allows, the entropy model stops at
     the cap, says so, and is charged only what it trained."""
     model = build(patcher="entropy", entropy_steps=1000, entropy_batch_windows=2, entropy_holdout_bytes=8192)
-    facts = model.prepare(TRAIN, RunContext(window=WINDOW, seed=0, max_epochs=0.05)).facts["entropy_model"]
+    facts = model.prepare(TRAIN, context(WINDOW, max_epochs=0.05)).facts["entropy_model"]
     fit = len(TRAIN) - 8192
     assert facts["epoch_cap"] == {"max_epochs": 0.05, "budget_steps": 1000}
     assert facts["steps"] == int(0.05 * fit // (2 * WINDOW)) and facts["epochs"] <= 0.05
     assert facts["training_flops"] == 3 * facts["flops_per_byte"] * facts["steps"] * 2 * WINDOW
     uncapped = build(patcher="entropy", entropy_steps=3, entropy_batch_windows=2, entropy_holdout_bytes=8192)
-    assert uncapped.prepare(TRAIN, RunContext(window=WINDOW, seed=0, max_epochs=0.05)).facts["entropy_model"]["epoch_cap"] is None
+    assert uncapped.prepare(TRAIN, context(WINDOW, max_epochs=0.05)).facts["entropy_model"]["epoch_cap"] is None
 
 
 def test_an_undertrained_entropy_model_is_flagged():

@@ -12,8 +12,8 @@ import pytest
 import torch
 import zstandard
 
-from harness.analysis import references
-from harness.analysis.references import cached_references, compressors, compute_references, order0_entropy
+from harness.run import references
+from harness.run.references import cached_references, compressors, compute_references, order0_entropy
 from harness.analysis.report import primed_clause, reference_table, summary_sentences
 
 
@@ -197,7 +197,7 @@ def test_build_report_renders_new_and_old_reference_entries(tmp_path):
 def test_a_second_run_of_a_suite_takes_the_references_from_the_cache(cache, write_suite, tmp_path, monkeypatch, capsys):
     import json
 
-    from harness.core.runner import run_suite
+    from harness.orchestrate.runner import run_suite
     from tests.conftest import tiny_suite
 
     path = write_suite(tiny_suite())

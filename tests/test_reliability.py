@@ -22,9 +22,11 @@ import yaml
 from baselines.bytes import ByteTransformer
 from harness.api import registry
 from harness.cli import main
-from harness.core.records import (file_mode, read_failure, read_record, read_suite_records, remove_temporaries,
-                                  save_checkpoint_atomic, write_json_atomic, write_record)
-from harness.core.runner import run_suite
+from harness.api.storage import file_mode
+from harness.run.checkpoint import save_checkpoint_atomic
+from harness.run.records import (read_failure, read_record, read_suite_records, remove_temporaries,
+                                  write_json_atomic, write_record)
+from harness.orchestrate.runner import run_suite
 from harness.errors import HarnessError
 from tests.checks import kill_while_training, record_for
 from tests.conftest import SMALL_CONFIGS, tiny_suite
@@ -422,8 +424,9 @@ def test_two_processes_on_one_suite_train_each_run_once(write_suite, tmp_path):
 
 def test_a_suite_caps_the_epochs_and_planning_warns(write_suite, tmp_path, capsys, monkeypatch):
     """BPE on one repeated byte: thousands of bytes a token, so a small FLOP budget buys many epochs."""
-    from harness.core import runner
-    from harness.core.suite import expand, load_suite
+    from harness.run import pipeline
+    from harness.run.spec import expand
+    from harness.orchestrate.suite import load_suite
 
     monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "corpus.txt").write_bytes(b"a" * 60_000)
@@ -442,9 +445,9 @@ def test_a_suite_caps_the_epochs_and_planning_warns(write_suite, tmp_path, capsy
     # without the cap, planning gives the whole budget and the same warning
     suite = load_suite(write_suite(tiny_suite(corpus={"files": "corpus.txt"}, models=[bpe], budgets=[1e9]), "no-cap.yaml"))
     run, device = expand(suite)[0], torch.device("cpu")
-    corpus, ctx = runner.load_corpus_data(suite, run.corpus.label, device), runner.context(suite, run, device)
-    model, preparation, _ = runner.prepare(run, suite, corpus, ctx)  # the tokenizer comes from the cache
-    plan = runner.plan(run, model, preparation, ctx, len(corpus.splits.train), suite.max_epochs)
+    corpus, ctx = pipeline.load_corpus_data(suite, run.corpus.label, device), pipeline.context(suite, run, device)
+    model, preparation, _ = pipeline.prepare(run, suite, corpus, ctx)  # the tokenizer comes from the cache
+    plan = pipeline.plan(run, model, preparation, ctx, len(corpus.splits.train), suite.max_epochs)
     assert plan.epoch_cap is None and plan.steps == record.epoch_cap.budget_steps
     assert plan.warnings[0].startswith("the budget buys") and "the data repeats" in plan.warnings[0]
     assert run.config_hash(suite) != record.config_hash  # the cap is part of what determines the result

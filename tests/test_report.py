@@ -12,7 +12,7 @@ from matplotlib import colors as mcolors
 from harness.analysis import report
 from harness.analysis.segment import Segmentation, plot_segmentation, segmentation_threshold
 from harness.api import registry
-from harness.core.records import RunRecord
+from harness.run.records import RunRecord
 from tests.checks import record_for
 
 WINDOWS = 8

@@ -11,9 +11,9 @@ import pytest
 
 from harness.cli import main
 from harness.errors import HarnessError
-from harness.core.records import read_suite_records
-from harness.api import load_checkpoint
-from harness.core.runner import run_suite
+from harness.run.records import read_suite_records
+from harness.run.checkpoint import load_checkpoint
+from harness.orchestrate.runner import run_suite
 from tests.checks import kill_while_training
 from tests.conftest import ROOT, tiny_suite
 
@@ -49,9 +49,10 @@ def test_smoke_suite_beats_order0_entropy_and_reports(tmp_path, capsys):
     assert (out / "plots" / "bpb_vs_inference_flops_pydoc-topics.png").stat().st_size > 1000
     # the checkpoint reloads to the same test score
     model = load_checkpoint(out / "runs" / bytes_run.run_id)
-    from harness.core import data
-    from harness.core.evaluate import evaluate
-    from harness.core.suite import load_corpus, load_suite
+    from harness.run import data
+    from harness.run.evaluate import evaluate
+    from harness.run.spec import load_corpus
+    from harness.orchestrate.suite import load_suite
 
     loaded = load_suite(ROOT / "suites" / "smoke.yaml")
     windows = data.windows(load_corpus(loaded).test, loaded.eval.window, loaded.eval.max_windows)
@@ -173,8 +174,9 @@ def test_records_count_the_training_forward_and_the_inference_cost_on_the_scored
     # a data-dependent patch count: the inference cost is the formula at each scored window's own count
     space = records["space"]
     model = load_checkpoint(out / "runs" / space.run_id)
-    from harness.core import data
-    from harness.core.suite import load_corpus, load_suite
+    from harness.run import data
+    from harness.run.spec import load_corpus
+    from harness.orchestrate.suite import load_suite
 
     windows = data.windows(load_corpus(load_suite(write_suite(suite))).test, 64, 16)
     expected = sum(model.forward_flops(64, int(model.patch_starts(w[None]).sum()))["total"] for w in windows) / windows.numel()

@@ -4,17 +4,17 @@ the submission it makes), and one run across processes (DDP, gloo on the CPU).""
 import os
 import stat
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from harness.cli import main
-from harness.core import runner
-from harness.core.dispatch import make_executor, resolved, submit
-from harness.core.records import read_suite_records
-from harness.core.runner import run_suite
-from harness.core.suite import ExecutorSettings, expand, load_suite
+from harness.orchestrate import attempts
+from harness.orchestrate.dispatch import make_executor, resolved, submit
+from harness.run.records import read_suite_records
+from harness.orchestrate.runner import run_suite
+from harness.run.spec import ExecutorSettings, expand
+from harness.orchestrate.suite import load_suite
 from harness.errors import HarnessError
 from tests.checks import kill_while_training
 from tests.conftest import ROOT, tiny_suite
@@ -98,7 +98,7 @@ def fake_slurm(tmp_path, monkeypatch):
 def test_the_slurm_submission_is_one_array_of_requeueable_run_jobs(write_suite, tmp_path, fake_slurm):
     import submitit
 
-    from harness.core.dispatch import RunJob
+    from harness.orchestrate.dispatch import RunJob
 
     suite = load_suite(write_suite(tiny_suite(seeds=[0, 1])))
     runs = expand(suite)
@@ -149,7 +149,7 @@ def test_slurm_without_a_cluster_and_bad_executor_settings_are_one_line(write_su
     with pytest.raises(HarnessError, match=r"bad.yaml: executor.workers: Input should be greater than 0"):
         load_suite(bad)
     with pytest.raises(HarnessError, match=r"trainer.batch_windows: 8 windows do not split evenly over 3 processes"):
-        runner.check_shares(load_suite(path), 3)
+        attempts.check_shares(load_suite(path), 3)
     assert not (results / "tiny" / "runs").exists()
 
 
@@ -190,7 +190,7 @@ def test_local_workers_need_a_gpu_each_when_runs_get_gpus(write_suite, tmp_path,
 
 
 def test_each_rank_trains_on_its_own_share_of_the_batch(monkeypatch):
-    from harness.core import distributed
+    from harness.run import distributed
 
     batch = torch.arange(16).view(8, 2)
     monkeypatch.setattr(distributed, "world_size", lambda: 2)

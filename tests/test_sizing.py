@@ -9,12 +9,12 @@ import torch
 
 from harness.api import registry
 from harness.cli import main
-from harness.core.data import embedded_corpus
+from harness.run.data import embedded_corpus
 from harness.errors import HarnessError
-from harness.core.records import read_suite_records
-from harness.api import load_checkpoint
-from harness.core.sizing import TOLERANCE, inference_flops_per_byte, resize, size_to_target
-from harness.core.suite import load_suite
+from harness.run.records import read_suite_records
+from harness.run.checkpoint import load_checkpoint
+from harness.run.sizing import TOLERANCE, inference_flops_per_byte, resize, size_to_target
+from harness.orchestrate.suite import load_suite
 from tests.conftest import ROOT, SMALL_CONFIGS, SMALL_WINDOW, context, tiny_suite
 
 TRAIN = embedded_corpus("pydoc-topics", 40_000)

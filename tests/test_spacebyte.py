@@ -13,11 +13,12 @@ from baselines import patching
 from harness.analysis.audit import assert_causal, causality_audit
 from harness.analysis.segment import segment_bytes
 from harness.api import registry
-from harness.api.registry import load_checkpoint
-from harness.core import data
-from harness.core.records import read_suite_records
-from harness.core.runner import run_suite
-from harness.core.suite import load_corpus, load_suite
+from harness.run.checkpoint import load_checkpoint
+from harness.run import data
+from harness.run.records import read_suite_records
+from harness.orchestrate.runner import run_suite
+from harness.run.spec import load_corpus
+from harness.orchestrate.suite import load_suite
 from harness.modeling.flops import measure_forward
 from tests.conftest import context, tiny_suite
 

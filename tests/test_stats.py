@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from harness.analysis import stats
-from harness.core.records import Evaluation
+from harness.run.records import Evaluation
 
 
 def test_seed_interval_matches_the_textbook_t_interval():

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from harness.core.suite import load_suite
+from harness.orchestrate.suite import load_suite
 from tests.conftest import ROOT
 
 GPU = ROOT / "suites" / "study_gpu.yaml"

@@ -10,13 +10,13 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from baselines.bpe import BYTE_SYMBOLS
-from harness.analysis.references import raw_byte_metrics
-from harness.core import data
+from harness.run.references import raw_byte_metrics
+from harness.run import data
 from harness.api import registry
 from harness.analysis.audit import assert_causal, causality_audit
 from harness.errors import HarnessError
 from harness.modeling.flops import measure_forward
-from harness.core.suite import load_suite
+from harness.orchestrate.suite import load_suite
 from tests.conftest import context, tiny_suite
 
 TRAIN = data.embedded_corpus("pydoc-topics", 60000)

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from harness.api import registry
-from harness.core import runner, train as train_module
-from harness.core.data import TrainStream
-from harness.core.suite import TrainerSettings
-from harness.core.train import PlainProgress, train
+from harness.orchestrate import runner
+from harness.run import train as train_module
+from harness.run.data import TrainStream
+from harness.run.spec import TrainerSettings
+from harness.run.train import PlainProgress, train
 from tests.conftest import tiny_suite
 
 
@@ -58,7 +59,7 @@ def test_tensorboard_gets_the_loss_curve_learning_rate_and_throughput():
                    show_progress=False, tensorboard=writer)
     steps = {tag: [s for t, _, s in writer.scalars if t == tag] for tag in ("train/bpb", "train/lr", "train/bytes_per_s")}
     assert steps == {tag: [2, 4, 6] for tag in steps}
-    assert [v for t, v, _ in writer.scalars if t == "train/bpb"] == pytest.approx([p["train_bpb"] for p in result["curve"]],
+    assert [v for t, v, _ in writer.scalars if t == "train/bpb"] == pytest.approx([p["train_bpb"] for p in result.curve],
                                                                                    abs=1e-4)
     assert all(0 < v <= 1e-3 for t, v, _ in writer.scalars if t == "train/lr") and writer.flushed
 

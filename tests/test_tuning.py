@@ -1,4 +1,4 @@
-"""Tuning (harness.core.tuning): selection on validation only, a bracketed grid, provenance."""
+"""Tuning (harness.orchestrate.tuning): selection on validation only, a bracketed grid, provenance."""
 
 import json
 import math
@@ -7,10 +7,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from harness.core import runner
-from harness.core.records import read_suite_records
-from harness.core.suite import load_suite
-from harness.core.tuning import apply_tuning, bracketed_search, tune_suite
+from harness.orchestrate import runner, tuning
+from harness.run.records import read_suite_records
+from harness.orchestrate.suite import load_suite
+from harness.orchestrate.tuning import apply_tuning, bracketed_search, tune_suite
+from harness.run.spec import expand
 from harness.errors import HarnessError
 from tests.conftest import tiny_suite
 
@@ -49,7 +50,7 @@ def test_selection_uses_validation_only(write_suite, tmp_path, monkeypatch):
     tune = {"budgets": [2e9], "seeds": [0, 1], "lr": [1e-3, 3e-3, 1e-2], "factor": 3.0, "max_extensions": 2}
     suite = load_suite(write_suite(tiny_suite(tune=tune)))
     calls = []
-    monkeypatch.setattr(runner, "execute", fake_execute(val_optimum=1e-3, test_optimum=1e-2, calls=calls))
+    monkeypatch.setattr(tuning, "execute", fake_execute(val_optimum=1e-3, test_optimum=1e-2, calls=calls))
     entries = tune_suite(suite, tmp_path, {"pydoc-topics": None}, torch.device("cpu"), 1.0)
     (entry,) = entries
     # test favours 1e-2; val favours 1e-3, an edge: the grid extends down once and brackets it
@@ -63,7 +64,7 @@ def test_selection_uses_validation_only(write_suite, tmp_path, monkeypatch):
 
 def test_a_dry_run_says_when_tuning_json_is_for_other_tune_settings(write_suite, tmp_path, monkeypatch, capsys):
     tune = {"budgets": [2e9], "seeds": [0], "lr": [1e-3, 3e-3, 1e-2], "max_extensions": 2}
-    monkeypatch.setattr(runner, "execute", fake_execute(val_optimum=3e-3, test_optimum=3e-3, calls=[]))
+    monkeypatch.setattr(tuning, "execute", fake_execute(val_optimum=3e-3, test_optimum=3e-3, calls=[]))
     tune_suite(load_suite(write_suite(tiny_suite(tune=tune))), tmp_path, {"pydoc-topics": None},
                torch.device("cpu"), 1.0)
     capsys.readouterr()
@@ -144,12 +145,12 @@ def test_warmup_and_batch_grids_are_crossed_with_the_lr_search(write_suite, tmp_
         val = bowl(3e-3)(t.lr) + (0.0 if t.warmup_fraction == 0.1 else 0.5) + (0.0 if t.batch_windows == 4 else 0.2)
         return SimpleNamespace(val=SimpleNamespace(bpb=val))
 
-    monkeypatch.setattr(runner, "execute", execute)
+    monkeypatch.setattr(tuning, "execute", execute)
     (entry,) = tune_suite(suite, tmp_path, {"pydoc-topics": None}, torch.device("cpu"), 1.0)
     assert entry["chosen"] == {"lr": 3e-3, "warmup_fraction": 0.1, "batch_windows": 4}
     assert len(entry["trials"]) == len(calls) == 12 and "tune__bytes__lr3.00e-03__wu0.1__b4__C2.00e09__s0" in calls
     assert entry["untuned"] == {"lr": 3e-3, "warmup_fraction": 0.05, "batch_windows": 8}
-    (run,) = apply_tuning(runner.expand(suite), [entry])
+    (run,) = apply_tuning(expand(suite), [entry])
     assert (run.trainer.lr, run.trainer.warmup_fraction, run.trainer.batch_windows) == (3e-3, 0.1, 4)
     assert run.tuning["selected_on"] == "val" and len(run.tuning["trials"]) == 12
 
@@ -164,14 +165,14 @@ def test_confirm_seeds_overturn_a_choice_one_lucky_seed_made(write_suite, tmp_pa
         luck = {0: -0.5, 1: 0.5}[run.seed] if run.trainer.lr == 1e-2 else 0.0
         return SimpleNamespace(val=SimpleNamespace(bpb=3.0 + bowl(3e-3)(run.trainer.lr) + luck))
 
-    monkeypatch.setattr(runner, "execute", execute)
+    monkeypatch.setattr(tuning, "execute", execute)
     (entry,) = tune_suite(suite, tmp_path, {"pydoc-topics": None}, torch.device("cpu"), 1.0)
     assert entry["chosen"] == {"lr": 3e-3} and entry["val_bpb"] == pytest.approx(3.0)
     assert len(calls) == 6 and calls[-2:] == ["tune__bytes__lr1.00e-02__C2.00e09__s1", "tune__bytes__lr3.00e-03__C2.00e09__s1"]
     confirmed = {t["lr"]: t for t in entry["trials"] if t["confirmed"]}
     assert sorted(confirmed) == [3e-3, 1e-2] and len(confirmed[1e-2]["run_ids"]) == 2
     assert confirmed[1e-2]["val_bpb"] == pytest.approx(3.0 + bowl(3e-3)(1e-2))  # the mean over both seeds
-    (run,) = apply_tuning(runner.expand(suite), [entry])
+    (run,) = apply_tuning(expand(suite), [entry])
     assert run.tuning["confirm_seeds"] == [1] and len(run.tuning["trials"]) == 6
     with pytest.raises(HarnessError, match=r"tune: .*confirm_seeds must be distinct and not among seeds"):
         load_suite(write_suite(tiny_suite(tune={**tune, "confirm_seeds": [0]})))

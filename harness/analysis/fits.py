@@ -39,7 +39,7 @@ from scipy.optimize import brentq, least_squares
 
 from harness.analysis.plotting import save_plot
 from harness.analysis.stats import seed_interval
-from harness.core.records import RunRecord
+from harness.run.records import RunRecord
 
 MIN_BUDGETS = 4
 MAX_ALPHA = 5.0

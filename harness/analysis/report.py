@@ -13,12 +13,13 @@ import pandas as pd
 
 from harness.analysis import fits as scaling, stats
 from harness.analysis.plotting import save_plot
-from harness.analysis.references import primed_with
+from harness.analysis.tables import markdown as _markdown
+from harness.run.references import primed_with
 from harness.errors import HarnessError
 from harness.analysis.segment import Segmentation, plot_segmentation, segmentation_threshold
 from harness.analysis.tuning_report import tuning_section
-from harness.core.records import RunFailure, RunRecord, read_failures, read_suite_records
-from harness.core.suite import InferenceScaling
+from harness.run.records import RunFailure, RunRecord, read_failures, read_suite_records
+from harness.run.spec import InferenceScaling
 
 
 COST_TOLERANCE = 0.02  # measured FLOPs further than this from the analytic figure are shown
@@ -199,25 +200,6 @@ def runs_table(records: list[RunRecord]) -> pd.DataFrame:
             "MFU": r.mfu if r.mfu <= 1 else None,  # above 1: the peak was measured under load (blank)
         })
     return pd.DataFrame(rows).sort_values(["model", "budget", "seed"], kind="stable")
-
-
-def _markdown(frame: pd.DataFrame) -> str:
-    formats = {
-        "params": "{:,.0f}", "fwd FLOPs/byte": "{:.3g}", "train FLOPs": "{:.3g}", "bytes seen": "{:,.0f}",
-        "epochs": "{:.2f}", "val bpb": "{:.4f}", "test bpb": "{:.4f}", "bytes/unit": "{:.2f}", "wall s": "{:.1f}",
-        "FLOP/s": "{:.3g}", "MFU": "{:.1%}", "bpb": "{:.4f}", "budget": "{:.3g}", "Δ vs best": "{:+.4f}", "causal test bpb": "{:.4f}", "causal - rule": "{:+.4f}", "p": "{:.3g}",
-        "bytes/token (test)": "{:.3f}", "bytes/token (test windows)": "{:.3f}", "vocab used (test)": "{:.1%}",
-        "tokenizer train s": "{:.2f}", "encode MB/s": "{:.2f}",
-        "configured FLOPs/byte": "{:.4g}", "target FLOPs/byte": "{:.4g}", "achieved FLOPs/byte": "{:.4g}", "error": "{:+.2%}",
-        "test fwd FLOPs/byte": "{:.3g}", "analytic FLOPs/byte": "{:.4g}", "test FLOPs/byte": "{:.4g}", "counted training FLOPs/byte": "{:.4g}",
-        "test vs analytic": "{:+.1%}", "training vs analytic": "{:+.1%}",
-        "last finite loss": "{:.4g}",
-    }
-    shown = frame.copy()
-    for column, fmt in formats.items():
-        if column in shown:
-            shown[column] = shown[column].map(lambda v, fmt=fmt: fmt.format(v) if pd.notna(v) else "")
-    return shown.to_markdown(index=False, disable_numparse=True)
 
 
 def tokenizer_table(records: list[RunRecord], corpus: dict) -> pd.DataFrame | None:

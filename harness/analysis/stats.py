@@ -16,7 +16,7 @@ import math
 import numpy as np
 from scipy import stats
 
-from harness.core.records import RunRecord
+from harness.run.records import RunRecord
 
 CONFIDENCE = 0.95
 ALPHA = 0.05

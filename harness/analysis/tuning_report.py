@@ -1,4 +1,4 @@
-"""The report's tuning section, from RESULTS/SUITE/tuning.json (harness.core.tuning): per model
+"""The report's tuning section, from RESULTS/SUITE/tuning.json (harness.orchestrate.tuning): per model
 the trials' validation bpb against lr, the chosen settings, and the gap to the untuned ones."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from harness.analysis.plotting import save_plot
+from harness.analysis.tables import markdown as _markdown
 
 
 def tuning_table(entries: list[dict]) -> pd.DataFrame:
@@ -56,8 +57,6 @@ def tuning_section(results_dir: Path, plot_dir: Path) -> list[str]:
     path = results_dir / "tuning.json"
     if not path.exists():
         return []
-    from harness.analysis.report import _markdown
-
     tuning = json.loads(path.read_text())
     entries = tuning["entries"]
     seeds = sorted({s for e in entries for s in e["seeds"]})

@@ -13,7 +13,7 @@ from __future__ import annotations
 from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,28 @@ BOS = 256  # the one special byte-level symbol: beginning of a window
 
 
 @dataclass(frozen=True)
+class AuxiliaryTraining:
+    """What the harness's trainer reports after training an auxiliary model for an adapter."""
+
+    steps: int
+    bytes_seen: int
+    epochs: float
+    seconds: float
+    final_train_bpb: float
+
+
+class AuxiliaryTrainer(Protocol):
+    """The harness's one trainer and evaluator, lent to an adapter's prepare() for a model of its
+    own (BLT's entropy model): the same training step, schedule and windows as a run's."""
+
+    def train(self, model: "Adapter", data: bytes, *, batch_windows: int, lr: float, steps: int,
+              description: str) -> AuxiliaryTraining: ...
+
+    def bits_per_byte(self, model: "Adapter", data: bytes) -> tuple[float, int]:
+        """Bits per byte over the windows of `data`, and how many bytes were scored."""
+
+
+@dataclass(frozen=True)
 class RunContext:
     """What an adapter may know about the run it is part of. Given to prepare() and
     finish_training(); adapters never ask for these again in their own config."""
@@ -37,6 +59,7 @@ class RunContext:
     budget_flops: float = 0.0  # the run's training budget; auxiliary training is charged to it
     count_auxiliary_flops: bool = True  # whether auxiliary models count (the BLT paper leaves them out)
     max_epochs: float | None = None  # the suite's cap on passes over the training split; auxiliary models keep it too
+    trainer: AuxiliaryTrainer | None = None  # for auxiliary models; set by the harness for every run
 
 
 @dataclass
@@ -68,7 +91,7 @@ class TrainingLoss:
 
 @dataclass(frozen=True)
 class SizingFields:
-    """The config fields that matched-inference-cost sizing may change (harness.core.sizing):
+    """The config fields that matched-inference-cost sizing may change (harness.run.sizing):
     the main model's width and depth, and the heads that the width must split into."""
 
     width: str
@@ -105,7 +128,7 @@ class Adapter(nn.Module, metaclass=ABCMeta):
 
     def carry_preparation(self, prepared: "Adapter") -> None:
         """Take over what `prepared` (same adapter, other width or depth) learned in prepare(),
-        so a resized model need not prepare again (harness.core.sizing)."""
+        so a resized model need not prepare again (harness.run.sizing)."""
 
     def finish_training(self, train: bytes, ctx: RunContext) -> dict:
         """After training, before evaluation: e.g. calibrate a threshold of the trained model on
@@ -137,6 +160,12 @@ class Adapter(nn.Module, metaclass=ABCMeta):
         computed from bytes < t, or None for rules without a score; starts (B, W) bool, byte t
         begins a unit). None for models without byte-aligned units (`harness segment`, the
         report's pictures)."""
+        return None
+
+    def auxiliary_part(self, windows: torch.Tensor) -> tuple[str, Callable[[], None]] | None:
+        """A part of the forward with its own cost, to be timed on its own by `harness bench`
+        (e.g. ByteFlow's chunk scoring, an entropy model): (label, a call that runs it on
+        `windows`); None for adapters without one."""
         return None
 
     def eval_variants(self) -> dict[str, str]:

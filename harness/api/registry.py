@@ -11,11 +11,8 @@ that is not installed as a package (a test, a notebook) can call @register direc
 from __future__ import annotations
 
 import difflib
-import warnings
 from importlib.metadata import entry_points
-from pathlib import Path
 
-import torch
 
 from harness.api.adapter import Adapter
 from harness.errors import HarnessError
@@ -68,36 +65,3 @@ def get(name: str) -> type[Adapter]:
 def build(name: str, config: dict) -> Adapter:
     cls = get(name)
     return cls(cls.Config(**config))
-
-
-def load_state(path: Path, device: str | torch.device = "cpu") -> dict:
-    """A checkpoint's tensors and plain values, loaded without executing pickled code."""
-    try:
-        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # a damaged file fails anywhere in the unpickler (struct.error, IndexError, KeyError, ...)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if reason.startswith("Weights only load failed"):
-            reason = "it holds pickled objects besides tensors and plain values; they are not loaded, as that could run code"
-        raise HarnessError(f"{path}: not a loadable checkpoint ({reason[:160]})") from None
-    if not isinstance(state, dict):
-        raise HarnessError(f"{path}: not a loadable checkpoint (it holds a {type(state).__name__}, not a mapping of tensors)")
-    return state
-
-
-def load_checkpoint(run_dir: Path, device: str | torch.device = "cpu") -> Adapter:
-    """Rebuild a trained adapter from a run directory (record.json + model.pt)."""
-    from harness.core.records import read_record
-
-    record = read_record(run_dir / "record.json")
-    model = build(record.model.adapter, record.model.config)
-    checkpoint = run_dir / "model.pt"
-    if not checkpoint.exists():
-        raise HarnessError(f"{run_dir}: no model.pt checkpoint (was the run finished?)")
-    try:
-        model.load_state_dict(load_state(checkpoint, device))
-    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:  # e.g. a tokenizer state that is not one
-        raise HarnessError(f"{checkpoint}: does not fit adapter {record.model.adapter!r} "
-                           f"({str(e).splitlines()[0][:160]})") from None
-    return model.to(device).eval()

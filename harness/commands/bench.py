@@ -1,10 +1,9 @@
 """`harness bench SUITE`: training and evaluation speed of a suite's models on this machine
-(harness.core.bench), printed as a table and written as JSON (and a markdown table beside it)."""
+(harness.run.bench), printed as a table and written as JSON (and a markdown table beside it)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from harness.commands.run import add_device_options, check_threads, raise_error
@@ -16,10 +15,10 @@ COLUMNS = ("model", "params", "train B/s", "eval B/s", "GFLOP/s", "MFU", "step m
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from harness.core.bench import bench_runs, bench_suite
-    from harness.core.device import pick_device
-    from harness.core.records import write_json_atomic
-    from harness.core.suite import load_suite
+    from harness.run.bench import bench_runs, bench_suite
+    from harness.run.device import pick_device
+    from harness.api.storage import write_json_atomic
+    from harness.orchestrate.suite import load_suite
 
     check_threads(args.threads)
     if args.steps < 1 or args.warmup < 0:

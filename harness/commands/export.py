@@ -10,8 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-from harness.api import load_checkpoint
-from harness.core.records import RunRecord, read_record
+from harness.run.checkpoint import load_checkpoint
+from harness.run.records import RunRecord, read_record
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path) -> str:

@@ -1,6 +1,6 @@
-"""`harness run SUITE`: train and evaluate every run of a suite (harness.core.runner), in this
-process, as jobs on this machine or a Slurm cluster (harness.core.dispatch), or one run at a
-time across processes (harness.core.distributed)."""
+"""`harness run SUITE`: train and evaluate every run of a suite (harness.orchestrate.runner), in this
+process, as jobs on this machine or a Slurm cluster (harness.orchestrate.dispatch), or one run at a
+time across processes (harness.run.distributed)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ EXECUTOR_OPTIONS = ("workers", "gpus_per_run", "partition", "account", "qos", "t
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness.core.runner import run_suite
+    from harness.orchestrate.runner import run_suite
 
     if args.nproc < 1:
         raise_error(f"--nproc: {args.nproc}; give 1 or more processes")
@@ -20,16 +20,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet inside the processes it asks for
         if args.executor not in (None, "none"):
             raise_error("--nproc: with --executor, a run's processes are its GPUs (--gpus-per-run)")
-        from harness.core.distributed import launch
-        from harness.core.runner import check_shares
-        from harness.core.suite import load_suite
+        from harness.orchestrate.launch import launch
+        from harness.orchestrate.attempts import check_shares
+        from harness.orchestrate.suite import load_suite
 
         check_shares(load_suite(args.suite), args.nproc)  # before any process starts
         import torch
 
         if args.device != "cpu" and torch.cuda.is_available() and args.nproc > torch.cuda.device_count():
             raise_error(f"--nproc {args.nproc}: one GPU per process, and {torch.cuda.device_count()} are visible")
-        return launch(args.nproc, args.argv)
+        return launch(args.nproc, args.main, args.argv)
     out = run_suite(args.suite, Path(args.results), args.device, show_progress=not args.quiet,
                     save_every_s=args.save_every, retry_failed=args.retry_failed, dry_run=args.dry_run,
                     tensorboard_dir=Path(args.tensorboard) if args.tensorboard else None,
@@ -64,7 +64,9 @@ def executor_settings(args: argparse.Namespace):
     for the runs one after another in this process."""
     from pydantic import ValidationError
 
-    from harness.core.suite import ExecutorSettings, load_suite
+    from harness.run.spec import ExecutorSettings
+
+    from harness.orchestrate.suite import load_suite
 
     given = {key: getattr(args, key) for key in EXECUTOR_OPTIONS if getattr(args, key) is not None}
     if args.executor == "none":

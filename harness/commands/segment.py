@@ -12,9 +12,9 @@ import numpy as np
 
 from harness.analysis.segment import (Segmentation, marked_text, plot_lengths, plot_segmentation, segment_bytes,
                                       segmentation_threshold)
-from harness.api import load_checkpoint
-from harness.core.records import RunRecord, read_record
-from harness.core.suite import Suite, load_corpus
+from harness.run.checkpoint import load_checkpoint
+from harness.run.records import RunRecord, read_record
+from harness.run.spec import Suite, load_corpus
 from harness.errors import HarnessError
 
 

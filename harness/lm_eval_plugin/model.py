@@ -42,13 +42,14 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import model_registry, register_model
 
-from harness.core import data
+from harness.run import data
 from harness.errors import HarnessError
-from harness.core.device import autocast, pick_device
-from harness.core.evaluate import window_nll
+from harness.modeling.runtime import autocast
+from harness.run.device import pick_device
+from harness.run.evaluate import window_nll
 from harness.lm_eval_plugin import bytes_to_text, text_to_bytes
-from harness.core.records import read_record
-from harness.api import load_checkpoint
+from harness.run.records import read_record
+from harness.run.checkpoint import load_checkpoint
 
 MODEL_NAME = "harness"
 DEFAULT_BATCH = 32

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from harness.core import data
+from harness.modeling.windows import windows
 from harness.errors import HarnessError
 
 
@@ -110,7 +110,7 @@ def calibration_windows(train: bytes, window: int, count: int) -> torch.Tensor:
         raise HarnessError(f"the training split ({len(train)} bytes) is shorter than one {window}-byte window")
     pick = torch.linspace(0, n - 1, min(count, n)).round().long().tolist()
     # only the picked windows are copied out of the split (of many GB, perhaps)
-    return data.windows(b"".join(train[i * window:(i + 1) * window] for i in pick), window)
+    return windows(b"".join(train[i * window:(i + 1) * window] for i in pick), window)
 
 
 def threshold_for_rate(scores: torch.Tensor, k: int) -> float:

@@ -65,14 +65,6 @@ def cross_attention(queries: int, keys: int, dim: int) -> float:
     return linear(queries, dim, dim) + linear(keys, dim, 2 * dim) + linear(queries, dim, dim) + attention_products(queries, keys, dim)
 
 
-def training_flops_per_byte(forward: dict[str, float], count_auxiliary: bool = True) -> float:
-    """Training FLOPs per byte from an adapter's forward breakdown: 3 x forward for the
-    trained model; a frozen auxiliary model (an "auxiliary" entry, e.g. BLT's entropy
-    model) runs forward only, so it counts once, and not at all when excluded."""
-    auxiliary = forward.get("auxiliary", 0.0)
-    return TRAIN_MULTIPLIER * (forward["total"] - auxiliary) + (auxiliary if count_auxiliary else 0.0)
-
-
 def training_steps(budget: float, training_flops_per_byte: float, batch_bytes: int) -> int:
     """The one conversion of a FLOP budget into optimizer steps: bytes D = C / training FLOPs
     per byte, steps = floor(D / bytes per batch)."""

@@ -27,12 +27,13 @@ from pathlib import Path
 
 import datasets
 
-from harness.core import data
+from harness.run import data
 from harness.errors import HarnessError
 from harness.lm_eval_plugin import TASKS_DIR, bytes_to_text, text_to_bytes
 from harness.lm_eval_plugin.model import run_directory
-from harness.core.records import read_record
-from harness.core.suite import Suite, load_corpus, load_suite
+from harness.run.records import read_record
+from harness.run.spec import Suite, load_corpus
+from harness.orchestrate.suite import load_suite
 
 WORD_SPLIT = re.compile(r"\s+")  # lm-eval's word count for word_perplexity
 

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from harness.errors import HarnessError
 from harness.api import Adapter, AdapterConfig
+from harness.run import budget
 
 TOLERANCE = 0.05
 MAX_WIDTH = 4096
@@ -33,10 +34,8 @@ MAX_DEPTH = 24
 
 
 def inference_flops_per_byte(model: Adapter, window: int, count_auxiliary: bool = True) -> float:
-    """Forward FLOPs per byte for windows of `window` bytes, the auxiliary model (e.g. an
-    entropy model's inference) included unless the suite excludes it."""
-    breakdown = model.flops_per_byte(window)
-    return breakdown["total"] - (0.0 if count_auxiliary else breakdown.get("auxiliary", 0.0))
+    """Forward FLOPs per byte of `model` for windows of `window` bytes (harness/run/budget.py's rule)."""
+    return budget.inference_flops_per_byte(model.flops_per_byte(window), count_auxiliary)
 
 
 def _cost(model: Adapter, config: AdapterConfig, window: int, count_auxiliary: bool) -> float:

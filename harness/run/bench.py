@@ -20,17 +20,18 @@ from pathlib import Path
 import torch
 
 from harness.api import Adapter
-from harness.core import data
-from harness.core.device import (Peak, autocast, busy_machine_warning, measure_matmul_peak, median_seconds,
-                                 synchronize, to_device)
-from harness.core.evaluate import window_nll
-from harness.core.records import versions
-from harness.core.runner import CorpusData, context, load_corpus_data, log, prepare
-from harness.core.suite import Run, Suite, expand
-from harness.core.train import make_optimizer, objective, training_forward
+from harness.run import data
+from harness.modeling.runtime import median_seconds, synchronize, to_device
+from harness.run.device import Peak, busy_machine_warning, measure_matmul_peak
+from harness.run.evaluate import window_nll
+from harness.run.records import versions
+from harness.run.distributed import log
+from harness.run.pipeline import CorpusData, context, load_corpus_data, prepare
+from harness.run.spec import Run, Suite, expand
+from harness.run.train import make_optimization, training_forward, training_step
 from harness.errors import HarnessError
-from harness.modeling import chunking
-from harness.modeling.flops import TRAIN_MULTIPLIER, training_flops_per_byte
+from harness.modeling.flops import TRAIN_MULTIPLIER
+from harness.run.budget import inference_flops_per_byte, training_flops_per_byte
 
 PHASES = ("data", "forward", "backward", "optimizer")
 AUXILIARY_REPEATS = 5
@@ -104,9 +105,8 @@ def bench_model(run: Run, suite: Suite, corpus: CorpusData, device: torch.device
     model, _, sizing = prepare(run, suite, corpus, ctx)
     settings = run.trainer if compile is None else run.trainer.model_copy(update={"compile": compile})
     forward = model.flops_per_byte(ctx.window)
-    auxiliary = forward.get("auxiliary", 0.0)
     per_byte = training_flops_per_byte(forward, ctx.count_auxiliary_flops)
-    inference_per_byte = forward["total"] - (0.0 if ctx.count_auxiliary_flops else auxiliary)
+    inference_per_byte = inference_flops_per_byte(forward, ctx.count_auxiliary_flops)
 
     train = time_training(model, settings, corpus.splits.train, ctx.window, per_byte, device, steps, warmup, profile)
     windows = corpus.test_windows
@@ -147,8 +147,7 @@ def time_training(model: Adapter, settings, train: bytes, window: int, per_byte:
     stream = data.TrainStream(train, window, settings.batch_windows, seed=0)
     model.train()
     step_forward = training_forward(model, device, settings)
-    optimizer = make_optimizer(model, settings)
-    trained = [p for group in optimizer.param_groups for p in group["params"]]
+    opt = make_optimization(model, settings, warmup + steps)
     phases = dict.fromkeys(PHASES, 0.0)
     flops = bytes_seen = 0.0
     profiler = None
@@ -157,24 +156,16 @@ def time_training(model: Adapter, settings, train: bytes, window: int, per_byte:
             profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
                                               + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
             profiler.__enter__()
-        synchronize(device)
-        marks = [time.perf_counter()]
+        marks = []
+
+        def mark() -> None:
+            synchronize(device)
+            marks.append(time.perf_counter())
+
+        mark()
         batch = to_device(stream.next_batch(), device)
-        synchronize(device)
-        marks.append(time.perf_counter())
-        with autocast(device):
-            out = step_forward(batch)
-        _, loss = objective(out)
-        synchronize(device)
-        marks.append(time.perf_counter())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        synchronize(device)
-        marks.append(time.perf_counter())
-        torch.nn.utils.clip_grad_norm_(trained, settings.grad_clip)
-        optimizer.step()
-        synchronize(device)
-        marks.append(time.perf_counter())
+        mark()
+        out, _, _ = training_step(step_forward, batch, opt, settings.grad_clip, device, mark)
         if step < warmup:
             continue
         for phase, start, end in zip(PHASES, marks, marks[1:]):
@@ -189,26 +180,11 @@ def time_training(model: Adapter, settings, train: bytes, window: int, per_byte:
 
 
 def auxiliary_part(model: Adapter, train: bytes, window: int, batch_windows: int, device: torch.device) -> dict | None:
-    """The median time of the adapter's auxiliary part on one training batch, on its own: ByteFlow's
-    chunk scoring given the encoder outputs, or the entropy patcher's entropy model; None for
+    """The median time of the adapter's auxiliary part (Adapter.auxiliary_part: ByteFlow's chunk
+    scoring, the entropy patcher's entropy model) on one training batch, on its own; None for
     adapters without one."""
-    batch = data.windows(train, window, batch_windows).to(device)
-    config = model.config
-    if model.name == "byteflow":
-        with torch.no_grad(), autocast(device):
-            h = model.encode(batch)
-
-        def part():
-            starts = model.select(model.scores(h), "topk")
-            chunking.layout(starts, chunking.selected_count(window, config.rate))
-
-        name = f"coding-rate scoring ({config.score}), top-K and layout"
-    elif model.name == "patcher" and config.patcher == "entropy":
-        def part():
-            with torch.no_grad(), autocast(device):
-                model.entropies(batch)
-
-        name = "entropy model (next-byte entropies)"
-    else:
+    part = model.auxiliary_part(data.windows(train, window, batch_windows).to(device))
+    if part is None:
         return None
-    return {"part": name, "seconds": median_seconds(part, AUXILIARY_REPEATS, device)}
+    name, call = part
+    return {"part": name, "seconds": median_seconds(call, AUXILIARY_REPEATS, device)}

@@ -9,8 +9,8 @@ import math
 import torch
 
 from harness.api import Adapter
-from harness.core.device import autocast, to_device
-from harness.core.records import Evaluation
+from harness.modeling.runtime import autocast, to_device
+from harness.run.records import Evaluation
 
 
 @torch.no_grad()

@@ -24,10 +24,13 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
-from harness.core import distributed
-from harness.core.device import measure_matmul_peak, pick_device
-from harness.core.records import read_failure, read_record
-from harness.core.suite import ExecutorSettings, Run, Suite
+from harness.orchestrate.attempts import check_shares, failure_summary, run_all, warm_caches
+from harness.run import distributed
+from harness.run.distributed import log
+from harness.run.pipeline import load_corpus_data
+from harness.run.device import measure_matmul_peak, pick_device
+from harness.run.records import read_failure, read_record
+from harness.run.spec import ExecutorSettings, Run, Suite
 from harness.errors import HarnessError
 
 POLL_S = 2.0  # seconds between looks at the results folder while waiting
@@ -48,8 +51,6 @@ class RunJob:
     def __call__(self) -> list[str]:
         """The ids of the runs that diverged or failed."""
         import submitit
-
-        from harness.core.runner import load_corpus_data, run_all
 
         if self.threads is not None:
             torch.set_num_threads(self.threads)
@@ -133,8 +134,6 @@ def dispatch(suite: Suite, runs: list[Run], corpora: dict, out: Path, settings: 
     """Prepare what the runs share, send the pending runs out as jobs, show progress until every
     job has ended; raise one line if a run did not finish. `threads`: torch threads per job (by
     default local CPU jobs share the cores out, unless OMP_NUM_THREADS is set)."""
-    from harness.core.runner import check_shares, failure_summary, log, warm_caches
-
     settings = resolved(settings)
     if settings.gpus_per_run == 0 and device_name == "cuda":
         raise HarnessError("--device cuda: the runs would get no GPU; give --gpus-per-run 1 or more")
@@ -184,7 +183,6 @@ def dispatch(suite: Suite, runs: list[Run], corpora: dict, out: Path, settings: 
 def wait(jobs: list, suite: Suite, runs: list[Run], out: Path, retry_failed: bool, since: float) -> None:
     """Until every job has ended and no run is held (by these jobs or others), a plain line of
     counts whenever they change."""
-    from harness.core.runner import log
 
     shown = None
     while True:

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from harness.errors import HarnessError
+from harness.modeling.windows import byte_windows, to_tensor, windows  # noqa: F401  (the run floor's windows)
 
 EMBEDDED = ("pydoc-topics", "stdlib-code", "stdlib-docstrings")
 DOCUMENT_SEPARATOR = b"\n\n"
@@ -50,7 +51,7 @@ PRESETS = {
 
 class CorpusError(HarnessError):
     """A corpus that cannot be read; `key` is the corpus key at fault (files, field, url, sha256,
-    member), so that the suite can name it (harness.core.suite.load_corpus)."""
+    member), so that the suite can name it (harness.run.spec.load_corpus)."""
 
     def __init__(self, key: str, message: str):
         super().__init__(message)
@@ -260,32 +261,6 @@ def split(corpus_id: str, data: bytes, train_bytes: int, val_bytes: int, test_by
         val=data[train_bytes : train_bytes + val_bytes],
         test=data[train_bytes + val_bytes :],
     )
-
-
-def to_tensor(data: bytes) -> torch.Tensor:
-    return _uint8(data).long()
-
-
-def _uint8(data) -> torch.Tensor:
-    """The bytes as a writable uint8 tensor of their own (a copy: frombuffer shares read-only bytes)."""
-    if not len(data):  # frombuffer refuses an empty buffer
-        return torch.empty(0, dtype=torch.uint8)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-
-def windows(data: bytes, window: int, max_windows: int | None = None) -> torch.Tensor:
-    """Consecutive, non-overlapping windows of `window` bytes: (N, window); the tail
-    shorter than a window is not used."""
-    return byte_windows(data, window, max_windows).long()
-
-
-def byte_windows(data: bytes, window: int, max_windows: int | None = None) -> torch.Tensor:
-    """windows() as uint8, one byte per byte: for a whole training split, which as int64 would
-    take 8 times its size (96 GB for a 12 GB split); index it, then convert the windows taken."""
-    n = len(data) // window
-    if max_windows is not None:
-        n = min(n, max_windows)
-    return _uint8(memoryview(data)[: n * window]).view(n, window)
 
 
 class TrainStream:

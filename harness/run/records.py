@@ -5,11 +5,8 @@ formats are migrated on reading, so committed studies stay readable (docs/protoc
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -17,6 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from harness import RECORD_FORMAT_VERSION, __version__
+from harness.api.storage import file_mode, write_json_atomic  # noqa: F401  (records are written with it)
 from harness.errors import HarnessError
 
 
@@ -134,7 +132,7 @@ class RunRecord(Typed):
     resumed_at_step: int | None = None
     wall_seconds: float
     achieved_flops_per_s: float
-    matmul_peak_flops_per_s: float  # the median of the measurements (harness.core.device.Peak)
+    matmul_peak_flops_per_s: float  # the median of the measurements (harness.run.device.Peak)
     matmul_peak_range: list[float] | None = None  # their min and max (older records: not measured)
     threads: int | None = None  # torch's CPU threads (older records: not recorded)
     mfu: float
@@ -142,7 +140,7 @@ class RunRecord(Typed):
     processes: int | None = None  # DDP processes of a run trained across several (then mfu is per process)
     warnings: list[str]
     versions: dict[str, str]
-    tuning: dict | None = None  # the tuning trials that chose the trainer settings (harness.core.tuning)
+    tuning: dict | None = None  # the tuning trials that chose the trainer settings (harness.orchestrate.tuning)
 
 
 class RunFailure(Typed):
@@ -225,43 +223,6 @@ def read_failures(results_dir: Path) -> list[RunFailure]:
     """The failure markers under results_dir/runs, sorted by run id."""
     found = (read_failure(p) for p in sorted((results_dir / "runs").glob("*/failure.json")))
     return [f for f in found if f is not None]
-
-
-def file_mode() -> int:
-    """The mode a new file gets from open(): 0o666 less the umask (0o644 under the usual 022)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, file_mode())  # mkstemp makes 0o600; records are read like any other file
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1, sort_keys=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def save_checkpoint_atomic(path: Path, state: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(state, temporary)
-        os.replace(temporary, path)
-    except RuntimeError as e:  # torch's own file writer: a full disk or a folder it cannot write
-        temporary.unlink(missing_ok=True)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else "write failed"
-        raise OSError(errno.EIO, f"torch.save failed ({reason[:120]}); is the disk full or the folder read-only?",
-                      str(path)) from None
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def remove_temporaries(folder: Path) -> list[Path]:

@@ -16,12 +16,19 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from harness.errors import HarnessError
 
 # Other ranks wait in a collective while rank 0 waits for a run's lock or writes; a hang is
 # still ended, but no ordinary wait should be.
 TIMEOUT = timedelta(hours=24)
+
+
+def log(message: str) -> None:
+    """A progress line, printed by rank 0 only: one voice for a run trained across processes."""
+    if is_main():
+        tqdm.write(message)
 
 
 def rank() -> int:
@@ -101,39 +108,3 @@ def wrap(model: torch.nn.Module, device: torch.device):
     # need not search the graph for unused ones
     return torch.nn.parallel.DistributedDataParallel(
         TrainingStep(model), device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def launch(nproc: int, argv: list[str]) -> int:
-    """`harness ARGV` in `nproc` processes on this machine through torch's elastic launcher (what
-    torchrun runs), as `torchrun --standalone --nproc-per-node NPROC -m harness.cli ARGV` would.
-    Returns rank 0's exit status (an error was printed by the rank that met it)."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    import logging
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # else the launcher sets it, with a warning
-    # the rank that failed printed its one line; the launcher's own report of it is a traceback
-    for name in ("torch.distributed.elastic", "torch.multiprocessing"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, rdzv_backend="c10d",
-                          rdzv_endpoint="localhost:0", run_id=f"harness-{os.getpid()}", max_restarts=0)
-    try:
-        elastic_launch(config, _rank_main)(argv)
-    except ChildFailedError as e:
-        failures = e.failures
-        return next((f.exitcode for _, f in sorted(failures.items()) if f.exitcode > 0), 1)
-    return 0
-
-
-def _rank_main(argv: list[str]) -> None:
-    """One rank of `launch`: the harness command line; only rank 0 prints progress."""
-    import sys
-
-    from harness.cli import main
-
-    if not is_main():
-        sys.stdout = open(os.devnull, "w")
-    status = main(argv)
-    if status:
-        sys.exit(status)

@@ -27,19 +27,18 @@ import gzip
 import hashlib
 import json
 import lzma
-import math
 import os
 import platform
 import time
 import zlib
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from harness.core.cache import cache_dir as shared_cache_dir
+from harness.api.storage import cache_dir as shared_cache_dir
+from harness.modeling.entropy import order0_entropy
 
 # Version of the cached entry (and of the "references" entry of suite.json that it fills);
 # bump it when a compressor's settings or the way a figure is computed changes.
@@ -130,13 +129,6 @@ def compressor_versions() -> dict:
     zstandard, pyppmd = _zstd(), _ppmd()
     return {"python": platform.python_version(), "zlib": zlib.ZLIB_RUNTIME_VERSION,
             "zstandard": getattr(zstandard, "__version__", None), "pyppmd": getattr(pyppmd, "__version__", None)}
-
-
-def order0_entropy(data: bytes) -> float:
-    """Empirical unigram byte entropy in bits per byte."""
-    counts = Counter(data)
-    n = len(data)
-    return -sum(c / n * math.log2(c / n) for c in counts.values())
 
 
 def window_bytes(windows: torch.Tensor) -> list[bytes]:
@@ -230,7 +222,7 @@ def compute_references(train: bytes, windows: torch.Tensor, label: str = "",
 
 def cache_dir() -> Path:
     """Where references are kept: $HARNESS_CACHE_DIR/references if set, else the user's
-    cache folder ($XDG_CACHE_HOME or ~/.cache)/tokenizer-harness/references (harness.core.cache)."""
+    cache folder ($XDG_CACHE_HOME or ~/.cache)/tokenizer-harness/references (harness.api.storage)."""
     return shared_cache_dir("references")
 
 

@@ -3,7 +3,7 @@
 A suite's `tune:` section names trial budgets, seeds and a starting grid of peak learning
 rates (optionally warmup fractions and batch sizes, crossed with it). For every model (on
 every corpus, at every tuning budget) each grid point is an ordinary run: trained by the
-runner's `execute`, recorded under RESULTS/SUITE/tuning/runs/RUN_ID, skipped when its record
+one run's pipeline (harness/run/pipeline.py: execute), recorded under RESULTS/SUITE/tuning/runs/RUN_ID, skipped when its record
 exists with the same config hash. A value is scored by its mean validation bpb over the
 tuning seeds; test bpb is never read. When the best lr sits at an edge of the grid, the grid
 is extended by `factor` past that edge, at most `max_extensions` times; an optimum still at
@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from harness.core import runner
-from harness.core.records import read_record, write_json_atomic, write_record
-from harness.core.suite import Run, Suite
+from harness.run.distributed import log
+from harness.run.pipeline import execute
+from harness.api.storage import write_json_atomic
+from harness.run.records import read_record, write_record
+from harness.run.spec import Run, Suite
 from harness.errors import HarnessError
 
 TUNING_FILE = "tuning.json"
@@ -103,75 +105,81 @@ def tune_suite(suite: Suite, out: Path, corpora: dict, device, peak, show_progre
     With `dry_run`, trains nothing and returns the entries of an existing tuning.json (or none)."""
     tune = suite.tune
     if dry_run:
-        existing = read_tuning(out)
-        if existing is None:
-            runner.log("tuning: no tuning.json yet; the runs below show untuned settings (dry run)")
-            return []
-        stale = existing["settings"] != tune.model_dump(mode="json")
-        runner.log("tuning: using the choices in tuning.json (dry run)" + (
-            "; it was made for other tune: settings, so a real run tunes again first and the runs "
-            "below may change" if stale else ""))
-        return existing["entries"]
-    others = {k: v for k, v in (("warmup_fraction", tune.warmup_fraction), ("batch_windows", tune.batch_windows)) if v}
-    entries = []
-    for corpus in suite.corpora:
-        for entry in suite.models:
-            base = suite.trainer.model_copy(update=entry.trainer.model_dump(exclude_none=True))
-            for budget in tune.budgets:
-                best = None
-                trials = []
-                for combo in itertools.product(*others.values()):
-                    fixed = dict(zip(others, combo))
+        return _entries_for_a_dry_run(out, tune)
 
-                    def val_bpbs(lr: float, seeds: list[int], fixed=fixed) -> float:
-                        """Train (or reuse) the trial at `lr` on `seeds`; its entry keeps every seed
-                        scored so far, and the mean over them is its score."""
-                        settings = {"lr": lr, **fixed}
-                        trial = next((t for t in trials if all(t[k] == v for k, v in settings.items())), None)
-                        if trial is None:
-                            trial = {**settings, "run_ids": [], "val_bpb_per_seed": []}
-                            trials.append(trial)
-                        for seed in seeds:
-                            run = TrialRun(suite=suite.name, corpus=corpus, model=entry, budget=budget, seed=seed,
-                                           trainer=base.model_copy(update=settings), label=trial_label(settings),
-                                           name_corpus=len(suite.corpora) > 1)
-                            trial["run_ids"].append(run.run_id)
-                            trial["val_bpb_per_seed"].append(_val_bpb(run, suite, out, corpora[corpus.label], device,
-                                                                      peak, show_progress, save_every_s))
-                        trial["val_bpb"] = sum(trial["val_bpb_per_seed"]) / len(trial["val_bpb_per_seed"])
-                        return trial["val_bpb"]
+    def trial(run: TrialRun) -> float:
+        return _val_bpb(run, suite, out, corpora[run.corpus.label], device, peak, show_progress, save_every_s)
 
-                    what = f"{corpus.label} {entry.name} at {budget:.2e} FLOPs" + \
-                        "".join(f", {k} {v}" for k, v in fixed.items())
-                    try:
-                        search = bracketed_search(lambda lr: val_bpbs(lr, tune.seeds), tune.lr, tune.factor,
-                                                  tune.max_extensions, what="lr")
-                    except HarnessError as e:
-                        raise HarnessError(f"tuning {what}: {e}") from None
-                    scores = search.scores
-                    if tune.confirm_seeds:  # the front-runners again on fresh seeds; the mean over all decides
-                        top = sorted(scores, key=lambda v: _key(scores[v]))[:tune.confirm_top]
-                        scores = {lr: val_bpbs(lr, tune.confirm_seeds) for lr in top}
-                    lr = min(scores, key=lambda v: _key(scores[v]))
-                    if best is None or scores[lr] < best[1]:
-                        best = ({"lr": lr, **fixed}, scores[lr], search.extensions)
-                for trial in trials:
-                    trial["extension"] = trial["lr"] not in tune.lr
-                    trial["confirmed"] = len(trial["run_ids"]) > len(tune.seeds)
-                chosen, score, extensions = best
-                untuned = {"lr": base.lr} | {k: getattr(base, k) for k in others}
-                entries.append({
-                    "corpus": corpus.label, "model": entry.name, "budget": budget, "seeds": list(tune.seeds),
-                    "confirm_seeds": list(tune.confirm_seeds),
-                    "trials": sorted(trials, key=lambda t: tuple(t[k] for k in ("lr", *others))),
-                    "chosen": chosen, "val_bpb": score, "extensions": extensions, "untuned": untuned,
-                })
-                runner.log(f"tuning {corpus.label} {entry.name} at {budget:.2e} FLOPs: chose "
-                           + ", ".join(f"{k} {v:.3g}" for k, v in chosen.items())
-                           + f" (val {score:.4f} bpb, {len(trials)} trials, {extensions} extension(s))")
+    entries = [_tune_model(suite, corpus, entry, budget, trial)
+               for corpus in suite.corpora for entry in suite.models for budget in tune.budgets]
     write_json_atomic(out / TUNING_FILE, {"selected_on": "val", "settings": tune.model_dump(mode="json"),
                                           "entries": entries})
     return entries
+
+
+def _entries_for_a_dry_run(out: Path, tune) -> list[dict]:
+    existing = read_tuning(out)
+    if existing is None:
+        log("tuning: no tuning.json yet; the runs below show untuned settings (dry run)")
+        return []
+    stale = existing["settings"] != tune.model_dump(mode="json")
+    log("tuning: using the choices in tuning.json (dry run)" + (
+        "; it was made for other tune: settings, so a real run tunes again first and the runs "
+        "below may change" if stale else ""))
+    return existing["entries"]
+
+
+def _tune_model(suite: Suite, corpus, entry, budget: float, trial_bpb: Callable[[TrialRun], float]) -> dict:
+    """The tuning entry of one (corpus, model, budget): the bracketed search over lr for each
+    combination of the other settings, confirmed on fresh seeds when the suite asks."""
+    tune = suite.tune
+    others = {k: v for k, v in (("warmup_fraction", tune.warmup_fraction), ("batch_windows", tune.batch_windows)) if v}
+    base = suite.trainer.model_copy(update=entry.trainer.model_dump(exclude_none=True))
+    best, trials = None, []
+    for combo in itertools.product(*others.values()):
+        fixed = dict(zip(others, combo))
+
+        def val_bpbs(lr: float, seeds: list[int], fixed=fixed) -> float:
+            """Train (or reuse) the trial at `lr` on `seeds`; its entry keeps every seed scored so
+            far, and the mean over them is its score."""
+            settings = {"lr": lr, **fixed}
+            trial = next((t for t in trials if all(t[k] == v for k, v in settings.items())), None)
+            if trial is None:
+                trial = {**settings, "run_ids": [], "val_bpb_per_seed": []}
+                trials.append(trial)
+            for seed in seeds:
+                run = TrialRun(suite=suite.name, corpus=corpus, model=entry, budget=budget, seed=seed,
+                               trainer=base.model_copy(update=settings), label=trial_label(settings),
+                               name_corpus=len(suite.corpora) > 1)
+                trial["run_ids"].append(run.run_id)
+                trial["val_bpb_per_seed"].append(trial_bpb(run))
+            trial["val_bpb"] = sum(trial["val_bpb_per_seed"]) / len(trial["val_bpb_per_seed"])
+            return trial["val_bpb"]
+
+        what = f"{corpus.label} {entry.name} at {budget:.2e} FLOPs" + "".join(f", {k} {v}" for k, v in fixed.items())
+        try:
+            search = bracketed_search(lambda lr: val_bpbs(lr, tune.seeds), tune.lr, tune.factor, tune.max_extensions,
+                                      what="lr")
+        except HarnessError as e:
+            raise HarnessError(f"tuning {what}: {e}") from None
+        scores = search.scores
+        if tune.confirm_seeds:  # the front-runners again on fresh seeds; the mean over all decides
+            top = sorted(scores, key=lambda v: _key(scores[v]))[:tune.confirm_top]
+            scores = {lr: val_bpbs(lr, tune.confirm_seeds) for lr in top}
+        lr = min(scores, key=lambda v: _key(scores[v]))
+        if best is None or scores[lr] < best[1]:
+            best = ({"lr": lr, **fixed}, scores[lr], search.extensions)
+    for trial in trials:
+        trial["extension"] = trial["lr"] not in tune.lr
+        trial["confirmed"] = len(trial["run_ids"]) > len(tune.seeds)
+    chosen, score, extensions = best
+    log(f"tuning {corpus.label} {entry.name} at {budget:.2e} FLOPs: chose " + ", ".join(f"{k} {v:.3g}" for k, v in chosen.items())
+        + f" (val {score:.4f} bpb, {len(trials)} trials, {extensions} extension(s))")
+    return {"corpus": corpus.label, "model": entry.name, "budget": budget, "seeds": list(tune.seeds),
+            "confirm_seeds": list(tune.confirm_seeds),
+            "trials": sorted(trials, key=lambda t: tuple(t[k] for k in ("lr", *others))),
+            "chosen": chosen, "val_bpb": score, "extensions": extensions,
+            "untuned": {"lr": base.lr} | {k: getattr(base, k) for k in others}}
 
 
 def _val_bpb(run: TrialRun, suite: Suite, out: Path, corpus, device, peak, show_progress: bool,
@@ -183,11 +191,11 @@ def _val_bpb(run: TrialRun, suite: Suite, out: Path, corpus, device, peak, show_
     if record_path.exists():
         record = read_record(record_path)
         if record.config_hash == config_hash:
-            runner.log(f"tuning {run.run_id}: done already, skipped")
+            log(f"tuning {run.run_id}: done already, skipped")
             return record.val.bpb
-    runner.log(f"tuning {run.run_id}: training")
-    record = runner.execute(run, suite, corpus, device, peak, config_hash, run_dir, show_progress, save_every_s)
-    runner.log(f"tuning {run.run_id}: val {record.val.bpb:.4f} bpb")
+    log(f"tuning {run.run_id}: training")
+    record = execute(run, suite, corpus, device, peak, config_hash, run_dir, show_progress, save_every_s)
+    log(f"tuning {run.run_id}: val {record.val.bpb:.4f} bpb")
     return record.val.bpb
 
 
@@ -231,5 +239,5 @@ def refresh_provenance(runs: list[Run], suite: Suite, out: Path) -> None:
             continue  # the runner says so and runs it again
         if record.config_hash == run.config_hash(suite) and record.tuning != run.tuning:
             write_record(path, record.model_copy(update={"tuning": run.tuning}))
-            runner.log(f"{run.run_id}: tuning provenance updated (settings chosen again at "
+            log(f"{run.run_id}: tuning provenance updated (settings chosen again at "
                        f"{run.tuning['budget']:.2e} FLOPs; result unchanged)")

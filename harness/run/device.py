@@ -1,18 +1,18 @@
-"""The one place that knows about devices: which to use, its numerics (bf16 autocast on
-CUDA, full precision elsewhere), host-to-device copies, synchronisation for timing, and its
-measured matmul peak."""
+"""Which device a run uses, and what the machine can do: its measured matmul peak and how
+busy it is. How a model runs on the device (autocast, copies, timing) is
+harness/modeling/runtime.py."""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from harness.errors import HarnessError
+from harness.modeling.runtime import synchronize
 
 log = logging.getLogger(__name__)
 
@@ -29,31 +29,6 @@ def pick_device(name: str | None, fall_back: bool = False) -> torch.device:
         log.warning("device %s: no CUDA device is available; using the CPU", name)
         return torch.device("cpu")
     return device
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; full precision elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn, repeats: int, device: torch.device) -> float:
-    """Median wall time of fn() over `repeats` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 PEAK_REPEATS = 5  # the peak is the median of this many measurements
@@ -74,13 +49,6 @@ class Peak:
     @property
     def spread(self) -> float:
         return (self.high - self.low) / self.flops_per_s
-
-
-def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host batch on `device`; on CUDA through pinned memory, so the copy runs asynchronously."""
-    if device.type == "cuda" and batch.device.type == "cpu":
-        return batch.pin_memory().to(device, non_blocking=True)
-    return batch.to(device)
 
 
 def _matmul_flops_per_s(a: torch.Tensor, b: torch.Tensor, seconds: float) -> float:

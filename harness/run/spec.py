@@ -1,25 +1,20 @@
-"""Suite files: validated YAML that expands into runs (models x budgets x seeds).
-
-Every error names the file and the key and fits on one line, e.g.
-`suites/x.yaml: models[1].config.d_model: Input should be a valid integer`.
+"""The typed middle: a suite as validated data (corpora, split, trainer, evaluation, budgets,
+tuning, executor), the runs it expands into, and the corpus splits a run reads. Loading a
+suite file (YAML, one-line errors naming the file and key) is harness/orchestrate/suite.py.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from harness.core import data
-
-from harness.api import registry
 from harness.errors import HarnessError
+from harness.run import data
 
 SUITE_FORMAT_VERSION = 1
 
@@ -155,7 +150,7 @@ class ModelEntry(Strict):
 
 class InferenceScaling(Strict):
     """Matched inference cost that grows with compute: at budget C every model is sized to
-    flops_per_byte x (C / at_budget) ^ exponent forward FLOPs per byte (harness.core.sizing),
+    flops_per_byte x (C / at_budget) ^ exponent forward FLOPs per byte (harness.run.sizing),
     so all models of a rung share its inference cost and training bytes, and grow with C."""
 
     flops_per_byte: float = Field(gt=0, description="forward FLOPs per byte at the budget `at_budget`")
@@ -171,7 +166,7 @@ class InferenceScaling(Strict):
 
 
 class TuneSettings(Strict):
-    """Per-model learning-rate search on validation bpb (harness.core.tuning; README, "Tuning")."""
+    """Per-model learning-rate search on validation bpb (harness.orchestrate.tuning; README, "Tuning")."""
 
     budgets: list[Annotated[float, Field(gt=0)]] = Field(
         min_length=1, description="training FLOPs of each trial; a run uses the choice at the nearest (log) budget")
@@ -197,7 +192,7 @@ class TuneSettings(Strict):
 
 
 class ExecutorSettings(Strict):
-    """Where a suite's runs go (harness.core.dispatch; README, "Scale-out"): as jobs through submitit,
+    """Where a suite's runs go (harness.orchestrate.dispatch; README, "Scale-out"): as jobs through submitit,
     on this machine or on a Slurm cluster. Not part of any run's config hash: it changes where a
     run trains, not its result. The `harness run` options override these."""
 
@@ -225,7 +220,7 @@ class ExecutorSettings(Strict):
 
 
 class ReferenceSettings(Strict):
-    """How the reference compressors are primed (harness.analysis.references; README, "Reference rows")."""
+    """How the reference compressors are primed (harness.run.references; README, "Reference rows")."""
 
     prime_bytes: int = Field(gt=0, description="prime each compressor with the last prime_bytes bytes of the training "
                                                "split (those nearest the test split) instead of all of it: coding a "
@@ -256,7 +251,7 @@ class Suite(Strict):
                                 "often stops there, short of its budget (its record says so); none: the budget decides")
     models: list[ModelEntry] = Field(min_length=1)
     tune: TuneSettings | None = Field(None, description="choose each model's trainer settings on validation first")
-    executor: ExecutorSettings | None = Field(None, description="run the suite's runs as jobs (harness.core.dispatch)")
+    executor: ExecutorSettings | None = Field(None, description="run the suite's runs as jobs (harness.orchestrate.dispatch)")
     references: ReferenceSettings | None = Field(
         None, description="cap on the bytes the reference compressors are primed with; none: the whole training split")
     _source: str | None = PrivateAttr(None)  # the suite file, for errors found after loading
@@ -321,7 +316,7 @@ class Run(BaseModel):
     seed: int
     trainer: TrainerSettings
     name_corpus: bool = Field(False, description="put the corpus label in the run id (suites with several corpora)")
-    tuning: dict | None = Field(None, description="which tuning trials chose the trainer settings (harness.core.tuning)")
+    tuning: dict | None = Field(None, description="which tuning trials chose the trainer settings (harness.orchestrate.tuning)")
 
     @property
     def run_id(self) -> str:
@@ -347,144 +342,6 @@ class Run(BaseModel):
         if suite.max_epochs is not None:  # likewise
             payload["max_epochs"] = suite.max_epochs
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _location(loc: tuple) -> str:
-    text = ""
-    for part in loc:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        elif part in ("EmbeddedCorpus", "FilesCorpus", "UrlCorpus", "PresetCorpus", "HfCorpus",
-                      "function-after[_unique_names()]") or str(part).startswith("list["):
-            continue
-        else:
-            text += f".{part}" if text else str(part)
-    return text or "(top level)"
-
-
-def _first_error(path: Path, error: ValidationError, prefix: str = "") -> HarnessError:
-    errors = error.errors()
-    if prefix == "" and any(e["loc"][:1] == ("corpus",) for e in errors):
-        bad_label = next((e for e in errors if e["loc"][:1] == ("corpus",) and e["loc"][-1] == "label"
-                          and e["type"] == "string_pattern_mismatch"), None)
-        if bad_label is not None:  # the form matched, the label did not
-            return HarnessError(f"{path}: {_location(bad_label['loc'])}: {bad_label['input']!r}: "
-                                "letters, digits, '.', '_' and '-' only")
-        # a corpus matches none of its forms: say which keys each form takes
-        return HarnessError(
-            f"{path}: corpus: expected one of {{embedded: pydoc-topics|stdlib-code|stdlib-docstrings}}, "
-            "{files: GLOB, field: NAME}, {url: URL, sha256: HEX, member: NAME}, {preset: enwik8|text8}, "
-            "{hf: NAME|PATH, config: NAME, split: NAME, revision: REV, field: NAME}, each with an optional label: NAME"
-        )
-    first = errors[0]
-    key = _location(first["loc"])
-    key = f"{prefix}.{key}" if prefix and key != "(top level)" else (prefix or key)
-    message = first["msg"].removeprefix("Value error, ")
-    if key == "(top level)" and message != first["msg"]:
-        return HarnessError(f"{path}: {message}")  # a whole-suite check names its own key
-    return HarnessError(f"{path}: {key}: {message}")
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key given twice in one mapping is an error (plain
-    YAML keeps the last one silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` is not a key of its own
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep)
-
-
-def load_suite(path: str | Path) -> Suite:
-    path = Path(path)
-    if not path.is_file():
-        raise HarnessError(f"{path}: no such suite file")
-    content = path.read_bytes()
-    try:
-        text = content.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = content[:e.start].count(b"\n") + 1
-        raise HarnessError(f"{path}: line {line}: not UTF-8 text (byte 0x{content[e.start]:02x})") from None
-    try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.constructor.ConstructorError as e:
-        line = e.problem_mark.line + 1 if e.problem_mark else "?"
-        raise HarnessError(f"{path}: line {line}: {e.problem}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise HarnessError(f"{path}: not valid YAML{where}") from None
-    if not isinstance(raw, dict):
-        raise HarnessError(f"{path}: a suite is a mapping of keys (name, corpus, split, eval, budgets, models, ...)")
-    try:
-        suite = Suite(**raw)
-    except ValidationError as e:
-        raise _first_error(path, e) from None
-    if suite.version != SUITE_FORMAT_VERSION:
-        raise HarnessError(f"{path}: version: this harness reads suite format {SUITE_FORMAT_VERSION}, not {suite.version}")
-    corpora = [_relative_to(path, c) for c in suite.corpora]
-    suite = suite.model_copy(update={"corpus": corpora if isinstance(suite.corpus, list) else corpora[0]})
-    suite._source = str(path)
-    _check_files(path, suite)
-    _check_models(path, suite)
-    return suite
-
-
-def _relative_to(path: Path, corpus: Corpus) -> Corpus:
-    """File globs, and local datasets that exist beside the suite file, are relative to the suite file."""
-    if isinstance(corpus, FilesCorpus) and not Path(corpus.files).is_absolute():
-        return corpus.model_copy(update={"files": str(path.parent / corpus.files)})
-    if isinstance(corpus, HfCorpus) and not Path(corpus.hf).is_absolute() and (path.parent / corpus.hf).exists():
-        return corpus.model_copy(update={"hf": str(path.parent / corpus.hf)})
-    return corpus
-
-
-def _check_files(path: Path, suite: Suite) -> None:
-    """Every `files:` glob matches a file, before any corpus is loaded."""
-    for i, corpus in enumerate(suite.corpora):
-        if isinstance(corpus, FilesCorpus) and not glob.glob(corpus.files, recursive=True):
-            key = f"corpus[{i}].files" if isinstance(suite.corpus, list) else "corpus.files"
-            raise HarnessError(f"{path}: {key}: no file matches {corpus.files!r}")
-
-
-def _check_models(path: Path, suite: Suite) -> None:
-    from harness.modeling.flops import training_flops_per_byte, training_steps
-
-    for i, entry in enumerate(suite.models):
-        try:
-            cls = registry.get(entry.adapter)
-        except HarnessError as e:
-            raise HarnessError(f"{path}: models[{i}].adapter: {e}") from None
-        try:
-            model = cls(cls.Config(**entry.config))
-        except ValidationError as e:
-            raise _first_error(path, e, prefix=f"models[{i}].config") from None
-        except (ValueError, HarnessError) as e:
-            raise HarnessError(f"{path}: models[{i}].config: {e}") from None
-        batch_windows = entry.trainer.batch_windows or suite.trainer.batch_windows
-        if batch_windows * suite.eval.window > suite.split.train_bytes:
-            key = f"models[{i}].trainer.batch_windows" if entry.trainer.batch_windows else "trainer.batch_windows"
-            raise HarnessError(f"{path}: {key}: a batch of {batch_windows} windows of {suite.eval.window} bytes is more "
-                               f"than the training split holds (split.train_bytes {suite.split.train_bytes})")
-        batch = batch_windows * suite.eval.window
-        tune_budgets = [("tune.budgets", b) for b in suite.tune.budgets] if suite.tune else []
-        for key, budget in [("budgets", b) for b in suite.budgets] + tune_budgets:
-            target = suite.inference_target(budget)  # the model will be resized to about this cost
-            forward = model.flops_per_byte(suite.eval.window) if target is None else {"total": target}
-            per_byte = training_flops_per_byte(forward, suite.count_auxiliary_flops)
-            step_flops = per_byte * batch
-            if training_steps(budget, per_byte, batch) < 1:
-                raise HarnessError(
-                    f"{path}: {key}: {budget:.3g} FLOPs is less than one optimizer step of "
-                    f"model {entry.name!r} ({step_flops:.3g} FLOPs)"
-                )
 
 
 def expand(suite: Suite) -> list[Run]:
