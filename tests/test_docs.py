@@ -1,6 +1,6 @@
 """The docs say only what the repository has: the README stays short, every link reaches a file
-(and heading) that exists, and every repository path or module a doc, docstring or comment names
-exists, so a file that moves takes its pointers with it or fails here."""
+(and heading) that exists, and every repository path or module that a doc, or a docstring, comment
+or other string of the code, names exists: a file that moves takes its pointers with it or fails here."""
 
 import ast
 import io
@@ -26,6 +26,7 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 CODE = re.compile(r"```[^\n]*\n(.*?)```|`([^`]+)`", re.S)
 
 
+@cache
 def _suite_names() -> set[str]:
     return {yaml.safe_load(p.read_text())["name"] for p in (ROOT / "suites").glob("*.yaml")}
 
