@@ -2,7 +2,7 @@
 
 Every rule returns `starts`, a (B, W) bool tensor: starts[b, t] says that a patch
 begins at byte t of window b; starts[:, 0] is always True. All rules here decide
-a start at t from bytes < t only (stronger than DESIGN.md section 3 asks), so the
+a start at t from bytes < t only (stronger than docs/protocols.md, "2. Causality", asks), so the
 patch that holds byte t, and every patch before it, is fixed before byte t is seen.
 
 - static: a patch every P bytes;

@@ -3,7 +3,7 @@
 cache and the tokenizer metrics. `bpe` and `sentencepiece` subclass TokenLM and
 differ only in how they train and load their tokenizer.
 
-Bytes to tokens, losslessly (DESIGN.md section 2). Tokenizer libraries take text,
+Bytes to tokens, losslessly (docs/protocols.md, "1. Bytes and bits per byte"). Tokenizer libraries take text,
 the harness has arbitrary bytes. A window is split into maximal runs of valid
 UTF-8 text, handed to the library, and "escaped" bytes, each written as the
 library's one-byte token (byte-level BPE: the byte's alphabet symbol;

@@ -1,4 +1,5 @@
-"""Coding-rate scores and chunk selection rules for ByteFlow (DESIGN.md sections 3 and 8).
+"""Coding-rate scores and chunk selection rules for ByteFlow (docs/protocols.md, "2. Causality";
+docs/adapters.md, "ByteFlow").
 
 The coding rate of vectors h_1..h_n (rows of H, width d) at distortion eps is
     R(H) = 1/2 logdet(I_d + a H^T H) = 1/2 logdet(I_n + a H H^T),  a = d / eps^2,

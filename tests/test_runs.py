@@ -30,7 +30,7 @@ def test_smoke_suite_beats_order0_entropy_and_reports(tmp_path, capsys):
     blt = next(r for r in records if r.model.name == "blt-entropy")
     entropy_model = blt.preparation.facts["entropy_model"]
     assert entropy_model["test_bpb"] < entropy_model["order0_bpb"] and blt.preparation.facts["warnings"] == []
-    # the record holds what DESIGN.md section 5 lists
+    # the record holds what docs/protocols.md, "5. Records", lists
     for key in ("suite", "run_id", "config_hash", "corpus", "parameters", "flops_per_byte", "budget_flops",
                 "bytes_seen", "epochs", "loss_curve", "val", "test", "bytes_per_unit", "wall_seconds",
                 "achieved_flops_per_s", "mfu", "versions"):

@@ -1,4 +1,4 @@
-"""The causality audit (DESIGN.md section 3), reusable by every adapter's tests.
+"""The causality audit (docs/protocols.md, "2. Causality"), reusable by every adapter's tests.
 
 Perturb byte j of a window and check that every prediction that may not see byte
 j is unchanged:

@@ -1,4 +1,4 @@
-"""The FLOP convention, written once (DESIGN.md section 4):
+"""The FLOP convention, written once (docs/protocols.md, "3. FLOPs"):
 
 - a multiply-add is 2 FLOPs; every matrix product counts, including the output
   head and both attention products (scores and the weighted sum of values);

@@ -1,4 +1,4 @@
-"""Fan-out: a suite's runs as jobs through submitit (README, "Scale-out"; DESIGN.md section 10).
+"""Fan-out: a suite's runs as jobs through submitit (docs/scale-out.md).
 
 The shared preparation happens once, in the process that dispatches: the reference rows
 (suite.json), the sizing check, tuning and the tokenizer cache. Then:

@@ -1,5 +1,5 @@
 """The one evaluator: bits per byte on fixed W-byte windows, each scored from an
-empty context (DESIGN.md section 2). The evaluator owns the windows; adapters
+empty context (docs/protocols.md, "1. Bytes and bits per byte"). The evaluator owns the windows; adapters
 only return per-byte NLLs."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Three codings of the windows, each reported in bits per scored byte:
 - primed: each window coded after the training split, as the extra bytes
   C(train + window) - C(train). The compressor has seen what a model trains on
   and codes the window with that context, so this is the fair counterpart of a
-  trained model (DESIGN.md section 9). A suite may cap the priming at the last
+  trained model (docs/protocols.md, "6. Fairness"). A suite may cap the priming at the last
   `prime_bytes` bytes of the split (`references: {prime_bytes: N}`): each of the
   primed codings reads the priming text twice per window, which at a split of
   many GB takes days; the entry then records the cap.

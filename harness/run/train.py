@@ -1,6 +1,6 @@
 """The one trainer: AdamW (weight decay on matrices only), linear warmup then cosine
 decay, gradient clipping, a fixed batch of windows per step, and a seed. Every
-adapter trains through this loop (DESIGN.md section 5).
+adapter trains through this loop (docs/protocols.md, "4. One trainer, one evaluator").
 
 Long runs save a resumable state (model, optimizer, schedule, data position, RNG)
 every `save_every_s` seconds; a run started again from that state continues
