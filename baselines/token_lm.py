@@ -51,9 +51,8 @@ from torch import nn
 from harness.modeling import flops
 from harness.errors import HarnessError
 from harness.modeling.nn import Transformer, init_weights
-from harness.api.storage import cache_dir as shared_cache_dir
-from harness.api.storage import write_json_atomic
-from harness.api import Adapter, AdapterConfig, Preparation, RunContext, SizingFields
+from harness.api import Adapter, AdapterConfig, Preparation, RunContext, SizingFields, write_json_atomic
+from harness.api import cache_dir as shared_cache_dir
 
 CACHE_FORMAT = 1
 TRAINING_CHUNK = 4096  # bytes of the training split per training text
@@ -146,7 +145,7 @@ class Vocabulary:
 
 def cache_dir() -> Path:
     """Where trained tokenizers are kept: $HARNESS_CACHE_DIR/tokenizers if set, else the user's
-    cache folder ($XDG_CACHE_HOME or ~/.cache)/tokenizer-harness/tokenizers (harness.api.storage)."""
+    cache folder ($XDG_CACHE_HOME or ~/.cache)/tokenizer-harness/tokenizers (harness.storage)."""
     return shared_cache_dir("tokenizers")
 
 

@@ -1,10 +1,10 @@
-"""One per-user cache folder for everything the harness caches (harness.api.storage)."""
+"""One per-user cache folder for everything the harness caches (harness.storage)."""
 
 from pathlib import Path
 
 from baselines import token_lm
 from harness.run import references
-from harness.api.storage import cache_dir
+from harness.storage import cache_dir
 
 
 def test_cache_dir_is_per_user_unless_harness_cache_dir_says_otherwise(monkeypatch, tmp_path):

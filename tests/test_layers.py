@@ -1,7 +1,7 @@
 """The floors of the house, checked on the import graph (every import, at module level or inside a
 function): no cycle between modules, no arrow upward, and adapters see only the adapter door.
 
-From the ground up: harness.errors; harness.modeling (shared nn blocks, FLOPs, windows); harness.api
+From the ground up: harness.errors and harness.storage (files and the cache); harness.modeling (shared nn blocks, FLOPs, windows); harness.api
 (the adapter interface); harness.run (one run, plan to record); harness.analysis and
 harness.orchestrate (side by side: neither imports the other); the lm-eval plugin; harness.commands;
 harness.cli on top."""
@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FLOORS = {"harness": 0, "harness.errors": 0, "harness.modeling": 1, "harness.api": 2, "harness.run": 3,
+FLOORS = {"harness": 0, "harness.errors": 0, "harness.storage": 0, "harness.modeling": 1, "harness.api": 2, "harness.run": 3,
           "harness.analysis": 4, "harness.orchestrate": 4, "harness.lm_eval_plugin": 5, "harness.commands": 6,
           "harness.cli": 7}
 ADAPTER_DOOR = ("harness.api", "harness.modeling", "harness.errors")

@@ -56,6 +56,31 @@ def test_a_window_seen_in_training_costs_far_less_primed_than_alone():
             assert primed < WINDOW / 4, name  # a match to the training split costs a few bytes
 
 
+def coded_whole(c: references.Compressor, train: bytes, chunks: list[bytes]) -> list[int]:
+    """The slow path that primed_extra_bytes replaces: train + window coded whole for every window."""
+    size = len(train) + len(chunks[0])
+    base = len(c.compress(train, size))
+    return [len(c.compress(train + w, size)) - base for w in chunks]
+
+
+def test_continuing_the_primed_coder_gives_the_figures_of_coding_train_and_window_whole():
+    # a split over one 128 KiB zstd block and many priming pieces; more windows than cores, each different
+    train = _text(2, 150_000)
+    chunks = [train[1000:1000 + WINDOW], train[140_000:140_000 + WINDOW], train[-WINDOW:],
+              _text(3, WINDOW), _text(4, WINDOW)]
+    assert len(train) > 128 << 10 and len(train) > 8 * references.PRIMING_PIECE
+    for name, c in compressors().items():
+        if c.primed:
+            assert references.primed_extra_bytes(c, train, chunks) == coded_whole(c, train, chunks), name
+
+
+def test_a_coder_that_fails_stops_with_an_error_not_a_hang():
+    with pytest.raises(RuntimeError, match="failed"):
+        references.Forked(lambda: 1 // 0).result()
+    with pytest.raises(RuntimeError, match="the primed xz -9e coder stopped"):  # windows of two lengths
+        references.primed_extra_bytes(compressors()["xz -9e"], TRAIN, [b"ab", b"abc"])
+
+
 def test_every_figure_is_what_the_compressor_produces():
     entry = compute_references(TRAIN, WINDOWS, log=lambda line: None)
     chunks = [bytes(w.tolist()) for w in WINDOWS]

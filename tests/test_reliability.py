@@ -22,7 +22,7 @@ import yaml
 from baselines.bytes import ByteTransformer
 from harness.api import registry
 from harness.cli import main
-from harness.api.storage import file_mode
+from harness.storage import file_mode
 from harness.run.checkpoint import save_checkpoint_atomic
 from harness.run.records import (read_failure, read_record, read_suite_records, remove_temporaries,
                                   write_json_atomic, write_record)

@@ -17,7 +17,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from harness.run.bench import bench_runs, bench_suite
     from harness.run.device import pick_device
-    from harness.api.storage import write_json_atomic
+    from harness.storage import write_json_atomic
     from harness.orchestrate.suite import load_suite
 
     check_threads(args.threads)

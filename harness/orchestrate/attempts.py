@@ -14,7 +14,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from harness.api import get as adapter_class
-from harness.api.storage import write_json_atomic
+from harness.storage import write_json_atomic
 from harness.errors import HarnessError
 from harness.run import distributed
 from harness.run.device import Peak

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from harness import RECORD_FORMAT_VERSION
-from harness.api.storage import write_json_atomic
+from harness.storage import write_json_atomic
 from harness.errors import HarnessError
 from harness.orchestrate.attempts import check_shares, failure_summary, finished, run_all
 from harness.orchestrate.dispatch import dispatch

@@ -25,7 +25,7 @@ from typing import Callable
 
 from harness.run.distributed import log
 from harness.run.pipeline import execute
-from harness.api.storage import write_json_atomic
+from harness.storage import write_json_atomic
 from harness.run.records import read_record, write_record
 from harness.run.spec import Run, Suite
 from harness.errors import HarnessError

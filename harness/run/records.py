@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from harness import RECORD_FORMAT_VERSION, __version__
-from harness.api.storage import file_mode, write_json_atomic  # noqa: F401  (records are written with it)
+from harness.storage import file_mode, write_json_atomic  # noqa: F401  (records are written with it)
 from harness.errors import HarnessError
 
 

@@ -6,10 +6,13 @@ Three codings of the windows, each reported in bits per scored byte:
 - primed: each window coded after the training split, as the extra bytes
   C(train + window) - C(train). The compressor has seen what a model trains on
   and codes the window with that context, so this is the fair counterpart of a
-  trained model (docs/protocols.md, "6. Fairness"). A suite may cap the priming at the last
-  `prime_bytes` bytes of the split (`references: {prime_bytes: N}`): each of the
-  primed codings reads the priming text twice per window, which at a split of
-  many GB takes days; the entry then records the cap.
+  trained model (docs/protocols.md, "6. Fairness"). Each compressor codes the training split
+  once; every window then continues a forked copy of that primed coder (see
+  primed_extra_bytes), so the figures are those of coding train + window whole.
+  A suite may cap the priming at the last
+  `prime_bytes` bytes of the split (`references: {prime_bytes: N}`): each primed
+  coding still reads the priming text twice, which at a split of many GB takes
+  hours; the entry then records the cap.
 - whole split: all scored windows concatenated and compressed at once, comparable
   with published whole-file figures.
 - each window alone: every window compressed on its own, container (headers,
@@ -28,17 +31,23 @@ import hashlib
 import json
 import lzma
 import os
+import pickle
 import platform
+import subprocess
+import sys
 import time
+import traceback
 import zlib
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
-import torch
-
-from harness.api.storage import cache_dir as shared_cache_dir
+from harness.storage import cache_dir as shared_cache_dir
 from harness.modeling.entropy import order0_entropy
+
+if TYPE_CHECKING:  # not imported: the primed coder's process does without torch
+    import torch
 
 # Version of the cached entry (and of the "references" entry of suite.json that it fills);
 # bump it when a compressor's settings or the way a figure is computed changes.
@@ -52,17 +61,37 @@ PPMD_ORDER = 16
 PPMD_MEMORY = 256 << 20
 
 XZ_MIN_DICT = 4096  # liblzma's smallest LZMA2 dictionary
+PRIMING_PIECE = 1 << 14  # see primed_coder
+
+
+class Stream(Protocol):
+    """A coder fed in pieces: compress(piece) returns the bytes coded so far, flush() ends the stream."""
+
+    def compress(self, data: bytes) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+
+def coded(stream: Stream, data: bytes) -> bytes:
+    """`data` coded by `stream` as one whole stream."""
+    return stream.compress(data) + stream.flush()
 
 
 @dataclass(frozen=True)
 class Compressor:
     """A row of the reference table. `compress(data, size)` codes `data` with settings
-    that fit an input of `size` bytes (default: len(data))."""
+    that fit an input of `size` bytes (default: len(data)). `stream(size)` is the same coder
+    fed in pieces, for an input of exactly `size` bytes; compressors without one get no primed
+    row (gzip and bz2, see compressors())."""
 
     name: str
     settings: str
     compress: Callable[..., bytes]
-    primed: bool  # also coded after the training split (not gzip/bz2, see compressors())
+    stream: Callable[[int], Stream] | None = None
+
+    @property
+    def primed(self) -> bool:
+        return self.stream is not None
 
 
 def xz_dict_size(size: int) -> int:
@@ -71,11 +100,15 @@ def xz_dict_size(size: int) -> int:
     return max(XZ_MIN_DICT, 1 << max(size - 1, 1).bit_length())
 
 
+def xz_stream(size: int) -> lzma.LZMACompressor:
+    """xz container, LZMA2 preset 9e, with a dictionary sized to an input of `size` bytes."""
+    return lzma.LZMACompressor(format=lzma.FORMAT_XZ, filters=[
+        {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": xz_dict_size(size)}])
+
+
 def xz_compress(data: bytes, size: int | None = None) -> bytes:
-    """xz container, LZMA2 preset 9e, with a dictionary sized to the input."""
-    dict_size = xz_dict_size(len(data) if size is None else size)
-    return lzma.compress(data, format=lzma.FORMAT_XZ, filters=[
-        {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": dict_size}])
+    """lzma.compress with xz_stream's settings (lzma.compress is this same compress + flush)."""
+    return coded(xz_stream(len(data) if size is None else size), data)
 
 
 def _zstd():
@@ -94,11 +127,23 @@ def _ppmd():
     return pyppmd
 
 
+class PpmdStream:
+    """PPMd var. I at PPMD_ORDER with PPMD_MEMORY as a Stream; flush() writes the end mark."""
+
+    def __init__(self, size: int | None = None):  # the model does not depend on the input's size
+        self.encoder = _ppmd().Ppmd8Encoder(PPMD_ORDER, PPMD_MEMORY)
+
+    def compress(self, data: bytes) -> bytes:
+        return self.encoder.encode(data)
+
+    def flush(self) -> bytes:
+        return self.encoder.flush()
+
+
 def ppmd_compress(data: bytes, size: int | None = None) -> bytes:
     """PPMd var. I at PPMD_ORDER with PPMD_MEMORY, end mark and range-coder flush included
     (`pyppmd.decompress(out, max_order=PPMD_ORDER, mem_size=PPMD_MEMORY)` gives `data` back)."""
-    encoder = _ppmd().Ppmd8Encoder(PPMD_ORDER, PPMD_MEMORY)
-    return encoder.encode(data) + encoder.flush()
+    return coded(PpmdStream(), data)
 
 
 def compressors() -> dict[str, Compressor]:
@@ -107,21 +152,22 @@ def compressors() -> dict[str, Compressor]:
     Huffman tables with the window in it, so their extra bytes say little about the window."""
     table = [
         Compressor("gzip -9", "gzip container, deflate level 9, mtime 0",
-                   lambda b, size=None: gzip.compress(b, compresslevel=9, mtime=0), primed=False),
-        Compressor("bz2 -9", "bzip2 level 9 (900 kB blocks)", lambda b, size=None: bz2.compress(b, compresslevel=9),
-                   primed=False),
+                   lambda b, size=None: gzip.compress(b, compresslevel=9, mtime=0)),
+        Compressor("bz2 -9", "bzip2 level 9 (900 kB blocks)", lambda b, size=None: bz2.compress(b, compresslevel=9)),
         Compressor("xz -9e", "xz container, LZMA2 preset 9e, dictionary sized to the input (power of two, >= 4 KiB)",
-                   xz_compress, primed=True),
+                   xz_compress, xz_stream),
     ]
     zstandard = _zstd()
     if zstandard is not None:
         compressor = zstandard.ZstdCompressor(level=19)
+        # the stream pledges its input's size, as the one-shot compress does, so both write the same frame;
+        # it has a compressor of its own (a compressobj works in its compressor's context)
         table.append(Compressor("zstd -19", "zstd frame, level 19", lambda b, size=None: compressor.compress(b),
-                                primed=True))
+                                lambda size: zstandard.ZstdCompressor(level=19).compressobj(size=size)))
     if _ppmd() is not None:
         table.append(Compressor(f"PPMd order {PPMD_ORDER}",
                                 f"PPMd var. I (pyppmd), order {PPMD_ORDER}, {PPMD_MEMORY >> 20} MiB model memory, "
-                                "end mark and flush included", ppmd_compress, primed=True))
+                                "end mark and flush included", ppmd_compress, PpmdStream))
     return {c.name: c for c in table}
 
 
@@ -132,7 +178,7 @@ def compressor_versions() -> dict:
 
 
 def window_bytes(windows: torch.Tensor) -> list[bytes]:
-    return [bytes(w.to(torch.uint8).tolist()) for w in windows]
+    return [bytes(w.tolist()) for w in windows]  # the values are bytes, 0..255
 
 
 def reference_rows(windows: torch.Tensor) -> dict:
@@ -146,15 +192,92 @@ def reference_rows(windows: torch.Tensor) -> dict:
 
 def primed_extra_bytes(compressor: Compressor, train: bytes, chunks: list[bytes],
                        progress: Callable[[int], None] = lambda done: None) -> list[int]:
-    """Per window: C(train + window) - C(train), the bytes the window adds to the compressed
-    training split (settings fitted to the longest input, so both sides use the same)."""
-    size = len(train) + max(len(c) for c in chunks)
-    base = len(compressor.compress(train, size))
+    """Per window (all of one length): C(train + window) - C(train), the bytes the window adds
+    to the compressed training split (settings fitted to train + window on both sides).
+    Computed by primed_coder in a fresh Python process, which forks at a small fraction of the
+    cost of this one (torch, the corpus) and leaves this one's memory alone."""
+    harness_root = str(Path(__file__).resolve().parents[2])  # so that the process imports this harness
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [harness_root, os.environ.get("PYTHONPATH")]))}
     extra = []
-    for i, chunk in enumerate(chunks, 1):
-        extra.append(len(compressor.compress(train + chunk, size)) - base)
-        progress(i)
+    with subprocess.Popen([sys.executable, "-m", "harness.run.references"], env=env,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE) as process:
+        with contextlib.suppress(BrokenPipeError):  # a process that failed says why on stderr
+            pickle.dump((compressor.name, train, chunks), process.stdin)
+        with contextlib.suppress(BrokenPipeError):
+            process.stdin.close()
+        for line in process.stdout:
+            extra.append(int(line))
+            progress(len(extra))
+    if process.returncode != 0 or len(extra) != len(chunks):
+        raise RuntimeError(f"the primed {compressor.name} coder stopped (exit status {process.returncode}); "
+                           "its traceback is above")
     return extra
+
+
+def primed_coder(compressor: Compressor, train: bytes, chunks: list[bytes]) -> Iterator[int]:
+    """primed_extra_bytes in this process, window by window. The coder reads the training split
+    once, and each window continues a forked copy of it: none of the coders can copy its state,
+    and a stream's output does not depend on how its input is cut into pieces
+    (tests/test_references.py checks both against coding train + window whole)."""
+    if len({len(c) for c in chunks}) != 1:
+        raise ValueError(f"windows of one length expected, got lengths {sorted({len(c) for c in chunks})}")
+    size = len(train) + len(chunks[0])
+    base = Forked(lambda: len(compressor.compress(train, size)))  # C(train), beside the priming
+    primed = compressor.stream(size)
+    # in pieces: given all at once, liblzma takes the split into its buffer and codes it at the next
+    # call, which would be in every window's copy
+    head = sum(len(primed.compress(train[i:i + PRIMING_PIECE])) for i in range(0, len(train), PRIMING_PIECE))
+    for tail in forked_map(lambda chunk: len(coded(primed, chunk)), chunks):
+        yield head + tail - base.result()
+
+
+class Forked:
+    """work() running in a forked copy of this process, so that what it does to the coders in
+    memory is lost with the copy; result() waits for its answer, which comes through a pipe."""
+
+    def __init__(self, work: Callable[[], int]):
+        read, write = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            status = 1
+            try:
+                os.close(read)
+                os.write(write, str(work()).encode())
+                status = 0
+            except BaseException:  # noqa: BLE001 - said on stderr; the copy must never return to the caller
+                traceback.print_exc()
+                sys.stderr.flush()
+            finally:
+                os._exit(status)
+        os.close(write)
+        self.pipe = os.fdopen(read, "rb")
+        self.answer: int | None = None
+
+    def result(self) -> int:
+        if self.answer is None:
+            with self.pipe:
+                answer = self.pipe.read()
+            _, status = os.waitpid(self.pid, 0)
+            if status != 0:
+                raise RuntimeError(f"a coder in a forked process failed (wait status {status}); its traceback is above")
+            self.answer = int(answer)
+        return self.answer
+
+
+def forked_map(work: Callable[[bytes], int], items: list[bytes]) -> Iterator[int]:
+    """work(item) for each item in order, each in its own Forked copy, as many at once as this
+    process has cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    running = deque()
+    try:
+        for i, item in enumerate(items):
+            running.append(Forked(lambda item=item: work(item)))
+            while len(running) >= cores or (running and i == len(items) - 1):
+                yield running.popleft().result()
+    finally:
+        for forked in running:  # after a failure: the others are reaped, not left as zombies
+            with contextlib.suppress(RuntimeError, ValueError):
+                forked.result()
 
 
 def priming(train: bytes, prime_bytes: int | None) -> bytes:
@@ -222,7 +345,7 @@ def compute_references(train: bytes, windows: torch.Tensor, label: str = "",
 
 def cache_dir() -> Path:
     """Where references are kept: $HARNESS_CACHE_DIR/references if set, else the user's
-    cache folder ($XDG_CACHE_HOME or ~/.cache)/tokenizer-harness/references (harness.api.storage)."""
+    cache folder ($XDG_CACHE_HOME or ~/.cache)/tokenizer-harness/references (harness.storage)."""
     return shared_cache_dir("references")
 
 
@@ -267,3 +390,9 @@ def raw_byte_metrics(test: bytes) -> dict:
     """The raw-bytes row of the report's tokenizer table: one token per byte, no training."""
     return {"tokenizer": "raw bytes", "vocab_size": 256, "bytes_per_token_test": 1.0,
             "vocab_used_test": len(set(test)) / 256, "tokenizer_train_seconds": 0.0}
+
+
+if __name__ == "__main__":  # primed_extra_bytes's process: its arguments pickled on stdin, one answer a line out
+    name, train, chunks = pickle.load(sys.stdin.buffer)
+    for extra in primed_coder(compressors()[name], train, chunks):
+        print(extra, flush=True)
