@@ -4,10 +4,10 @@ of the rows of the n-grams that END at it, so it uses that position's byte and t
 before it, never a later one.
 
 The n-gram of bytes t-n+1 .. t is hashed as a base-257 number of its digits (byte + 1),
-modulo 2^31 - 1 (Horner's rule, no int64 overflow), then modulo `buckets`. A position
-with fewer than n bytes before it in the sequence reads digit 0 ("no byte") for the
-missing ones, and so does BOS: an input that starts with BOS (t = 0 holds no byte) gets
-the n-grams of the bytes before t alone.
+modulo 2^31 - 1 (Horner's rule, no int64 overflow), then modulo `buckets` (the patcher's
+hash before this module, unchanged). A position with fewer than n bytes before it reads
+digit 0 ("no byte") for the missing ones, and so does BOS: a BOS-shifted input (BOS, x_0
+.. x_{T-2}) gets at t the n-grams ending at byte t-1, and at t = 0 the empty n-gram (row 0).
 
 Lookups and additions count 0 FLOPs (harness.modeling.flops); the tables are nn.Embedding,
 so Adapter.parameter_counts lists them as embedding parameters.
@@ -31,8 +31,8 @@ class HashNgramConfig(AdapterConfig):
     """The config fields of the option; byte-level adapter configs derive from this."""
 
     hash_ngrams: tuple[Annotated[int, Field(ge=3, le=8)], ...] = Field(
-        (), description="n of the hashed byte n-gram embeddings added to the byte embedding, one table each (BLT; "
-                        "none by default)")
+        (), description="n of the hashed byte n-gram embeddings added where the model embeds bytes, one table per n "
+                        "and embedding (BLT; none by default)")
     hash_buckets: int = Field(4096, ge=1, description="rows (buckets) of each hashed n-gram table")
 
     @field_validator("hash_ngrams")
@@ -68,6 +68,3 @@ class HashNgramEmbedding(nn.ModuleList):
         for n, table in zip(self.ngrams, self):
             x = x + table(ngram_hashes(ids, n) % self.buckets)
         return x
-
-    def extra_repr(self) -> str:
-        return f"ngrams={self.ngrams}, buckets={self.buckets}, dim={self.dim}"
