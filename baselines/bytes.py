@@ -10,10 +10,11 @@ from torch import nn
 
 from harness.modeling import flops
 from harness.modeling.nn import Transformer, init_weights
+from harness.modeling.hash_ngrams import HashNgramConfig, HashNgramEmbedding
 from harness.api import BOS, BYTE_VOCAB, Adapter, AdapterConfig, SizingFields, register
 
 
-class ByteTransformerConfig(AdapterConfig):
+class ByteTransformerConfig(HashNgramConfig):
     d_model: int = Field(64, ge=8, description="width")
     n_layers: int = Field(2, ge=1, description="number of blocks")
     n_heads: int = Field(4, ge=1, description="attention heads")
@@ -32,13 +33,15 @@ class ByteTransformer(Adapter):
         super().__init__(config)
         c = config
         self.embed = nn.Embedding(BYTE_VOCAB + 1, c.d_model)
+        # hashed n-grams on the input embedding: input t is byte t-1, so its n-gram ends at byte t-1
+        self.hash_embeds = HashNgramEmbedding(c.hash_ngrams, c.hash_buckets, c.d_model)
         self.body = Transformer(c.d_model, c.n_layers, c.n_heads, c.mlp_ratio, c.window)
         self.head = nn.Linear(c.d_model, BYTE_VOCAB, bias=False)
         init_weights(self)
 
     def next_byte_logits(self, windows: torch.Tensor) -> torch.Tensor:
         inputs = F.pad(windows[:, :-1], (1, 0), value=BOS)  # (B, W): BOS, x_0 .. x_{W-2}
-        return self.head(self.body(self.embed(inputs)))  # (B, W, 256)
+        return self.head(self.body(self.hash_embeds(self.embed(inputs), inputs)))  # (B, W, 256)
 
     def flops_per_byte(self, window: int) -> dict[str, float]:
         c = self.config

@@ -52,11 +52,12 @@ from harness.api import BOS, BYTE_VOCAB, Adapter, AdapterConfig, RunContext, Siz
 from harness.modeling.runtime import autocast
 from harness.modeling import chunking, flops
 from harness.modeling.nn import Transformer, init_weights
+from harness.modeling.hash_ngrams import HashNgramConfig, HashNgramEmbedding
 
 P_CLAMP = 1e-4  # the EMA's P lies in [1e-4, 1 - 1e-4], as in the reference
 
 
-class HNetConfig(AdapterConfig):
+class HNetConfig(HashNgramConfig):
     d_local: int = Field(64, ge=8, description="width of the encoder and decoder (the paper's D_0)")
     d_main: int = Field(128, ge=8, description="width of the main network (D_1 >= D_0: chunks get d_main - d_local learned extra dimensions)")
     encoder_layers: int = Field(2, ge=1, description="encoder blocks (sliding window, over bytes)")
@@ -116,6 +117,8 @@ class HNet(Adapter):
         super().__init__(config)
         c = config
         self.embed = nn.Embedding(BYTE_VOCAB + 1, c.d_local)
+        # hashed n-grams on the encoder's input embedding: input t is byte t-1, so its n-gram ends at byte t-1
+        self.hash_embeds = HashNgramEmbedding(c.hash_ngrams, c.hash_buckets, c.d_local)
         self.encoder = Transformer(c.d_local, c.encoder_layers, c.n_heads, c.mlp_ratio, c.window)
         self.q = nn.Linear(c.d_local, c.d_local, bias=False)
         self.k = nn.Linear(c.d_local, c.d_local, bias=False)
@@ -141,7 +144,8 @@ class HNet(Adapter):
 
     def encode(self, windows: torch.Tensor) -> torch.Tensor:
         """(B, T) bytes -> (B, T, d_local); position t has seen bytes < t only."""
-        return self.encoder(self.embed(F.pad(windows[:, :-1], (1, 0), value=BOS)))  # BOS, x_0 .. x_{T-2}
+        inputs = F.pad(windows[:, :-1], (1, 0), value=BOS)  # BOS, x_0 .. x_{T-2}
+        return self.encoder(self.hash_embeds(self.embed(inputs), inputs))
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, d_local) -> boundary probabilities p (B, T) fp32, p_0 = 1, and boundaries

@@ -38,10 +38,11 @@ from torch import nn
 
 from harness.modeling import chunking, flops
 from harness.modeling.nn import Transformer, init_weights
+from harness.modeling.hash_ngrams import HashNgramConfig, HashNgramEmbedding
 from harness.api import BOS, BYTE_VOCAB, Adapter, AdapterConfig, SizingFields, register
 
 
-class MegaByteConfig(AdapterConfig):
+class MegaByteConfig(HashNgramConfig):
     patch_size: int = Field(4, ge=1, description="bytes per patch (P)")
     d_embed: int = Field(16, ge=1, description="width of each byte embedding in the global input (P of them are concatenated)")
     d_global: int = Field(64, ge=8, description="global model width")
@@ -77,6 +78,12 @@ class MegaByte(Adapter):
         self.global_model = Transformer(c.d_global, c.global_layers, c.global_heads, c.mlp_ratio)
         self.global_to_local = nn.Linear(c.d_global, P * c.d_local, bias=False)  # one d_local vector per byte position
         self.local_embed = nn.Embedding(BYTE_VOCAB + 1, c.d_local)  # row BOS is the start embedding
+        # MegaByte embeds bytes twice, for the patch embedder and for the local model, so each gets its own
+        # hashed n-gram tables (of its width). Both hash the window's byte stream across patch edges: the
+        # global input's n-gram ends at the byte it embeds, the local model's at byte t-1 for the position
+        # predicting byte t (at a patch's first position, the previous patch's last byte); bytes < t only.
+        self.global_hash_embeds = HashNgramEmbedding(c.hash_ngrams, c.hash_buckets, c.d_embed)
+        self.local_hash_embeds = HashNgramEmbedding(c.hash_ngrams, c.hash_buckets, c.d_local)
         self.local_model = Transformer(c.d_local, c.local_layers, c.local_heads, c.mlp_ratio)
         self.head = nn.Linear(c.d_local, BYTE_VOCAB, bias=False)
         init_weights(self)
@@ -98,7 +105,8 @@ class MegaByte(Adapter):
         """patches (B, n, P) -> (B, n, d_global): position k is the global input for patch k,
         built from patches < k only (padding patch, then patches 0 .. n-2)."""
         B, n, P = patches.shape
-        previous = self.global_embed(patches[:, :-1]).reshape(B, n - 1, P * self.config.d_embed)
+        stream = patches[:, :-1].reshape(B, (n - 1) * P)  # the bytes of patches 0 .. n-2, in order
+        previous = self.global_hash_embeds(self.global_embed(stream), stream).reshape(B, n - 1, P * self.config.d_embed)
         return torch.cat((self.pad_patch.expand(B, 1, -1), self.global_in(previous)), dim=1)
 
     def next_byte_logits(self, windows: torch.Tensor) -> torch.Tensor:
@@ -110,7 +118,9 @@ class MegaByte(Adapter):
         hidden = self.global_model(self.global_context(patches))  # (B, n, d_global)
         from_global = self.global_to_local(hidden).view(B, n, P, c.d_local)
         local_inputs = F.pad(patches[:, :, :-1], (1, 0), value=BOS)  # (B, n, P): start, bytes 0 .. P-2 of the patch
-        x = (self.local_embed(local_inputs) + from_global).view(B * n, P, c.d_local)
+        before = F.pad(patches.view(B, n * P)[:, :-1], (1, 0), value=BOS)  # byte t-1 at t (BOS at 0): for the n-grams
+        x = self.local_hash_embeds(self.local_embed(local_inputs).view(B, n * P, c.d_local), before)
+        x = (x.view(B, n, P, c.d_local) + from_global).view(B * n, P, c.d_local)
         out = self.local_model(x).view(B, n * P, c.d_local)[:, :W]  # drop the padding before the head
         return self.head(out)  # (B, W, 256)
 

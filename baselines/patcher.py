@@ -48,14 +48,14 @@ from harness.modeling import chunking, flops
 from harness.modeling.entropy import order0_entropy
 from harness.modeling.runtime import autocast
 from harness.modeling.nn import CrossAttention, Transformer, init_weights
+from harness.modeling.hash_ngrams import HashNgramConfig, HashNgramEmbedding
 
-HASH_PRIME = 2_147_483_647  # 2^31 - 1: rolling-hash modulus (no int64 overflow)
 # The entropy model must beat the order-0 entropy of its held-out bytes by this much (bits per
 # byte) before its patches count as informed; otherwise the preparation facts carry a warning.
 ENTROPY_MODEL_MARGIN_BPB = 0.25
 
 
-class PatcherConfig(AdapterConfig):
+class PatcherConfig(HashNgramConfig):
     patcher: Literal["entropy", "space", "static"] = Field("entropy", description="patch boundary rule")
     d_local: int = Field(64, ge=8, description="width of the local encoder and decoder")
     d_global: int = Field(128, ge=8, description="width of the global model over patches")
@@ -68,9 +68,6 @@ class PatcherConfig(AdapterConfig):
     mlp_ratio: float = Field(8 / 3, gt=0, description="SwiGLU hidden width / width")
     pool: Literal["mean", "max"] = Field("max", description="initial patch query: max (BLT's reference code) or mean of its "
                                                            "bytes' encoder states")
-    hash_ngrams: tuple[Annotated[int, Field(ge=3, le=8)], ...] = Field(
-        (), description="n of the hashed byte n-gram embeddings added to the byte embedding (BLT; none by default)")
-    hash_buckets: int = Field(4096, ge=1, description="buckets per hashed n-gram table")
     patch_size: int = Field(4, ge=1, description="static: bytes per patch")
     max_patch: int = Field(16, ge=1, description="entropy, space: maximum patch length in bytes")
     entropy_rule: Literal["global", "monotonic"] = Field(
@@ -97,8 +94,6 @@ class PatcherConfig(AdapterConfig):
     def _consistent(self):
         if self.patcher == "entropy" and self.theta is None and self.target_patch_size > self.max_patch:
             raise ValueError(f"target_patch_size {self.target_patch_size} exceeds max_patch {self.max_patch}")
-        if len(set(self.hash_ngrams)) != len(self.hash_ngrams):
-            raise ValueError("hash_ngrams lists an n twice")
         if self.entropy_flops is not None and self.entropy_budget_share is not None:
             raise ValueError("set entropy_flops or entropy_budget_share, not both")
         return self
@@ -115,7 +110,8 @@ class Patcher(Adapter):
         super().__init__(config)
         c = config
         self.embed = nn.Embedding(BYTE_VOCAB, c.d_local)
-        self.hash_embeds = nn.ModuleList(nn.Embedding(c.hash_buckets, c.d_local) for _ in c.hash_ngrams)
+        # hashed n-grams on the byte embedding of the encoder: the n-gram ends at byte t, as the encoder state t does
+        self.hash_embeds = HashNgramEmbedding(c.hash_ngrams, c.hash_buckets, c.d_local)
         self.encoder = Transformer(c.d_local, c.encoder_layers, c.n_heads_local, c.mlp_ratio, c.local_window)
         self.pool_attn = CrossAttention(c.d_local, c.n_heads_local)  # patch query -> its own bytes
         self.up = nn.Linear(c.d_local, c.d_global, bias=False)
@@ -193,18 +189,7 @@ class Patcher(Adapter):
     # ---- model -------------------------------------------------------------------------
     def embed_bytes(self, windows: torch.Tensor) -> torch.Tensor:
         """Byte embedding plus hashed n-gram embeddings of the n bytes ending at t (bytes <= t)."""
-        x = self.embed(windows)
-        if not self.config.hash_ngrams:
-            return x
-        W = windows.shape[1]
-        longest = max(self.config.hash_ngrams)
-        padded = F.pad(windows + 1, (longest - 1, 0), value=0)  # 0 = before the window start
-        for n, table in zip(self.config.hash_ngrams, self.hash_embeds):
-            h = torch.zeros_like(windows)
-            for i in range(longest - n, longest):  # the n bytes t-n+1 .. t
-                h = (h * 257 + padded[:, i : i + W]) % HASH_PRIME
-            x = x + table(h % self.config.hash_buckets)
-        return x
+        return self.hash_embeds(self.embed(windows), windows)
 
     def next_byte_logits(self, windows: torch.Tensor) -> torch.Tensor:
         B, W = windows.shape

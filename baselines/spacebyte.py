@@ -53,9 +53,10 @@ from baselines import patching
 from harness.api import BOS, BYTE_VOCAB, Adapter, AdapterConfig, Preparation, RunContext, SizingFields, register
 from harness.modeling import chunking, flops
 from harness.modeling.nn import Block, Transformer, init_weights
+from harness.modeling.hash_ngrams import HashNgramConfig, HashNgramEmbedding
 
 
-class SpaceByteConfig(AdapterConfig):
+class SpaceByteConfig(HashNgramConfig):
     d_local: int = Field(64, ge=8, description="width of the byte-level stream and its local blocks")
     d_global: int = Field(128, ge=8, description="width of the global blocks (>= d_local; the byte stream is zero-padded to it)")
     n_heads_local: int = Field(4, ge=1, description="attention heads of local blocks")
@@ -93,6 +94,8 @@ class SpaceByte(Adapter):
         super().__init__(config)
         c = config
         self.embed = nn.Embedding(BYTE_VOCAB + 1, c.d_local)  # row BOS is the input at t = 0
+        # hashed n-grams on the byte stream's input embedding: input t is byte t-1, so its n-gram ends at byte t-1
+        self.hash_embeds = HashNgramEmbedding(c.hash_ngrams, c.hash_buckets, c.d_local)
         self.initial = nn.ModuleList(Block(c.d_local, c.n_heads_local, c.mlp_ratio, c.local_window) for _ in range(c.initial_layers))
         self.global_blocks = nn.ModuleList(Block(c.d_global, c.n_heads_global, c.mlp_ratio) for _ in range(c.global_layers))
         self.final = Transformer(c.d_local, c.final_layers, c.n_heads_local, c.mlp_ratio, c.local_window)  # ends with a norm
@@ -128,7 +131,7 @@ class SpaceByte(Adapter):
     def next_byte_logits(self, windows: torch.Tensor) -> torch.Tensor:
         c = self.config
         inputs = F.pad(windows[:, :-1], (1, 0), value=BOS)  # (B, W): BOS, x_0 .. x_{W-2}
-        x = self.embed(inputs)  # (B, W, dl); state t has seen bytes < t
+        x = self.hash_embeds(self.embed(inputs), inputs)  # (B, W, dl); state t has seen bytes < t
         for block in self.initial:
             x = block(x)
 

@@ -49,11 +49,12 @@ from harness.modeling.runtime import autocast, median_seconds
 from harness.errors import HarnessError
 from harness.modeling import chunking, flops
 from harness.modeling.nn import Block, Transformer, init_weights
+from harness.modeling.hash_ngrams import HashNgramConfig, HashNgramEmbedding
 
 TOPK_LABEL = "global top-K selection (non-causal, not a valid likelihood)"
 
 
-class ByteFlowConfig(AdapterConfig):
+class ByteFlowConfig(HashNgramConfig):
     d_local: int = Field(64, ge=8, description="width of the byte-level encoder and decoder")
     d_global: int = Field(128, ge=8, description="width of the global Transformer over chunks")
     encoder_layers: int = Field(1, ge=1, description="E: local encoder blocks")
@@ -93,6 +94,8 @@ class ByteFlow(Adapter):
         super().__init__(config)
         c = config
         self.embed = nn.Embedding(BYTE_VOCAB + 1, c.d_local)
+        # hashed n-grams on the encoder's input embedding: input t is byte t-1, so its n-gram ends at byte t-1
+        self.hash_embeds = HashNgramEmbedding(c.hash_ngrams, c.hash_buckets, c.d_local)
         self.encoder = nn.ModuleList(Block(c.d_local, c.n_heads, c.mlp_ratio, c.window, canon=True) for _ in range(c.encoder_layers))
         self.down = nn.Linear(c.d_local, c.d_global, bias=False)
         self.global_model = Transformer(c.d_global, c.global_layers, c.global_heads, c.mlp_ratio)
@@ -119,7 +122,8 @@ class ByteFlow(Adapter):
 
     def encode(self, windows: torch.Tensor) -> torch.Tensor:
         """(B, T) bytes -> (B, T, d_local); position t has seen bytes < t only."""
-        x = self.embed(F.pad(windows[:, :-1], (1, 0), value=BOS))  # BOS, x_0 .. x_{T-2}
+        inputs = F.pad(windows[:, :-1], (1, 0), value=BOS)  # BOS, x_0 .. x_{T-2}
+        x = self.hash_embeds(self.embed(inputs), inputs)
         for block in self.encoder:
             x = block(x)
         return x
