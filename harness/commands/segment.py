@@ -7,19 +7,19 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from harness.analysis.segment import (Segmentation, marked_text, plot_lengths, plot_segmentation, segment_bytes,
-                                      segmentation_threshold)
-from harness.api import load_checkpoint
-from harness.core.records import RunRecord, read_record
-from harness.core.suite import Suite, load_corpus
 from harness.errors import HarnessError
+
+if TYPE_CHECKING:  # the modules below import torch and numpy: loaded when the command runs, not for --help
+    from harness.analysis.segment import Segmentation
+    from harness.core.records import RunRecord
 
 
 def _split_text(run_dir: Path, record: RunRecord, split: str) -> bytes:
     """The val/test/train split of the run's corpus, from the suite.json beside runs/."""
+    from harness.core.suite import Suite, load_corpus
+
     suite_path = run_dir.parent.parent / "suite.json"
     if not suite_path.is_file():
         raise HarnessError(f"{suite_path}: not found; --split needs the suite results folder around the run")
@@ -37,6 +37,10 @@ def _split_text(run_dir: Path, record: RunRecord, split: str) -> bytes:
 def run_segment(run_dir: str | Path, text: str | None = None, split: str | None = None, offset: int = 0,
                 max_bytes: int = 1024, variant: str | None = None, window: int | None = None,
                 output: str | Path | None = None, marker: str = "|") -> tuple[Segmentation, Path, Path]:
+    from harness.analysis.segment import plot_lengths, plot_segmentation, segment_bytes, segmentation_threshold
+    from harness.api import load_checkpoint
+    from harness.core.records import read_record
+
     run_dir = Path(run_dir)
     record = read_record(run_dir / "record.json")
     if (text is None) == (split is None):
@@ -67,6 +71,10 @@ def run_segment(run_dir: str | Path, text: str | None = None, split: str | None 
 
 
 def cmd_segment(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from harness.analysis.segment import marked_text
+
     seg, picture, histogram = run_segment(args.run_dir, args.text, args.split, args.offset, args.max_bytes,
                                           args.variant, args.window, args.output, args.marker)
     lengths = seg.lengths()
