@@ -5,7 +5,9 @@ boundaries marked, and PNGs of the boundary scores and the unit lengths (harness
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,10 +50,12 @@ def run_segment(run_dir: str | Path, text: str | None = None, split: str | None 
     if offset < 0 or max_bytes < 1 or (window is not None and window < 1):
         raise HarnessError("segment: --offset must be >= 0, --max-bytes and --window >= 1")
     if split is not None:
-        raw = _split_text(run_dir, record, split)[offset : offset + max_bytes]
+        source, raw = split, _split_text(run_dir, record, split)[offset : offset + max_bytes]
+    elif Path(text).is_file():
+        source, raw = Path(text).stem, Path(text).read_bytes()[offset : offset + max_bytes]
     else:
-        path = Path(text)
-        raw = (path.read_bytes() if path.is_file() else text.encode("utf-8"))[offset : offset + max_bytes]
+        source = "text-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+        raw = text.encode("utf-8")[offset : offset + max_bytes]
     model = load_checkpoint(run_dir)
     if variant is not None:
         model.set_eval_variant(variant)
@@ -59,7 +63,7 @@ def run_segment(run_dir: str | Path, text: str | None = None, split: str | None 
     if seg is None:
         raise HarnessError(f"{run_dir}: adapter {record.model.adapter!r} does not cut bytes into units "
                            "(token models have no byte boundaries to show)")
-    picture = Path(output) if output else run_dir / "segment.png"
+    picture = Path(output) if output else run_dir / default_picture(source, offset, len(raw), variant, window)
     picture.parent.mkdir(parents=True, exist_ok=True)
     histogram = picture.with_name(picture.stem + "_chunk_lengths.png")
     rule = f", variant {variant}" if variant else ""
@@ -68,6 +72,14 @@ def run_segment(run_dir: str | Path, text: str | None = None, split: str | None 
     plot_segmentation(seg, picture, title, threshold=threshold)
     plot_lengths(seg, histogram, title)
     return seg, picture, histogram
+
+
+def default_picture(source: str, offset: int, length: int, variant: str | None, window: int | None) -> str:
+    """A PNG name that says what was segmented, so segmenting other text does not overwrite it, e.g.
+    segment_test_0-1024.png, segment_notes_0-1024_topk_w64.png, segment_text-1a2b3c4d_0-52.png."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", source).strip("-") or "text"
+    return (f"segment_{name}_{offset}-{offset + length}" + (f"_{variant}" if variant else "")
+            + (f"_w{window}" if window else "") + ".png")
 
 
 def cmd_segment(args: argparse.Namespace) -> None:
@@ -100,7 +112,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-bytes", type=int, default=1024, help="bytes to segment (default 1024)")
     p.add_argument("--variant", help="an evaluation variant of the adapter, e.g. topk for ByteFlow")
     p.add_argument("--window", type=int, help="bytes per window (default: the run's evaluation window)")
-    p.add_argument("-o", "--output", help="PNG path (default RUN_DIR/segment.png); the histogram goes beside it")
+    p.add_argument("-o", "--output", metavar="FILE.png",
+                   help="where the picture goes; the histogram goes beside it as FILE_chunk_lengths.png (default: "
+                        "RUN_DIR/segment_SOURCE_START-END.png, SOURCE the split, the file's name or text-HASH, with "
+                        "_VARIANT and _wWINDOW when given, so another text or range does not overwrite it)")
     p.add_argument("--marker", default="|", help="boundary mark in the printed text (default |)")
     p.set_defaults(func=cmd_segment)
     return p
