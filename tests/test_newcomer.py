@@ -160,6 +160,18 @@ def test_calibration_is_one_table_per_adapter_with_its_own_columns():
     assert list(tables["hnet"].columns) == ["run", "bytes_per_chunk"]
 
 
+def test_a_suite_without_description_or_auxiliary_model_gets_no_blank_line_or_blt_sentence():
+    from harness.analysis.report import suite_header
+    from tests.test_report import record
+
+    spec = {"name": "mine", "split": {"train_bytes": 1000, "val_bytes": 100, "test_bytes": 100}, "eval": {"window": 64}}
+    for description in (None, "", "  "):
+        text = "\n".join(suite_header(spec | {"description": description}, [record("bytes", 2.0)]))
+        assert "\n\n\n" not in text and "Auxiliary" not in text and "BLT" not in text
+    text = "\n".join(suite_header(spec | {"description": "Mine."}, [record("bytes", 2.0)]))
+    assert text.startswith("# Suite `mine`\n\nMine.\n\nSplit 1,000")
+
+
 def test_the_auxiliary_sentence_only_where_a_model_has_an_auxiliary_part():
     from harness.analysis.report import auxiliary_sentence
     from tests.test_report import record

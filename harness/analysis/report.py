@@ -499,6 +499,34 @@ def auxiliary_sentence(records: list[RunRecord], spec: dict) -> str:
     return f" Auxiliary models (in {models}) are **excluded** from the training FLOPs and budgets, as in the BLT paper."
 
 
+def suite_header(spec: dict, records: list[RunRecord]) -> list[str]:
+    """The report's opening: title, description (if any), split, device, FLOP conventions, sizing rule."""
+    description = (spec.get("description") or "").strip()
+    lines = [
+        f"# Suite `{spec['name']}`",
+        "",
+        *([description, ""] if description else []),
+        f"Split {spec['split']['train_bytes']:,} / {spec['split']['val_bytes']:,} / {spec['split']['test_bytes']:,} "
+        f"bytes (train / val / test) of each corpus; test windows of {spec['eval']['window']} bytes, each scored from "
+        f"an empty context. Device `{', '.join(sorted({r.device for r in records}))}`; " + _peak_sentence(records),
+        "",
+        "FLOPs: a multiply-add is 2; every matrix product counts (head and both attention products); "
+        "training = 3 x forward. bpb = summed NLL in nats / (ln 2 x scored bytes)." + auxiliary_sentence(records, spec),
+        "",
+    ]
+    if spec.get("inference_flops_per_byte"):
+        lines += [f"Matched inference cost: every model was sized to {spec['inference_flops_per_byte']:.3g} forward FLOPs "
+                  "per byte (within 5%) by its main width, then depth (README, \"Matched inference cost\"); "
+                  "the sizing table of each corpus lists what changed.", ""]
+    if spec.get("inference_scaling"):
+        rule = InferenceScaling(**spec["inference_scaling"])
+        targets = ", ".join(f"{rule.target(b):.3g} at {b:.3g}" for b in sorted(spec["budgets"]))
+        lines += [f"Inference cost grows with compute: at a budget of C training FLOPs every model was sized to "
+                  f"{rule.describe()} forward FLOPs per byte (within 5%) by its main width, then depth (README, "
+                  f"\"Matched inference cost\"): {targets}. The sizing table of each corpus lists what changed.", ""]
+    return lines
+
+
 def build_report(results_dir: Path, report_dir: Path) -> str:
     """The markdown report; its plots are written to report_dir/plots, the folder
     the markdown will sit in (so its image links are relative)."""
@@ -523,30 +551,8 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
     by_corpus = {label: [r for r in records if r.corpus.label == label] for label in suite["corpora"]}
     by_corpus = {label: runs for label, runs in by_corpus.items() if runs}
     rankings = {label: ranking_table(runs) for label, runs in by_corpus.items()}
-    description = (spec.get("description") or "").strip()
     colours = model_colours([m["name"] for m in spec["models"]] + [r.model.name for r in records])  # one per model, every plot
-    lines = [
-        f"# Suite `{spec['name']}`",
-        "",
-        *([description, ""] if description else []),
-        f"Split {spec['split']['train_bytes']:,} / {spec['split']['val_bytes']:,} / {spec['split']['test_bytes']:,} "
-        f"bytes (train / val / test) of each corpus; test windows of {spec['eval']['window']} bytes, each scored from "
-        f"an empty context. Device `{', '.join(sorted({r.device for r in records}))}`; " + _peak_sentence(records),
-        "",
-        "FLOPs: a multiply-add is 2; every matrix product counts (head and both attention products); "
-        "training = 3 x forward. bpb = summed NLL in nats / (ln 2 x scored bytes)." + auxiliary_sentence(records, spec),
-        "",
-    ]
-    if spec.get("inference_flops_per_byte"):
-        lines += [f"Matched inference cost: every model was sized to {spec['inference_flops_per_byte']:.3g} forward FLOPs "
-                  "per byte (within 5%) by its main width, then depth (README, \"Matched inference cost\"); "
-                  "the sizing table of each corpus lists what changed.", ""]
-    if spec.get("inference_scaling"):
-        rule = InferenceScaling(**spec["inference_scaling"])
-        targets = ", ".join(f"{rule.target(b):.3g} at {b:.3g}" for b in sorted(spec["budgets"]))
-        lines += [f"Inference cost grows with compute: at a budget of C training FLOPs every model was sized to "
-                  f"{rule.describe()} forward FLOPs per byte (within 5%) by its main width, then depth (README, "
-                  f"\"Matched inference cost\"): {targets}. The sizing table of each corpus lists what changed.", ""]
+    lines = suite_header(spec, records)
     fitted = {label: scaling.fit_records(runs, model_kinds(runs)) for label, runs in by_corpus.items()}
     lines += ["## Summary", ""]
     for label, ranking in rankings.items():
