@@ -116,7 +116,7 @@ def test_one_budget_puts_the_models_side_by_side_in_order_of_bpb(tmp_path, figur
     report.plot_bpb_against_budget(report.summary_table(records), "t", tmp_path / "a.png")
     ax = figures[0].axes[0]
     assert ax.get_xscale() == "linear" and [t.get_text() for t in ax.get_xticklabels()] == ["mid", "zeta", "alpha"]
-    assert "2.5e+11 FLOPs" in ax.get_title()
+    assert "2.5e+11 training FLOPs" in ax.get_title()
 
 
 def test_length_panels_end_where_the_chunks_do_and_keep_a_spike_to_its_own_panel(tmp_path, figures):

@@ -382,7 +382,7 @@ def _errors(group: pd.DataFrame) -> list[pd.Series]:
     return [group["test bpb"] - group["_low"], group["_high"] - group["test bpb"]]
 
 
-def plot_bpb_against_budget(summary: pd.DataFrame, title: str, path: Path,
+def plot_bpb_against_budget(summary: pd.DataFrame, label: str, path: Path,
                             colours: dict[str, tuple] | None = None) -> None:
     """Test bpb (95% intervals) against the training budget, a line per model. With one budget,
     the models side by side in order of bpb instead (on a FLOPs axis they would stack on one
@@ -396,7 +396,8 @@ def plot_bpb_against_budget(summary: pd.DataFrame, title: str, path: Path,
             ax.errorbar(group["budget"], group["test bpb"], yerr=_errors(group), marker="o", capsize=3, label=model,
                         color=colours[model])
         ax.set_xscale("log")
-        save_plot(fig, ax, "training FLOPs (budget)", "test bits per byte", title, path, legend_size=8)
+        save_plot(fig, ax, "training FLOPs (budget)", "test bits per byte", f"{label}: test bpb against training compute",
+                  path, legend_size=8)
         return
     ranked = summary.sort_values("test bpb").reset_index(drop=True)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(ranked) + 1.5), 4))
@@ -405,7 +406,8 @@ def plot_bpb_against_budget(summary: pd.DataFrame, title: str, path: Path,
                     marker="o", capsize=3, label=row["model"], color=colours[row["model"]])
     ax.set_xticks(range(len(ranked)), ranked["model"], rotation=40, ha="right", fontsize=8)
     ax.set_xlim(-0.6, len(ranked) - 0.4)
-    save_plot(fig, ax, "", "test bits per byte", f"{title} at {budgets[0]:.3g} FLOPs", path, legend=False)
+    save_plot(fig, ax, "", "test bits per byte", f"{label}: test bpb at the one budget, {budgets[0]:.3g} training FLOPs",
+              path, legend=False)
 
 
 def plot_bpb_against_cost(summary: pd.DataFrame, x: str, xlabel: str, title: str, path: Path,
@@ -580,8 +582,7 @@ def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, 
     summary = summary_table(records)
     plots = {name: f"{name}_{label}.png" for name in ("bpb_vs_flops", "bpb_vs_inference_flops", "learning_curves",
                                                       "patch_sizes", "chunk_lengths")}
-    plot_bpb_against_budget(summary, f"{label}: test bpb against training compute", plot_dir / plots["bpb_vs_flops"],
-                            colours)
+    plot_bpb_against_budget(summary, label, plot_dir / plots["bpb_vs_flops"], colours)
     measured_cost = bool(summary["_test_flops"].notna().all())  # records before format 3 have the analytic figure only
     plot_bpb_against_cost(summary, "_test_flops" if measured_cost else "fwd FLOPs/byte",
                           "forward FLOPs per byte on the test windows (inference cost)" if measured_cost else

@@ -143,6 +143,7 @@ def plot_lengths(seg: Segmentation, path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from harness.analysis.plotting import shown_length
 
@@ -153,8 +154,9 @@ def plot_lengths(seg: Segmentation, path: Path, title: str) -> None:
     ax.hist(lengths[lengths <= limit], bins=np.arange(0.5, limit + 1.5), color="tab:blue", edgecolor="white")
     ax.set_xlabel("chunk length (bytes)")
     ax.set_ylabel("chunks")
-    tail = f"; {longer} longer, up to {lengths.max()} bytes, not shown" if longer else ""
+    tail = f"\n{longer} longer, up to {lengths.max()} bytes, not shown" if longer else ""
     ax.set_title(f"{title}: {len(lengths)} chunks, mean {lengths.mean():.2f} bytes{tail}", fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
