@@ -209,7 +209,9 @@ def test_export_writes_plain_modes_and_loads_the_tokenizer_class_it_names(tmp_pa
 
 
 def test_segment_pictures_are_named_after_what_was_segmented():
-    from harness.commands.segment import default_picture
+    from harness.commands.segment import _names_a_file, default_picture
+
+    assert not _names_a_file("a long text " * 400) and not _names_a_file("a\0b")  # text, not a file name
 
     names = {default_picture("test", 0, 1024, None, None), default_picture("test", 1024, 1024, None, None),
              default_picture("test", 0, 1024, "topk", None), default_picture("my notes", 0, 50, None, 64)}

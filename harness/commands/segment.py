@@ -51,7 +51,7 @@ def run_segment(run_dir: str | Path, text: str | None = None, split: str | None 
         raise HarnessError("segment: --offset must be >= 0, --max-bytes and --window >= 1")
     if split is not None:
         source, raw = split, _split_text(run_dir, record, split)[offset : offset + max_bytes]
-    elif Path(text).is_file():
+    elif _names_a_file(text):
         source, raw = Path(text).stem, Path(text).read_bytes()[offset : offset + max_bytes]
     else:
         source = "text-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
@@ -72,6 +72,13 @@ def run_segment(run_dir: str | Path, text: str | None = None, split: str | None 
     plot_segmentation(seg, picture, title, threshold=threshold)
     plot_lengths(seg, histogram, title)
     return seg, picture, histogram
+
+
+def _names_a_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # a long text is too long a file name; a NUL is none at all
+        return False
 
 
 def default_picture(source: str, offset: int, length: int, variant: str | None, window: int | None) -> str:
