@@ -14,7 +14,7 @@ from harness.modeling.hash_ngrams import HashNgramConfig, HashNgramEmbedding
 from harness.api import BOS, BYTE_VOCAB, Adapter, AdapterConfig, SizingFields, register
 
 
-class ByteTransformerConfig(HashNgramConfig):
+class ByteTransformerConfig(AdapterConfig, HashNgramConfig):
     d_model: int = Field(64, ge=8, description="width")
     n_layers: int = Field(2, ge=1, description="number of blocks")
     n_heads: int = Field(4, ge=1, description="attention heads")

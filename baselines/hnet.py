@@ -57,7 +57,7 @@ from harness.modeling.hash_ngrams import HashNgramConfig, HashNgramEmbedding
 P_CLAMP = 1e-4  # the EMA's P lies in [1e-4, 1 - 1e-4], as in the reference
 
 
-class HNetConfig(HashNgramConfig):
+class HNetConfig(AdapterConfig, HashNgramConfig):
     d_local: int = Field(64, ge=8, description="width of the encoder and decoder (the paper's D_0)")
     d_main: int = Field(128, ge=8, description="width of the main network (D_1 >= D_0: chunks get d_main - d_local learned extra dimensions)")
     encoder_layers: int = Field(2, ge=1, description="encoder blocks (sliding window, over bytes)")

@@ -42,7 +42,7 @@ from harness.modeling.hash_ngrams import HashNgramConfig, HashNgramEmbedding
 from harness.api import BOS, BYTE_VOCAB, Adapter, AdapterConfig, SizingFields, register
 
 
-class MegaByteConfig(HashNgramConfig):
+class MegaByteConfig(AdapterConfig, HashNgramConfig):
     patch_size: int = Field(4, ge=1, description="bytes per patch (P)")
     d_embed: int = Field(16, ge=1, description="width of each byte embedding in the global input (P of them are concatenated)")
     d_global: int = Field(64, ge=8, description="global model width")

@@ -33,10 +33,9 @@ cross-attention before its layers (the reference reads a window of preceding pat
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -55,7 +54,7 @@ from harness.modeling.hash_ngrams import HashNgramConfig, HashNgramEmbedding
 ENTROPY_MODEL_MARGIN_BPB = 0.25
 
 
-class PatcherConfig(HashNgramConfig):
+class PatcherConfig(AdapterConfig, HashNgramConfig):
     patcher: Literal["entropy", "space", "static"] = Field("entropy", description="patch boundary rule")
     d_local: int = Field(64, ge=8, description="width of the local encoder and decoder")
     d_global: int = Field(128, ge=8, description="width of the global model over patches")

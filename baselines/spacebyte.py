@@ -56,7 +56,7 @@ from harness.modeling.nn import Block, Transformer, init_weights
 from harness.modeling.hash_ngrams import HashNgramConfig, HashNgramEmbedding
 
 
-class SpaceByteConfig(HashNgramConfig):
+class SpaceByteConfig(AdapterConfig, HashNgramConfig):
     d_local: int = Field(64, ge=8, description="width of the byte-level stream and its local blocks")
     d_global: int = Field(128, ge=8, description="width of the global blocks (>= d_local; the byte stream is zero-padded to it)")
     n_heads_local: int = Field(4, ge=1, description="attention heads of local blocks")

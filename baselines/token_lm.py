@@ -1,5 +1,5 @@
 """The part the tokenizer baselines share: a decoder-only Transformer over token ids
-(the shared harness.nn blocks), lossless byte <-> token accounting, the tokenizer
+(the shared harness.modeling.nn blocks), lossless byte <-> token accounting, the tokenizer
 cache and the tokenizer metrics. `bpe` and `sentencepiece` subclass TokenLM and
 differ only in how they train and load their tokenizer.
 

@@ -15,7 +15,7 @@ coding rate of the last `context` outputs; the prefix reading `logdet` (the pape
 equations as secondary sources quote them) piles chunk starts into the first positions of
 every window, because the rate of a growing prefix saturates (README, fidelity table).
 
-Local blocks are harness.nn blocks with a sliding window and Canon convolutions:
+Local blocks are harness.modeling.nn blocks with a sliding window and Canon convolutions:
 norm -> windowed attention -> residual -> Canon -> norm -> SwiGLU -> residual -> Canon.
 
 Causality. The input is shifted by one (BOS, x_0 .. x_{T-2}), so position t, its encoder
@@ -54,7 +54,7 @@ from harness.modeling.hash_ngrams import HashNgramConfig, HashNgramEmbedding
 TOPK_LABEL = "global top-K selection (non-causal, not a valid likelihood)"
 
 
-class ByteFlowConfig(HashNgramConfig):
+class ByteFlowConfig(AdapterConfig, HashNgramConfig):
     d_local: int = Field(64, ge=8, description="width of the byte-level encoder and decoder")
     d_global: int = Field(128, ge=8, description="width of the global Transformer over chunks")
     encoder_layers: int = Field(1, ge=1, description="E: local encoder blocks")

@@ -10,10 +10,12 @@ import argparse
 import os
 import sys
 
-from harness.commands import bench, export, listing, lm_eval, report, run, segment
+from harness.commands import bench, export, init, listing, lm_eval, report, run, segment
 from harness.errors import HarnessError
 
 EPILOG = """examples:
+  harness init notes.txt -o notes.yaml
+                                           a commented minimal suite (bytes and BPE) sized to your text file
   harness run suites/smoke.yaml            train + evaluate every run of a suite
   harness run suites/smoke.yaml --executor local --workers 2
                                            the same, as 2 worker jobs on this machine (submitit)
@@ -45,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for command in (run, report, listing, export, segment, lm_eval, bench):
+    for command in (init, run, report, listing, export, segment, lm_eval, bench):
         command.add_parser(sub)
     return top
 

@@ -236,7 +236,7 @@ def test_runner_end_to_end_with_both_rules_and_the_segment_command(write_suite, 
     assert "|" in printed and "chunks, mean" in printed
     assert picture.stat().st_size > 1000 and (tmp_path / "pics" / "seg_chunk_lengths.png").stat().st_size > 1000
     segment_cli([str(run_dir), "--split", "test", "--max-bytes", "100", "--variant", "topk"])
-    assert (run_dir / "segment.png").is_file()
+    assert (run_dir / "segment_test_0-100_topk.png").is_file()  # named after what was segmented
     assert segment_bytes(registry.build("bytes", {"d_model": 16, "n_layers": 1, "n_heads": 2}), b"abc", 64) is None
 
 

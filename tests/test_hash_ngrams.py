@@ -9,7 +9,7 @@ from torch import nn
 
 from harness.analysis.audit import assert_causal, causality_audit
 from harness.api import BOS, BYTE_VOCAB, registry
-from harness.core import data
+from harness.run import data
 from harness.modeling.flops import measure_forward
 from harness.modeling.hash_ngrams import HashNgramEmbedding
 from harness.modeling.nn import Transformer, init_weights

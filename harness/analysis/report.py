@@ -10,9 +10,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.lines import Line2D
+from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from harness.analysis import fits as scaling, stats
-from harness.analysis.plotting import save_plot
+from harness.analysis.plotting import model_colours, save_plot, shown_length
 from harness.analysis.tables import markdown as _markdown
 from harness.run.references import primed_with
 from harness.errors import HarnessError
@@ -23,14 +25,6 @@ from harness.run.spec import InferenceScaling
 
 
 COST_TOLERANCE = 0.02  # measured FLOPs further than this from the analytic figure are shown
-
-
-def model_colours(names) -> dict[str, tuple]:
-    """One colour per model name, the same in every plot of a report: the names sorted, then
-    matplotlib's tab10 (tab20 beyond ten models) in that order."""
-    names = sorted(set(names))
-    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
-    return {name: palette(i % palette.N) for i, name in enumerate(names)}
 
 
 WINDOW_TEST = "paired t over windows"  # stats.difference_p_value's test for single runs
@@ -255,21 +249,44 @@ def plot_segmentation_examples(records: list[RunRecord], plot_dir: Path, label: 
 
 def plot_length_distributions(curves: dict[str, np.ndarray], path: Path, title: str,
                               colours: dict[str, tuple] | None = None) -> bool:
-    """Fraction of chunks of each length, one line per model; counts[i] = chunks of i bytes.
-    A curve's key is the model name or (name, label shown). Returns False, drawing nothing,
-    when there is no curve."""
+    """Fraction of chunks of each length, one panel per model (a model whose chunks all have
+    one length would flatten the others on a shared axis); counts[i] = chunks of i bytes. The
+    length axis, the same in every panel, ends where 99.5% of every model's chunks are; a panel
+    says what lies beyond. A curve's key is the model name or (name, label shown). Returns False, drawing
+    nothing, when there is no curve."""
     if not curves:
         return False
     colours = colours or model_colours(k[0] if isinstance(k, tuple) else k for k in curves)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, counts in curves.items():
+    limit = max(max(shown_length(counts) for counts in curves.values()), 2)
+    columns = min(3, len(curves))
+    rows = -(-len(curves) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.2 * rows + 0.5), squeeze=False)
+    for ax, (key, counts) in zip(axes.flat, curves.items()):
         name, label = key if isinstance(key, tuple) else (key, key)
         counts = np.asarray(counts, dtype=float)
         lengths = np.arange(len(counts))
+        share = counts / counts.sum()
         mean = (lengths * counts).sum() / counts.sum()
-        ax.plot(lengths[1:], counts[1:] / counts.sum(), marker="o", markersize=3, linewidth=1, color=colours[name],
+        shown = (lengths >= 1) & (lengths <= limit) & (counts > 0)
+        ax.vlines(lengths[shown], 0, share[shown], color=colours[name], linewidth=3, alpha=0.5)
+        ax.plot(lengths[shown], share[shown], marker="o", markersize=2.5, linewidth=0, color=colours[name],
                 label=f"{label} (mean {mean:.2f} B)")
-    save_plot(fig, ax, "chunk length (bytes)", "fraction of chunks", title, path, legend_size=7)
+        beyond = share[limit + 1:].sum()
+        tail = f"\n{beyond:.1%} longer than {limit} B, longest {np.flatnonzero(counts)[-1]} B" if beyond > 0 else ""
+        ax.set_title(f"{label}: mean {mean:.2f} B{tail}", fontsize=7)
+        ax.set_xlim(0.5, limit + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(0, share[shown].max() * 1.12)
+        ax.tick_params(labelsize=6)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(curves):]:
+        ax.set_visible(False)
+    fig.supxlabel("length (bytes)", fontsize=8)
+    fig.supylabel("fraction of chunks", fontsize=8)
+    fig.suptitle(f"{title}; lengths up to {limit} B shown (99.5% of every model's chunks)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
     return True
 
 
@@ -327,31 +344,80 @@ def _scaled(records: list[RunRecord]) -> bool:
     return len({r.sizing["target_flops_per_byte"] for r in records if r.sizing}) > 1
 
 
-def calibration_table(records: list[RunRecord]) -> pd.DataFrame | None:
-    """Scalar facts that adapters computed after training (e.g. ByteFlow's threshold)."""
-    rows = [{"run": r.run_id, **{k: v for k, v in r.calibration.items() if isinstance(v, (int, float, str))}}
-            for r in records if r.calibration]
-    return pd.DataFrame(rows) if rows else None
+def calibration_tables(records: list[RunRecord]) -> dict[str, pd.DataFrame]:
+    """Per adapter, the scalar facts it computed after training (e.g. ByteFlow's threshold): one
+    table each, with the columns its runs have, in model / budget / seed order."""
+    tables = {}
+    for adapter in sorted({r.model.adapter for r in records if r.calibration}):
+        runs = sorted((r for r in records if r.model.adapter == adapter and r.calibration),
+                      key=lambda r: (r.model.name, r.budget_flops, r.seed))
+        rows = [{"run": r.run_id, **{k: v for k, v in r.calibration.items() if isinstance(v, (int, float, str))}}
+                for r in runs]
+        tables[adapter] = pd.DataFrame(rows).dropna(axis="columns", how="all")
+    return tables
 
 
-def plot_bpb(summary: pd.DataFrame, x: str, xlabel: str, title: str, path: Path, connect: bool,
-             colours: dict[str, tuple] | None = None) -> None:
-    """Test bpb (95% intervals) against column `x` of the summary, one series per model;
-    `connect` joins a model's budgets with a line, otherwise each point is labelled with its
-    budget (several budgets of a model share its colour and may share its x)."""
+BUDGET_MARKERS = "os^Dvph*X"  # the marker of each budget, in increasing order, in the inference-cost plot
+
+
+def _errors(group: pd.DataFrame) -> list[pd.Series]:
+    return [group["test bpb"] - group["_low"], group["_high"] - group["test bpb"]]
+
+
+def plot_bpb_against_budget(summary: pd.DataFrame, label: str, path: Path,
+                            colours: dict[str, tuple] | None = None) -> None:
+    """Test bpb (95% intervals) against the training budget, a line per model. With one budget,
+    the models side by side in order of bpb instead (on a FLOPs axis they would stack on one
+    vertical line)."""
     colours = colours or model_colours(summary["model"])
+    budgets = sorted(summary["budget"].unique())
+    if len(budgets) > 1:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for model, group in summary.groupby("model"):
+            group = group.sort_values("budget")
+            ax.errorbar(group["budget"], group["test bpb"], yerr=_errors(group), marker="o", capsize=3, label=model,
+                        color=colours[model])
+        ax.set_xscale("log")
+        save_plot(fig, ax, "training FLOPs (budget)", "test bits per byte", f"{label}: test bpb against training compute",
+                  path, legend_size=8)
+        return
+    ranked = summary.sort_values("test bpb").reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(ranked) + 1.5), 4))
+    for position, row in ranked.iterrows():
+        ax.errorbar([position], [row["test bpb"]], yerr=[[row["test bpb"] - row["_low"]], [row["_high"] - row["test bpb"]]],
+                    marker="o", capsize=3, label=row["model"], color=colours[row["model"]])
+    ax.set_xticks(range(len(ranked)), ranked["model"], rotation=40, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(ranked) - 0.4)
+    save_plot(fig, ax, "", "test bits per byte", f"{label}: test bpb at the one budget, {budgets[0]:.3g} training FLOPs",
+              path, legend=False)
+
+
+def plot_bpb_against_cost(summary: pd.DataFrame, x: str, xlabel: str, title: str, path: Path,
+                          colours: dict[str, tuple] | None = None) -> None:
+    """Test bpb (95% intervals) against the inference cost in column `x`: the colour is the model,
+    the marker the budget (a legend of its own), and a thin line joins a model's budgets."""
+    colours = colours or model_colours(summary["model"])
+    budgets = sorted(summary["budget"].unique())
+    markers = {b: BUDGET_MARKERS[i % len(BUDGET_MARKERS)] for i, b in enumerate(budgets)}
     fig, ax = plt.subplots(figsize=(6, 4))
     for model, group in summary.groupby("model"):
         group = group.sort_values("budget")
-        errors = [group["test bpb"] - group["_low"], group["_high"] - group["test bpb"]]
-        ax.errorbar(group[x], group["test bpb"], yerr=errors, marker="o", capsize=3, label=model,
-                    linestyle="-" if connect else "none", color=colours[model])
-        if not connect:
-            for px, py, budget in zip(group[x], group["test bpb"], group["budget"]):
-                ax.annotate(f"C={budget:.2g}", (px, py), textcoords="offset points", xytext=(4, 4), fontsize=6,
-                            color=colours[model])
-    ax.set_xscale("log")
-    save_plot(fig, ax, xlabel, "test bits per byte", title, path, legend_size=8)
+        ax.errorbar(group[x], group["test bpb"], yerr=_errors(group), marker="none", capsize=3, linewidth=0.8,
+                    label=model, color=colours[model])
+        for budget, point in group.groupby("budget"):
+            ax.scatter(point[x], point["test bpb"], marker=markers[budget], s=30, color=colours[model], zorder=3)
+    if len(budgets) > 1:
+        handles = [Line2D([], [], marker=markers[b], color="0.35", linestyle="none", label=f"{b:.2g}") for b in budgets]
+        ax.add_artist(ax.legend(handles=handles, title="training FLOPs", fontsize=7, title_fontsize=7,
+                                loc="lower left", bbox_to_anchor=(1.01, 0), borderaxespad=0))
+    else:
+        title = f"{title} at {budgets[0]:.3g} FLOPs"
+    low, high = float(summary[x].min()), float(summary[x].max())
+    if high > 3 * low:
+        ax.set_xscale("log")
+    else:  # a log axis over a few percent writes its tick labels over each other
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 260k, 1.2M
+    save_plot(fig, ax, xlabel, "test bits per byte", title, path, legend_size=7)
 
 
 def plot_learning_curves(records: list[RunRecord], path: Path, colours: dict[str, tuple] | None = None) -> None:
@@ -403,6 +469,48 @@ def _peak_sentence(records: list[RunRecord]) -> str:
     return text
 
 
+def auxiliary_sentence(records: list[RunRecord], spec: dict) -> str:
+    """Whether the FLOPs count auxiliary models (the BLT entropy model), naming the models that have
+    one; nothing for a suite without such a model."""
+    owners = sorted({r.model.name for r in records
+                     if r.preparation.auxiliary_flops > 0 or "auxiliary" in r.flops_per_byte.analytic})
+    if not owners:
+        return ""
+    models = ", ".join(owners)
+    if spec.get("count_auxiliary_flops", True):
+        return (f" Auxiliary models (in {models}: their training, and their forward pass per byte) are **included** "
+                "in the training FLOPs and budgets.")
+    return f" Auxiliary models (in {models}) are **excluded** from the training FLOPs and budgets, as in the BLT paper."
+
+
+def suite_header(spec: dict, records: list[RunRecord]) -> list[str]:
+    """The report's opening: title, description (if any), split, device, FLOP conventions, sizing rule."""
+    description = (spec.get("description") or "").strip()
+    lines = [
+        f"# Suite `{spec['name']}`",
+        "",
+        *([description, ""] if description else []),
+        f"Split {spec['split']['train_bytes']:,} / {spec['split']['val_bytes']:,} / {spec['split']['test_bytes']:,} "
+        f"bytes (train / val / test) of each corpus; test windows of {spec['eval']['window']} bytes, each scored from "
+        f"an empty context. Device `{', '.join(sorted({r.device for r in records}))}`; " + _peak_sentence(records),
+        "",
+        "FLOPs: a multiply-add is 2; every matrix product counts (head and both attention products); "
+        "training = 3 x forward. bpb = summed NLL in nats / (ln 2 x scored bytes)." + auxiliary_sentence(records, spec),
+        "",
+    ]
+    if spec.get("inference_flops_per_byte"):
+        lines += [f"Matched inference cost: every model was sized to {spec['inference_flops_per_byte']:.3g} forward FLOPs "
+                  "per byte (within 5%) by its main width, then depth (README, \"Matched inference cost\"); "
+                  "the sizing table of each corpus lists what changed.", ""]
+    if spec.get("inference_scaling"):
+        rule = InferenceScaling(**spec["inference_scaling"])
+        targets = ", ".join(f"{rule.target(b):.3g} at {b:.3g}" for b in sorted(spec["budgets"]))
+        lines += [f"Inference cost grows with compute: at a budget of C training FLOPs every model was sized to "
+                  f"{rule.describe()} forward FLOPs per byte (within 5%) by its main width, then depth (README, "
+                  f"\"Matched inference cost\"): {targets}. The sizing table of each corpus lists what changed.", ""]
+    return lines
+
+
 def build_report(results_dir: Path, report_dir: Path) -> str:
     """The markdown report; its plots are written to report_dir/plots, the folder
     the markdown will sit in (so its image links are relative)."""
@@ -427,34 +535,8 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
     by_corpus = {label: [r for r in records if r.corpus.label == label] for label in suite["corpora"]}
     by_corpus = {label: runs for label, runs in by_corpus.items() if runs}
     rankings = {label: ranking_table(runs) for label, runs in by_corpus.items()}
-    colours = model_colours(r.model.name for r in records)  # one colour per model in every plot
-    lines = [
-        f"# Suite `{spec['name']}`",
-        "",
-        (spec.get("description") or "").strip(),
-        "",
-        f"Split {spec['split']['train_bytes']:,} / {spec['split']['val_bytes']:,} / {spec['split']['test_bytes']:,} "
-        f"bytes (train / val / test) of each corpus; test windows of {spec['eval']['window']} bytes, each scored from "
-        f"an empty context. Device `{', '.join(sorted({r.device for r in records}))}`; " + _peak_sentence(records),
-        "",
-        "FLOPs: a multiply-add is 2; every matrix product counts (head and both attention products); "
-        "training = 3 x forward. bpb = summed NLL in nats / (ln 2 x scored bytes). "
-        + ("Auxiliary models (the BLT entropy model: its training, and its forward pass per byte) are **included** "
-           "in the training FLOPs and budgets." if spec.get("count_auxiliary_flops", True) else
-           "Auxiliary models (the BLT entropy model) are **excluded** from the training FLOPs and budgets, "
-           "as in the BLT paper."),
-        "",
-    ]
-    if spec.get("inference_flops_per_byte"):
-        lines += [f"Matched inference cost: every model was sized to {spec['inference_flops_per_byte']:.3g} forward FLOPs "
-                  "per byte (within 5%) by its main width, then depth (README, \"Matched inference cost\"); "
-                  "the sizing table of each corpus lists what changed.", ""]
-    if spec.get("inference_scaling"):
-        rule = InferenceScaling(**spec["inference_scaling"])
-        targets = ", ".join(f"{rule.target(b):.3g} at {b:.3g}" for b in sorted(spec["budgets"]))
-        lines += [f"Inference cost grows with compute: at a budget of C training FLOPs every model was sized to "
-                  f"{rule.describe()} forward FLOPs per byte (within 5%) by its main width, then depth (README, "
-                  f"\"Matched inference cost\"): {targets}. The sizing table of each corpus lists what changed.", ""]
+    colours = model_colours([m["name"] for m in spec["models"]] + [r.model.name for r in records])  # one per model, every plot
+    lines = suite_header(spec, records)
     fitted = {label: scaling.fit_records(runs, model_kinds(runs)) for label, runs in by_corpus.items()}
     lines += ["## Summary", ""]
     for label, ranking in rankings.items():
@@ -471,7 +553,7 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
     for label, runs in by_corpus.items():
         lines += corpus_section(label, runs, rankings[label], suite["corpora"][label], plot_dir, colours)
         lines += scaling.fits_section(fitted[label], label, plot_dir, colours, bool(spec.get("inference_scaling")))
-    lines += tuning_section(results_dir, plot_dir)
+    lines += tuning_section(results_dir, plot_dir, colours)
     return "\n".join(lines)
 
 
@@ -482,14 +564,13 @@ def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, 
     summary = summary_table(records)
     plots = {name: f"{name}_{label}.png" for name in ("bpb_vs_flops", "bpb_vs_inference_flops", "learning_curves",
                                                       "patch_sizes", "chunk_lengths")}
-    plot_bpb(summary, "budget", "training FLOPs (budget)", f"{label}: test bpb against training compute",
-             plot_dir / plots["bpb_vs_flops"], connect=True, colours=colours)
+    plot_bpb_against_budget(summary, label, plot_dir / plots["bpb_vs_flops"], colours)
     measured_cost = bool(summary["_test_flops"].notna().all())  # records before format 3 have the analytic figure only
-    plot_bpb(summary, "_test_flops" if measured_cost else "fwd FLOPs/byte",
-             "forward FLOPs per byte on the test windows (inference cost)" if measured_cost else
-             "forward FLOPs per byte (inference cost)",
-             f"{label}: test bpb against inference cost", plot_dir / plots["bpb_vs_inference_flops"], connect=False,
-             colours=colours)
+    plot_bpb_against_cost(summary, "_test_flops" if measured_cost else "fwd FLOPs/byte",
+                          "forward FLOPs per byte on the test windows (inference cost)" if measured_cost else
+                          "forward FLOPs per byte (inference cost)",
+                          f"{label}: test bpb against inference cost", plot_dir / plots["bpb_vs_inference_flops"],
+                          colours)
     plot_learning_curves(records, plot_dir / plots["learning_curves"], colours)
     refs = corpus["references"]
     reference = reference_table(refs)
@@ -522,7 +603,10 @@ def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, 
     tokenizers = tokenizer_table(records, corpus)
     if tokenizers is not None:
         lines += ["### Tokenizers (test split)", "", _markdown(tokenizers), "",
-                  "Training time is that of the run that trained the tokenizer; later runs load it from the cache.", ""]
+                  "Training time is that of the run that trained the tokenizer; later runs load it from the cache. "
+                  "The bytes/unit of the tables above is measured on the training split (long text, the extra tokens "
+                  "at window edges left out); these columns are on the test split, in 64 KiB pieces and in the scored windows.",
+                  ""]
     lines += [
         "### Reference rows (same test windows)",
         "",
@@ -559,9 +643,11 @@ def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, 
     sizing = sizing_table(records)
     if sizing is not None:
         lines += ["### Sizing to the inference cost", "", _markdown(sizing), ""]
-    calibration = calibration_table(records)
-    if calibration is not None:
-        lines += ["### Calibration after training", "", calibration.to_markdown(index=False, floatfmt=".4g"), ""]
+    calibration = calibration_tables(records)
+    if calibration:
+        lines += ["### Calibration after training", ""]
+        for adapter, table in calibration.items():
+            lines += [f"Adapter `{adapter}`:", "", table.to_markdown(index=False, floatfmt=".4g"), ""]
     lines += [
         "### Plots",
         "",

@@ -99,17 +99,26 @@ def plot_segmentation(seg: Segmentation, path: Path, title: str, threshold: floa
 
 
 def plot_lengths(seg: Segmentation, path: Path, title: str) -> None:
+    """The chunk-length histogram, its axis ending where 99.5% of the chunks are (the title says
+    how many are longer)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from harness.analysis.plotting import shown_length
 
     lengths = seg.lengths()
+    limit = max(shown_length(np.bincount(lengths)), 2)
+    longer = int((lengths > limit).sum())
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(lengths, bins=np.arange(0.5, lengths.max() + 1.5), color="tab:blue", edgecolor="white")
+    ax.hist(lengths[lengths <= limit], bins=np.arange(0.5, limit + 1.5), color="tab:blue", edgecolor="white")
     ax.set_xlabel("chunk length (bytes)")
     ax.set_ylabel("chunks")
-    ax.set_title(f"{title}: {len(lengths)} chunks, mean {lengths.mean():.2f} bytes", fontsize=9)
+    tail = f"\n{longer} longer, up to {lengths.max()} bytes, not shown" if longer else ""
+    ax.set_title(f"{title}: {len(lengths)} chunks, mean {lengths.mean():.2f} bytes{tail}", fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -9,7 +9,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from harness.analysis.plotting import save_plot
+from harness.analysis.plotting import model_colours, save_plot
 from harness.analysis.tables import markdown as _markdown
 
 
@@ -31,12 +31,14 @@ def tuning_table(entries: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def plot_val_against_lr(entries: list[dict], path: Path, title: str) -> None:
+def plot_val_against_lr(entries: list[dict], path: Path, title: str, colours: dict[str, tuple] | None = None) -> None:
+    colours = colours or model_colours(e["model"] for e in entries)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for e in entries:
+    for e in sorted(entries, key=lambda e: e["model"]):
         trials = sorted(e["trials"], key=lambda t: t["lr"])
-        line, = ax.plot([t["lr"] for t in trials], [t["val_bpb"] for t in trials], marker="o", label=e["model"])
-        ax.plot([e["chosen"]["lr"]], [e["val_bpb"]], marker="*", markersize=12, color=line.get_color())
+        colour = colours[e["model"]]
+        ax.plot([t["lr"] for t in trials], [t["val_bpb"] for t in trials], marker="o", label=e["model"], color=colour)
+        ax.plot([e["chosen"]["lr"]], [e["val_bpb"]], marker="*", markersize=12, color=colour)
     ax.set_xscale("log")
     save_plot(fig, ax, "peak learning rate", "validation bpb (mean over tuning seeds)", title, path)
 
@@ -52,7 +54,7 @@ def drift_lines(entries: list[dict]) -> list[str]:
     return lines
 
 
-def tuning_section(results_dir: Path, plot_dir: Path) -> list[str]:
+def tuning_section(results_dir: Path, plot_dir: Path, colours: dict[str, tuple] | None = None) -> list[str]:
     """Markdown lines of the tuning section; none when the suite was not tuned."""
     path = results_dir / "tuning.json"
     if not path.exists():
@@ -74,7 +76,7 @@ def tuning_section(results_dir: Path, plot_dir: Path) -> list[str]:
         for budget in sorted({e["budget"] for e in entries if e["corpus"] == corpus}):
             name = f"tuning_{corpus}_{budget:.2e}.png".replace("+", "")
             plot_val_against_lr([e for e in entries if e["corpus"] == corpus and e["budget"] == budget],
-                                plot_dir / name, f"{corpus}, {budget:.2e} FLOPs: validation bpb against lr")
+                                plot_dir / name, f"{corpus}, {budget:.2e} FLOPs: validation bpb against lr", colours)
             lines += [f"![validation bpb against lr ({corpus}, {budget:.2e} FLOPs; a star marks the choice)]"
                       f"(plots/{name})", ""]
     drift = drift_lines(entries)

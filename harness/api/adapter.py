@@ -21,9 +21,8 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from harness.errors import HarnessError
+from harness.modeling.windows import BOS, BYTE_VOCAB  # noqa: F401  (the adapters' symbols)
 
-BYTE_VOCAB = 256
-BOS = 256  # the one special byte-level symbol: beginning of a window
 
 
 @dataclass(frozen=True)

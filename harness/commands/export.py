@@ -9,19 +9,40 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from harness.run.checkpoint import load_checkpoint
-from harness.run.records import RunRecord, read_record
+if TYPE_CHECKING:
+    from harness.run.records import RunRecord
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path) -> str:
     """Write the run's model and a model card (README.md) to out_dir; returns what was written, in words."""
+    from harness.run.checkpoint import load_checkpoint  # torch: imported when a command runs, not for `harness --help`
+    from harness.run.records import read_record
+
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     record = read_record(run_dir / "record.json")
     model = load_checkpoint(run_dir, "cpu")
+    before = _file_stamps(out_dir)
     written = model.export(out_dir, record.model_dump(mode="json"))
     (out_dir / "README.md").write_text(model_card(record, run_dir, out_dir, written))
+    _give_plain_modes(out_dir, before)
     return written
+
+
+def _file_stamps(folder: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else {}
+
+
+def _give_plain_modes(folder: Path, before: dict[Path, int]) -> None:
+    """The files the export wrote get the mode open() gives (0644 under umask 022), like every file the
+    harness writes: a library may write a 0600 temporary and rename it (model.safetensors did)."""
+    from harness.storage import file_mode
+
+    mode = file_mode()
+    for path, stamp in _file_stamps(folder).items():
+        if before.get(path) != stamp:
+            path.chmod(mode)
 
 
 def model_card(record: RunRecord, run_dir: Path, out_dir: Path, written: str) -> str:
@@ -51,11 +72,19 @@ def model_card(record: RunRecord, run_dir: Path, out_dir: Path, written: str) ->
         "Made with:",
         "",
         "```",
-        f"harness run SUITE.yaml   # the suite `{record.suite}`; run {record.run_id}, config hash {record.config_hash}",
+        f"harness run SUITE_FILE   # the file of suite `{record.suite}`{suite_as_run(run_dir)}; run {record.run_id}, "
+        f"config hash {record.config_hash}",
         f"harness export {run_dir} {out_dir}",
         "```",
         "",
     ])
+
+
+def suite_as_run(run_dir: Path) -> str:
+    """Where the suite as run is written down (RESULTS/SUITE/suite.json around RESULTS/SUITE/runs/RUN_ID),
+    as a clause; the records name the suite, not its file."""
+    summary = run_dir.parent.parent / "suite.json"
+    return f" (as run: {summary})" if run_dir.parent.name == "runs" and summary.is_file() else ""
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -67,8 +96,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     export = subparsers.add_parser(
         "export", help="write a trained run (bpe) as a transformers model + tokenizer",
         description="Write a finished bpe run (RUN_DIR holding record.json and model.pt) to OUT_DIR as a "
-                    "transformers LlamaForCausalLM (MistralForCausalLM with a sliding window) and a "
-                    "PreTrainedTokenizerFast that prepends BOS; load both with from_pretrained(OUT_DIR).")
+                    "transformers LlamaForCausalLM (MistralForCausalLM with a sliding window) and a fast tokenizer "
+                    "that prepends BOS (AutoTokenizer loads it as PreTrainedTokenizerFast with transformers 4, as "
+                    "TokenizersBackend with transformers 5); load both with from_pretrained(OUT_DIR). Every file "
+                    "gets the mode a plain open() gives (0644 under umask 022).")
     export.add_argument("run_dir", help="e.g. results/smoke/runs/bpe__C2.50e11__s0")
     export.add_argument("out_dir", help="folder to write (created if missing)")
     export.set_defaults(func=cmd_export)

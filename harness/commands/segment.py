@@ -5,21 +5,23 @@ boundaries marked, and PNGs of the boundary scores and the unit lengths (harness
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from harness.analysis.segment import (Segmentation, marked_text, plot_lengths, plot_segmentation, segment_bytes,
-                                      segmentation_threshold)
-from harness.run.checkpoint import load_checkpoint
-from harness.run.records import RunRecord, read_record
-from harness.run.spec import Suite, load_corpus
 from harness.errors import HarnessError
+
+if TYPE_CHECKING:  # the modules below import torch and numpy: loaded when the command runs, not for --help
+    from harness.analysis.segment import Segmentation
+    from harness.run.records import RunRecord
 
 
 def _split_text(run_dir: Path, record: RunRecord, split: str) -> bytes:
     """The val/test/train split of the run's corpus, from the suite.json beside runs/."""
+    from harness.run.spec import Suite, load_corpus
+
     suite_path = run_dir.parent.parent / "suite.json"
     if not suite_path.is_file():
         raise HarnessError(f"{suite_path}: not found; --split needs the suite results folder around the run")
@@ -37,6 +39,10 @@ def _split_text(run_dir: Path, record: RunRecord, split: str) -> bytes:
 def run_segment(run_dir: str | Path, text: str | None = None, split: str | None = None, offset: int = 0,
                 max_bytes: int = 1024, variant: str | None = None, window: int | None = None,
                 output: str | Path | None = None, marker: str = "|") -> tuple[Segmentation, Path, Path]:
+    from harness.analysis.segment import plot_lengths, plot_segmentation, segment_bytes, segmentation_threshold
+    from harness.run.checkpoint import load_checkpoint
+    from harness.run.records import read_record
+
     run_dir = Path(run_dir)
     record = read_record(run_dir / "record.json")
     if (text is None) == (split is None):
@@ -44,10 +50,12 @@ def run_segment(run_dir: str | Path, text: str | None = None, split: str | None 
     if offset < 0 or max_bytes < 1 or (window is not None and window < 1):
         raise HarnessError("segment: --offset must be >= 0, --max-bytes and --window >= 1")
     if split is not None:
-        raw = _split_text(run_dir, record, split)[offset : offset + max_bytes]
+        source, raw = split, _split_text(run_dir, record, split)[offset : offset + max_bytes]
+    elif _names_a_file(text):
+        source, raw = Path(text).stem, Path(text).read_bytes()[offset : offset + max_bytes]
     else:
-        path = Path(text)
-        raw = (path.read_bytes() if path.is_file() else text.encode("utf-8"))[offset : offset + max_bytes]
+        source = "text-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+        raw = text.encode("utf-8")[offset : offset + max_bytes]
     model = load_checkpoint(run_dir)
     if variant is not None:
         model.set_eval_variant(variant)
@@ -55,7 +63,7 @@ def run_segment(run_dir: str | Path, text: str | None = None, split: str | None 
     if seg is None:
         raise HarnessError(f"{run_dir}: adapter {record.model.adapter!r} does not cut bytes into units "
                            "(token models have no byte boundaries to show)")
-    picture = Path(output) if output else run_dir / "segment.png"
+    picture = Path(output) if output else run_dir / default_picture(source, offset, len(raw), variant, window)
     picture.parent.mkdir(parents=True, exist_ok=True)
     histogram = picture.with_name(picture.stem + "_chunk_lengths.png")
     rule = f", variant {variant}" if variant else ""
@@ -66,7 +74,26 @@ def run_segment(run_dir: str | Path, text: str | None = None, split: str | None 
     return seg, picture, histogram
 
 
+def _names_a_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # a long text is too long a file name; a NUL is none at all
+        return False
+
+
+def default_picture(source: str, offset: int, length: int, variant: str | None, window: int | None) -> str:
+    """A PNG name that says what was segmented, so segmenting other text does not overwrite it, e.g.
+    segment_test_0-1024.png, segment_notes_0-1024_topk_w64.png, segment_text-1a2b3c4d_0-52.png."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", source).strip("-") or "text"
+    return (f"segment_{name}_{offset}-{offset + length}" + (f"_{variant}" if variant else "")
+            + (f"_w{window}" if window else "") + ".png")
+
+
 def cmd_segment(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from harness.analysis.segment import marked_text
+
     seg, picture, histogram = run_segment(args.run_dir, args.text, args.split, args.offset, args.max_bytes,
                                           args.variant, args.window, args.output, args.marker)
     lengths = seg.lengths()
@@ -92,7 +119,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-bytes", type=int, default=1024, help="bytes to segment (default 1024)")
     p.add_argument("--variant", help="an evaluation variant of the adapter, e.g. topk for ByteFlow")
     p.add_argument("--window", type=int, help="bytes per window (default: the run's evaluation window)")
-    p.add_argument("-o", "--output", help="PNG path (default RUN_DIR/segment.png); the histogram goes beside it")
+    p.add_argument("-o", "--output", metavar="FILE.png",
+                   help="where the picture goes; the histogram goes beside it as FILE_chunk_lengths.png (default: "
+                        "RUN_DIR/segment_SOURCE_START-END.png, SOURCE the split, the file's name or text-HASH, with "
+                        "_VARIANT and _wWINDOW when given, so another text or range does not overwrite it)")
     p.add_argument("--marker", default="|", help="boundary mark in the printed text (default |)")
     p.set_defaults(func=cmd_segment)
     return p

@@ -2,7 +2,7 @@
 
 All scoring is in bytes (strings become bytes through `text_to_bytes`) and every byte
 sequence is scored the way the harness evaluator scores a window: on its own, from an
-empty context, by the adapter's forward pass (harness.evaluate.window_nll), at most W
+empty context, by the adapter's forward pass (harness.run.evaluate.window_nll), at most W
 bytes long, W being the run's evaluation window (the record's eval window).
 
 - loglikelihood_rolling: the document is cut into consecutive W-byte windows (the last one

@@ -4,7 +4,7 @@
   head and both attention products (scores and the weighted sum of values);
 - embedding lookups, norms, activations and softmax count 0;
 - attention counts what is computed: full causal attention over T positions
-  counts T x T; sliding-window attention counts its blocks (harness.nn);
+  counts T x T; sliding-window attention counts its blocks (harness.modeling.nn);
 - backward = 2 x forward, so training FLOPs = 3 x forward FLOPs.
 
 Like Kaplan et al. and Chinchilla, attention is counted over the full context
@@ -35,7 +35,7 @@ def attention_products(queries: float, keys_per_query: float, dim: int) -> float
 
 
 def attention_keys(length: int, window: int) -> float:
-    """Keys each query is scored against, as harness.nn computes it (padded blocks included)."""
+    """Keys each query is scored against, as harness.modeling.nn computes it (padded blocks included)."""
     if window and window < length:
         return math.ceil(length / window) * window * 2 * window / length
     return float(length)
@@ -47,7 +47,7 @@ def causal_conv(length: int, dim: int, kernel: int = 4) -> float:
 
 
 def block(length: int, dim: int, mlp_ratio: float = 8 / 3, window: int = 0, canon: bool = False) -> float:
-    """One harness.nn.Block over `length` positions."""
+    """One harness.modeling.nn.Block over `length` positions."""
     hidden = mlp_hidden(dim, mlp_ratio)
     projections = linear(length, dim, 3 * dim) + linear(length, dim, dim)
     mlp = 3 * linear(length, dim, hidden)
@@ -56,12 +56,12 @@ def block(length: int, dim: int, mlp_ratio: float = 8 / 3, window: int = 0, cano
 
 
 def transformer(length: int, dim: int, n_layers: int, mlp_ratio: float = 8 / 3, window: int = 0, canon: bool = False) -> float:
-    """harness.nn.Transformer over `length` positions."""
+    """harness.modeling.nn.Transformer over `length` positions."""
     return n_layers * block(length, dim, mlp_ratio, window, canon)
 
 
 def cross_attention(queries: int, keys: int, dim: int) -> float:
-    """harness.nn.CrossAttention: q, k/v and out projections plus a full (queries x keys) product."""
+    """harness.modeling.nn.CrossAttention: q, k/v and out projections plus a full (queries x keys) product."""
     return linear(queries, dim, dim) + linear(keys, dim, 2 * dim) + linear(queries, dim, dim) + attention_products(queries, keys, dim)
 
 

@@ -19,16 +19,19 @@ from typing import Annotated
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from harness.api import BOS, AdapterConfig
+from harness.modeling.windows import BOS
 
 HASH_PRIME = 2_147_483_647  # 2^31 - 1: rolling-hash modulus (no int64 overflow)
 
 
-class HashNgramConfig(AdapterConfig):
-    """The config fields of the option; byte-level adapter configs derive from this."""
+class HashNgramConfig(BaseModel):
+    """The config fields of the option; byte-level adapter configs derive from this and from
+    AdapterConfig (the same strict settings)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     hash_ngrams: tuple[Annotated[int, Field(ge=3, le=8)], ...] = Field(
         (), description="n of the hashed byte n-gram embeddings added where the model embeds bytes, one table per n "

@@ -4,7 +4,7 @@ so that a difference between models comes from tokenization or patching only.
 Pieces: RMSNorm, rotary position embeddings, causal self-attention through
 scaled_dot_product_attention (full, or a sliding window at O(T*w) cost),
 SwiGLU MLP, a causal depthwise convolution ("Canon"), a pre-norm block and a
-stack of blocks. FLOP formulas for each piece live in harness/flops.py.
+stack of blocks. FLOP formulas for each piece live in harness/modeling/flops.py.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+BYTE_VOCAB = 256
+BOS = 256  # the one special byte-level symbol: beginning of a window
+
 
 def to_tensor(data: bytes) -> torch.Tensor:
     return _uint8(data).long()

@@ -96,4 +96,5 @@ def busy_machine_warning(device: torch.device, peak: Peak | None = None, load: f
                        "GFLOP/s")
     if not reasons:
         return None
-    return f"warning: the machine looks busy ({'; '.join(reasons)}); speed and MFU figures will read low"
+    return (f"warning: the machine looks busy ({'; '.join(reasons)}); speed and MFU figures will read low; if other "
+            "jobs share these cores, pass --threads 1 so that torch's threads do not fight theirs")

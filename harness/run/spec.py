@@ -240,7 +240,7 @@ class Suite(Strict):
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     inference_flops_per_byte: float | None = Field(
         None, gt=0, description="matched inference cost: size every model to this many forward FLOPs per byte "
-                                "(within 5%) by its main width, then depth (harness.sizing); none keeps configured sizes")
+                                "(within 5%) by its main width, then depth (harness.run.sizing); none keeps configured sizes")
     inference_scaling: InferenceScaling | None = Field(
         None, description="matched inference cost per budget: size every model at budget C to "
                           "flops_per_byte x (C / at_budget) ^ exponent; not with inference_flops_per_byte")
