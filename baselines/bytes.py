@@ -19,7 +19,8 @@ class ByteTransformerConfig(AdapterConfig, HashNgramConfig):
     n_layers: int = Field(2, ge=1, description="number of blocks")
     n_heads: int = Field(4, ge=1, description="attention heads")
     mlp_ratio: float = Field(8 / 3, gt=0, description="SwiGLU hidden width / d_model")
-    window: int = Field(0, ge=0, description="sliding attention window in bytes (0 = full causal)")
+    attn_window: int = Field(0, ge=0, description="sliding attention window in bytes (0 = full causal)")
+    renamed = {"window": "attn_window"}  # the eval window is the suite\'s eval.window
 
 
 @register
@@ -35,7 +36,7 @@ class ByteTransformer(Adapter):
         self.embed = nn.Embedding(BYTE_VOCAB + 1, c.d_model)
         # hashed n-grams on the input embedding: input t is byte t-1, so its n-gram ends at byte t-1
         self.hash_embeds = HashNgramEmbedding(c.hash_ngrams, c.hash_buckets, c.d_model)
-        self.body = Transformer(c.d_model, c.n_layers, c.n_heads, c.mlp_ratio, c.window)
+        self.body = Transformer(c.d_model, c.n_layers, c.n_heads, c.mlp_ratio, c.attn_window)
         self.head = nn.Linear(c.d_model, BYTE_VOCAB, bias=False)
         init_weights(self)
 
@@ -45,6 +46,6 @@ class ByteTransformer(Adapter):
 
     def flops_per_byte(self, window: int) -> dict[str, float]:
         c = self.config
-        body = flops.transformer(window, c.d_model, c.n_layers, c.mlp_ratio, c.window) / window
+        body = flops.transformer(window, c.d_model, c.n_layers, c.mlp_ratio, c.attn_window) / window
         head = flops.linear(1, c.d_model, BYTE_VOCAB)
         return {"transformer": body, "head": head, "total": body + head}

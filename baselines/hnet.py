@@ -66,7 +66,8 @@ class HNetConfig(AdapterConfig, HashNgramConfig):
     n_heads: int = Field(4, ge=1, description="attention heads of the encoder and decoder")
     main_heads: int = Field(4, ge=1, description="attention heads of the main network")
     mlp_ratio: float = Field(8 / 3, gt=0, description="SwiGLU hidden width / width")
-    window: int = Field(32, ge=1, description="sliding attention window of the encoder and decoder, in bytes")
+    attn_window: int = Field(32, ge=1, description="sliding attention window of the encoder and decoder, in bytes")
+    renamed = {"window": "attn_window"}  # the eval window is the suite\'s eval.window
     target_ratio: float = Field(6.0, gt=1, description="N: the bytes per chunk the ratio loss aims at")
     ratio_weight: float = Field(0.03, ge=0, description="alpha: weight of the ratio loss (the paper's 0.03; small models need more to reach N)")
     calibration_windows: int = Field(256, ge=1, description="training windows on which the chunk rate is measured after training")
@@ -119,13 +120,13 @@ class HNet(Adapter):
         self.embed = nn.Embedding(BYTE_VOCAB + 1, c.d_local)
         # hashed n-grams on the encoder's input embedding: input t is byte t-1, so its n-gram ends at byte t-1
         self.hash_embeds = HashNgramEmbedding(c.hash_ngrams, c.hash_buckets, c.d_local)
-        self.encoder = Transformer(c.d_local, c.encoder_layers, c.n_heads, c.mlp_ratio, c.window)
+        self.encoder = Transformer(c.d_local, c.encoder_layers, c.n_heads, c.mlp_ratio, c.attn_window)
         self.q = nn.Linear(c.d_local, c.d_local, bias=False)
         self.k = nn.Linear(c.d_local, c.d_local, bias=False)
         self.pad = nn.Parameter(torch.zeros(c.d_main - c.d_local))
         self.main = Transformer(c.d_main, c.main_layers, c.main_heads, c.mlp_ratio)
         self.residual = nn.Linear(c.d_local, c.d_local, bias=False)
-        self.decoder = Transformer(c.d_local, c.decoder_layers, c.n_heads, c.mlp_ratio, c.window)
+        self.decoder = Transformer(c.d_local, c.decoder_layers, c.n_heads, c.mlp_ratio, c.attn_window)
         self.head = nn.Linear(c.d_local, BYTE_VOCAB, bias=False)
         init_weights(self)
         with torch.no_grad():
@@ -239,12 +240,12 @@ class HNet(Adapter):
         c, W, S = self.config, window, chunks
         dl = c.d_local
         parts = {
-            "encoder": flops.transformer(W, dl, c.encoder_layers, c.mlp_ratio, c.window),
+            "encoder": flops.transformer(W, dl, c.encoder_layers, c.mlp_ratio, c.attn_window),
             "routing": 2 * flops.linear(W - 1, dl, dl),  # W_q h_{t-1} and W_k h_t; the cosine counts 0
             "main": flops.transformer(S, c.d_main, c.main_layers, c.mlp_ratio),
             "dechunk": flops.linear(S, S, dl),  # the EMA: one (S x S) @ (S x d_local) product
             "residual": flops.linear(W, dl, dl),
-            "decoder": flops.transformer(W, dl, c.decoder_layers, c.mlp_ratio, c.window),
+            "decoder": flops.transformer(W, dl, c.decoder_layers, c.mlp_ratio, c.attn_window),
             "head": flops.linear(W, dl, BYTE_VOCAB),
         }
         parts["total"] = sum(parts.values())

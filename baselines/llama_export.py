@@ -52,8 +52,8 @@ def hf_config(model, vocab, window_bytes: int):
         eos_token_id=getattr(vocab, "eos_id", None),  # BPE: none (BOS only)
         pad_token_id=None,
     )
-    if c.window:
-        return MistralConfig(sliding_window=c.window, **common)
+    if c.attn_window:
+        return MistralConfig(sliding_window=c.attn_window, **common)
     return LlamaConfig(attention_bias=False, mlp_bias=False, **common)
 
 

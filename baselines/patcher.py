@@ -75,7 +75,7 @@ class PatcherConfig(AdapterConfig, HashNgramConfig):
     target_patch_size: float = Field(4.5, ge=1, description="entropy: average patch size (bytes) theta is calibrated to; "
                                                             "space, entropy: the assumed size before prepare()")
     entropy_model: ByteTransformerConfig = Field(
-        ByteTransformerConfig(d_model=16, n_layers=1, n_heads=2, window=64), description="entropy: the byte LM's config")
+        ByteTransformerConfig(d_model=16, n_layers=1, n_heads=2, attn_window=64), description="entropy: the byte LM's config")
     entropy_steps: int = Field(200, ge=1, description="entropy: optimizer steps of the entropy model")
     entropy_flops: float | None = Field(None, gt=0, description="entropy: training FLOPs of the entropy model (overrides entropy_steps)")
     entropy_budget_share: float | None = Field(

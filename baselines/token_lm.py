@@ -68,7 +68,8 @@ class TokenLMConfig(AdapterConfig):
     n_layers: int = Field(2, ge=1, description="number of blocks")
     n_heads: int = Field(4, ge=1, description="attention heads")
     mlp_ratio: float = Field(8 / 3, gt=0, description="SwiGLU hidden width / d_model")
-    window: int = Field(0, ge=0, description="sliding attention window in tokens (0 = full causal)")
+    attn_window: int = Field(0, ge=0, description="sliding attention window in tokens (0 = full causal)")
+    renamed = {"window": "attn_window"}  # the eval window is the suite\'s eval.window
     tokenizer_bytes: int | None = Field(
         None, gt=0, description="train the tokenizer on the first N bytes of the training split (none: all of it; "
                                 "a 12 GB split would take hours, and SentencePiece far more memory)")
@@ -164,7 +165,7 @@ class TokenLM(Adapter):
             raise HarnessError(f"vocab_size {c.vocab_size} is smaller than the byte alphabet: "
                                f"{self.name} needs at least {self.min_vocab} (256 bytes + special tokens)")
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
-        self.body = Transformer(c.d_model, c.n_layers, c.n_heads, c.mlp_ratio, c.window)
+        self.body = Transformer(c.d_model, c.n_layers, c.n_heads, c.mlp_ratio, c.attn_window)
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         init_weights(self)
         self.vocab: Vocabulary | None = None
@@ -298,7 +299,7 @@ class TokenLM(Adapter):
     def sequence_flops(self, tokens: float) -> dict[str, float]:
         """Forward FLOPs of one sequence of `tokens` positions: Transformer and head."""
         c = self.config
-        body = flops.transformer(tokens, c.d_model, c.n_layers, c.mlp_ratio, c.window)
+        body = flops.transformer(tokens, c.d_model, c.n_layers, c.mlp_ratio, c.attn_window)
         head = flops.linear(tokens, c.d_model, c.vocab_size)
         return {"transformer": body, "head": head, "total": body + head}
 

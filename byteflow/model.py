@@ -63,7 +63,8 @@ class ByteFlowConfig(AdapterConfig, HashNgramConfig):
     n_heads: int = Field(4, ge=1, description="attention heads of the local blocks")
     global_heads: int = Field(4, ge=1, description="attention heads of the global blocks")
     mlp_ratio: float = Field(8 / 3, gt=0, description="SwiGLU hidden width / width")
-    window: int = Field(32, ge=1, description="w: sliding attention window of the local blocks, in bytes")
+    attn_window: int = Field(32, ge=1, description="w: sliding attention window of the local blocks, in bytes")
+    renamed = {"window": "attn_window"}  # the eval window is the suite\'s eval.window
     rate: float = Field(0.25, gt=0, le=1, description="r: chunks per byte; K = round(r * window length)")
     score: Literal["logdet", "logdet_normalized", "logdet_recent", "l2", "l2_streaming"] = Field(
         "logdet_recent", description="coding-rate reading (byteflow/coding_rate.py): prefix gain (logdet), prefix gain of "
@@ -96,11 +97,11 @@ class ByteFlow(Adapter):
         self.embed = nn.Embedding(BYTE_VOCAB + 1, c.d_local)
         # hashed n-grams on the encoder's input embedding: input t is byte t-1, so its n-gram ends at byte t-1
         self.hash_embeds = HashNgramEmbedding(c.hash_ngrams, c.hash_buckets, c.d_local)
-        self.encoder = nn.ModuleList(Block(c.d_local, c.n_heads, c.mlp_ratio, c.window, canon=True) for _ in range(c.encoder_layers))
+        self.encoder = nn.ModuleList(Block(c.d_local, c.n_heads, c.mlp_ratio, c.attn_window, canon=True) for _ in range(c.encoder_layers))
         self.down = nn.Linear(c.d_local, c.d_global, bias=False)
         self.global_model = Transformer(c.d_global, c.global_layers, c.global_heads, c.mlp_ratio)
         self.up = nn.Parameter(torch.empty(c.upsample_matrices, c.d_global, c.d_local))
-        self.decoder = Transformer(c.d_local, c.decoder_layers, c.n_heads, c.mlp_ratio, c.window, canon=True)
+        self.decoder = Transformer(c.d_local, c.decoder_layers, c.n_heads, c.mlp_ratio, c.attn_window, canon=True)
         self.head = nn.Linear(c.d_local, BYTE_VOCAB, bias=False)
         init_weights(self)
         nn.init.normal_(self.up, std=0.02)
@@ -271,13 +272,13 @@ class ByteFlow(Adapter):
         c = self.config
         counted, uncounted = coding_rate.score_flops(c.score, window, c.d_local, c.score_block, c.context)
         parts = {
-            "encoder": c.encoder_layers * flops.block(window, c.d_local, c.mlp_ratio, c.window, canon=True) / window,
+            "encoder": c.encoder_layers * flops.block(window, c.d_local, c.mlp_ratio, c.attn_window, canon=True) / window,
             "scoring": counted / window,
             "scoring_factorisation": uncounted / window,
             "projection": flops.linear(slots, c.d_local, c.d_global) / window,
             "global": flops.transformer(slots, c.d_global, c.global_layers, c.mlp_ratio) / window,
             "upsampling": flops.linear(window, c.d_global, c.d_local) / window,
-            "decoder": flops.transformer(window, c.d_local, c.decoder_layers, c.mlp_ratio, c.window, canon=True) / window,
+            "decoder": flops.transformer(window, c.d_local, c.decoder_layers, c.mlp_ratio, c.attn_window, canon=True) / window,
             "head": flops.linear(1, c.d_local, BYTE_VOCAB),
         }
         parts["total"] = sum(parts.values())

@@ -141,5 +141,20 @@ def test_a_record_of_an_unknown_format_is_one_line(tmp_path):
     record = ROOT / "results" / "matched_inference" / "runs"
     raw = next(record.glob("*/record.json")).read_text().replace('"format_version": 2', '"format_version": 9', 1)
     (tmp_path / "record.json").write_text(raw)
-    with pytest.raises(HarnessError, match="record format 9, this harness reads 2 to 3"):
+    with pytest.raises(HarnessError, match="record format 9, this harness reads 2 to 4"):
         read_record(tmp_path / "record.json")
+
+
+def test_the_attention_window_key_was_renamed_and_old_records_still_load(tmp_path):
+    """`window` in a model config was the attention window; it is `attn_window` now (eval.window is the
+    evaluation window). An old key is one line naming the new one; format-3 records migrate."""
+    from harness.api import build
+
+    with pytest.raises(Exception, match="'window' is now 'attn_window'"):
+        build("bytes", {"d_model": 32, "n_layers": 1, "n_heads": 2, "window": 16})
+    records = [r for r in read_suite_records(ROOT / "results" / "study_v2") if r.model.adapter in ("hnet", "patcher")]
+    hnet = next(r for r in records if r.model.adapter == "hnet")
+    entropy = next(r for r in records if r.model.name == "blt-entropy")
+    assert hnet.model.config["attn_window"] == 64 and "window" not in hnet.model.config
+    assert entropy.model.config["entropy_model"]["attn_window"] == 64
+    assert build(hnet.model.adapter, hnet.model.config).config.attn_window == 64

@@ -18,7 +18,7 @@ from tests.checks import record_for
 from tests.conftest import tiny_suite
 
 BYTEFLOW = {"name": "byteflow", "adapter": "byteflow",
-            "config": {"d_local": 32, "d_global": 32, "n_heads": 2, "global_heads": 2, "global_layers": 1, "window": 16,
+            "config": {"d_local": 32, "d_global": 32, "n_heads": 2, "global_heads": 2, "global_layers": 1, "attn_window": 16,
                        "rolling_window": 32, "calibration_windows": 32}}
 
 

@@ -16,7 +16,7 @@ from harness.modeling.flops import measure_forward
 from tests.checks import assert_flops_match
 from tests.conftest import context, tiny_suite
 
-TINY = {"d_local": 32, "d_global": 32, "n_heads": 2, "global_heads": 2, "window": 8, "score_block": 16,
+TINY = {"d_local": 32, "d_global": 32, "n_heads": 2, "global_heads": 2, "attn_window": 8, "score_block": 16,
         "rolling_window": 16, "calibration_windows": 32}
 TEXT = data.embedded_corpus("pydoc-topics", 12000)
 

@@ -8,7 +8,7 @@ from tests.checks import assert_flops_match
 
 @pytest.mark.parametrize("config", [
     {"d_model": 64, "n_layers": 2, "n_heads": 4},
-    {"d_model": 48, "n_layers": 2, "n_heads": 3, "window": 32},
+    {"d_model": 48, "n_layers": 2, "n_heads": 3, "attn_window": 32},
 ])
 @pytest.mark.parametrize("window", [96, 130])
 def test_flops_match_flop_counter(config, window):
@@ -16,7 +16,7 @@ def test_flops_match_flop_counter(config, window):
     assert_flops_match(model, torch.randint(0, 256, (2, window)))
 
 
-@pytest.mark.parametrize("config", [{"d_model": 32, "n_layers": 2, "n_heads": 2}, {"d_model": 32, "n_layers": 2, "n_heads": 2, "window": 16}])
+@pytest.mark.parametrize("config", [{"d_model": 32, "n_layers": 2, "n_heads": 2}, {"d_model": 32, "n_layers": 2, "n_heads": 2, "attn_window": 16}])
 def test_causality_audit_passes(config):
     torch.manual_seed(0)
     model = registry.build("bytes", config)

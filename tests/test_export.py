@@ -47,7 +47,7 @@ def make_run(run_dir, adapter="bpe", **config):
 def test_exported_model_matches_the_harness_logits(tmp_path, window, architecture):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = make_run(tmp_path / "run", window=window)
+    model = make_run(tmp_path / "run", attn_window=window)
     export_run(tmp_path / "run", tmp_path / "hf")
     hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)

@@ -178,7 +178,7 @@ def test_tables_off_give_the_bytes_model_as_it_was():
     model = build("bytes")
     torch.manual_seed(0)
     before = nn.ModuleDict({"embed": nn.Embedding(BYTE_VOCAB + 1, c.d_model),
-                            "body": Transformer(c.d_model, c.n_layers, c.n_heads, c.mlp_ratio, c.window),
+                            "body": Transformer(c.d_model, c.n_layers, c.n_heads, c.mlp_ratio, c.attn_window),
                             "head": nn.Linear(c.d_model, BYTE_VOCAB, bias=False)})
     init_weights(before)
     assert model.state_dict().keys() == before.state_dict().keys()

@@ -164,7 +164,7 @@ def test_flops_match_flop_counter_on_text(prepared, kind, attention_window):
     batch of real text windows (within 2%; it is exact)."""
     model = prepared[0][kind]
     if attention_window:
-        model = build(kind, window=attention_window)
+        model = build(kind, attn_window=attention_window)
         model.load_state_dict(prepared[0][kind].state_dict())
     windows = data.windows(HELD_OUT, 128, 8)
     ids, _, _ = model.tokenize(windows)

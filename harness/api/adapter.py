@@ -17,7 +17,7 @@ from typing import Callable, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 
 from harness.errors import HarnessError
@@ -99,9 +99,20 @@ class SizingFields:
 
 
 class AdapterConfig(BaseModel):
-    """Base for adapter configs: unknown keys are errors, fields are typed."""
+    """Base for adapter configs: unknown keys are errors, fields are typed. `renamed` maps a key an
+    older version took to its new name, so that the error for the old key names the new one."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    renamed: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _say_what_a_key_became(cls, values):
+        if isinstance(values, dict):
+            for old, new in cls.renamed.items():
+                if old in values and new not in values:
+                    raise ValueError(f"{old!r} is now {new!r}")
+        return values
 
 
 class Adapter(nn.Module, metaclass=ABCMeta):

@@ -175,7 +175,25 @@ def _from_format_2(raw: dict) -> dict:
     return raw
 
 
-MIGRATIONS = {2: _from_format_2}  # format n -> n + 1
+ATTENTION_WINDOW_ADAPTERS = ("bytes", "bpe", "sentencepiece", "hnet", "byteflow")
+
+
+def _from_format_3(raw: dict) -> dict:
+    """Format 3 called the built-in adapters' attention window `window` (now `attn_window`; the
+    evaluation window is eval.window), in the patcher's entropy model too."""
+    model = raw.get("model") or {}
+    config = model.get("config")
+    if isinstance(config, dict):
+        if model.get("adapter") in ATTENTION_WINDOW_ADAPTERS and "window" in config:
+            config["attn_window"] = config.pop("window")
+        inner = config.get("entropy_model") if model.get("adapter") == "patcher" else None
+        if isinstance(inner, dict) and "window" in inner:
+            inner["attn_window"] = inner.pop("window")
+    raw["format_version"] = 4
+    return raw
+
+
+MIGRATIONS = {2: _from_format_2, 3: _from_format_3}  # format n -> n + 1
 
 
 def parse_record(raw: dict, source: Path | str) -> RunRecord:

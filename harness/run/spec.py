@@ -329,8 +329,8 @@ class Run(BaseModel):
             "corpus": self.corpus.model_dump(exclude={"label"}),  # the label names runs, it does not change them
             "split": suite.split.model_dump(),
             "eval": suite.eval.model_dump(),
-            "model": self.model.model_dump(exclude={"trainer": {"compile"}} if self.model.trainer.compile is None
-                                           else None),
+            "model": _hashed_as_before_renames(self.model.model_dump(
+                exclude={"trainer": {"compile"}} if self.model.trainer.compile is None else None)),
             "budget": self.budget,
             "seed": self.seed,
             "trainer": self.trainer.model_dump(exclude={"compile"} if not self.trainer.compile else None),  # older hashes match
@@ -342,6 +342,14 @@ class Run(BaseModel):
         if suite.max_epochs is not None:  # likewise
             payload["max_epochs"] = suite.max_epochs
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _hashed_as_before_renames(value):
+    """Config keys under the names they had when config hashes were defined (`attn_window` was
+    `window`), so that records made before a rename still match their runs."""
+    if isinstance(value, dict):
+        return {("window" if k == "attn_window" else k): _hashed_as_before_renames(v) for k, v in value.items()}
+    return value
 
 
 def expand(suite: Suite) -> list[Run]:
