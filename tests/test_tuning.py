@@ -86,7 +86,7 @@ def test_runs_use_the_chosen_settings_and_record_which_trials_chose_them(write_s
     (entry,) = tuning["entries"]
     assert entry["untuned"] == {"lr": 3e-4} and entry["chosen"]["lr"] == pytest.approx(3e-2)
     (record,) = read_suite_records(out)  # tuning trials are not the suite's runs
-    assert record.trainer["lr"] == entry["chosen"]["lr"]
+    assert record.trainer.lr == entry["chosen"]["lr"]
     assert record.tuning["selected_on"] == "val" and record.tuning["chosen"] == entry["chosen"]
     assert len(record.tuning["trials"]) == 3
     for run_id in record.tuning["trials"]:

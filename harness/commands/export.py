@@ -47,7 +47,7 @@ def _give_plain_modes(folder: Path, before: dict[Path, int]) -> None:
 
 def model_card(record: RunRecord, run_dir: Path, out_dir: Path, written: str) -> str:
     """A short model card: what the model is, what it was trained and scored on, how it was made."""
-    window = record.eval["window"]
+    window = record.eval.window
     eos = json.loads((out_dir / "config.json").read_text()).get("eos_token_id") if (out_dir / "config.json").is_file() else None
     corpus = record.corpus
     return "\n".join([

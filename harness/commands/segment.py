@@ -59,7 +59,7 @@ def run_segment(run_dir: str | Path, text: str | None = None, split: str | None 
     model = load_checkpoint(run_dir)
     if variant is not None:
         model.set_eval_variant(variant)
-    seg = segment_bytes(model, raw, window or record.eval["window"])
+    seg = segment_bytes(model, raw, window or record.eval.window)
     if seg is None:
         raise HarnessError(f"{run_dir}: adapter {record.model.adapter!r} does not cut bytes into units "
                            "(token models have no byte boundaries to show)")

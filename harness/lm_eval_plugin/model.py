@@ -109,7 +109,7 @@ class HarnessLM(LM):
         self.model = load_checkpoint(self.run_dir, self._device)
         self.model.set_eval_variant(eval_variant)  # e.g. ByteFlow's "topk" (the record's test_variants)
         self.eval_variant = eval_variant
-        self.window = int(self.record.eval["window"])
+        self.window = self.record.eval.window
         self.batch_size = batch_windows(batch_size, max_batch_size)
         self.byte_level = self.model.byte_level
 

@@ -202,10 +202,10 @@ def run_facts(run: Run, suite: Suite, corpus: CorpusData, config_hash: str) -> d
     splits = corpus.splits
     return dict(
         suite=suite.name, run_id=run.run_id, config_hash=config_hash, budget_flops=run.budget, seed=run.seed,
-        trainer=run.trainer.model_dump(mode="json"), trainer_overrides=run.model.trainer.model_dump(exclude_none=True),
+        trainer=run.trainer, trainer_overrides=run.model.trainer.model_dump(exclude_none=True),
         corpus=CorpusFacts(label=run.corpus.label, id=splits.corpus_id, sha256=splits.sha256,
                            train_bytes=len(splits.train), val_bytes=len(splits.val), test_bytes=len(splits.test)),
-        eval=suite.eval.model_dump(mode="json"), versions=versions(), tuning=run.tuning,
+        eval=suite.eval, versions=versions(), tuning=run.tuning,
         processes=distributed.world_size() if distributed.world_size() > 1 else None)
 
 

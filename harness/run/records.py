@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from harness import RECORD_FORMAT_VERSION, __version__
 from harness.storage import file_mode, write_json_atomic  # noqa: F401  (records are written with it)
 from harness.errors import HarnessError
+from harness.run.spec import EvalSettings, TrainerSettings
 
 
 class Typed(BaseModel):
@@ -99,12 +100,12 @@ class RunRecord(Typed):
     run_id: str
     config_hash: str
     model: ModelSpec
-    trainer: dict
-    trainer_overrides: dict
+    trainer: TrainerSettings
+    trainer_overrides: dict  # the keys the suite's model entry set
     budget_flops: float
     seed: int
     corpus: CorpusFacts
-    eval: dict
+    eval: EvalSettings
     parameters: dict[str, int]
     flops_per_byte: FlopsPerByte
     sizing: dict | None = None
