@@ -72,3 +72,15 @@ def write_suite(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the plotting functions close (instead of pixels, their data is checked)."""
+    import matplotlib.pyplot as plt
+
+    real_close, closed = plt.close, []
+    monkeypatch.setattr(plt, "close", lambda fig=None: closed.append(fig))
+    yield closed
+    for fig in closed:
+        real_close(fig)

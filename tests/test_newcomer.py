@@ -97,18 +97,6 @@ def test_split_sizes_fit_the_file():
 # --- plots ---------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def figures(monkeypatch):
-    """The figures the plotting functions close (their data is checked instead of their pixels)."""
-    import matplotlib.pyplot as plt
-
-    real_close, closed = plt.close, []
-    monkeypatch.setattr(plt, "close", lambda fig=None: closed.append(fig))
-    yield closed
-    for fig in closed:
-        real_close(fig)
-
-
 def test_one_budget_puts_the_models_side_by_side_in_order_of_bpb(tmp_path, figures):
     from harness.analysis import report
     from tests.test_report import record

@@ -6,7 +6,6 @@ threshold line on segmentation pictures."""
 import zlib
 
 import numpy as np
-import pytest
 from matplotlib import colors as mcolors
 from matplotlib.legend import Legend
 
@@ -66,18 +65,6 @@ def test_an_mfu_above_one_is_left_blank_and_explained():
     assert "| 40.0%" in report._markdown(report.runs_table(records))
     assert "1 of 2 runs trained faster than the peak they measured" in report._peak_sentence(records)
     assert "faster than the peak" not in report._peak_sentence(records[:1])
-
-
-@pytest.fixture
-def figures(monkeypatch):
-    """The figures the plotting functions close (instead of pixels, their data is checked)."""
-    import matplotlib.pyplot as plt
-
-    real_close, closed = plt.close, []
-    monkeypatch.setattr(plt, "close", lambda fig=None: closed.append(fig))
-    yield closed
-    for fig in closed:
-        real_close(fig)
 
 
 def test_every_plot_gives_a_model_the_same_colour(tmp_path, figures):
