@@ -14,7 +14,9 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from harness.analysis import fits as scaling, stats
+from harness.analysis.factors import base_levels, factor_section, factor_sentences
 from harness.analysis.plotting import model_colours, save_plot, shown_length
+from harness.analysis.rows import differences_section, parameter_columns, parameter_phrases
 from harness.analysis.tables import markdown as _markdown
 from harness.run.references import primed_with
 from harness.errors import HarnessError
@@ -60,6 +62,7 @@ def summary_table(records: list[RunRecord]) -> pd.DataFrame:
             "test bpb": mean, "95% CI": f"[{low:.4f}, {high:.4f}]", "interval": method,
             "fwd FLOPs/byte": runs[0].flops_per_byte.analytic["total"], "bytes/unit": runs[0].bytes_per_unit,
             "_low": low, "_high": high, "_test_flops": _mean_test_cost(runs),
+            **parameter_columns(runs),  # total, embedding and non-embedding: bpb is not compared without them
         })
     return pd.DataFrame(rows)
 
@@ -117,26 +120,37 @@ def _against(row: pd.Series, name: str, detail: str = "") -> str:
             f"({detail}{row['vs best']}, p = {row['p']:.3g}, {_with_caveat(row['test'])})")
 
 
-def summary_sentences(ranking: pd.DataFrame, kinds: dict[str, str], corpus: dict | None = None) -> list[str]:
+def _aside(*notes: str | None) -> str:
+    """' (a; b)' for the notes given, '' for none."""
+    notes = [n for n in notes if n]
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
+def summary_sentences(ranking: pd.DataFrame, kinds: dict[str, str], corpus: dict | None = None,
+                      parameters: dict[tuple[float, str], str] | None = None) -> list[str]:
     """One generated sentence per budget, saying each fact once: who leads and by how much over
     the runner-up; over the best model of the other kind (tokenized / tokenizer-free) when
     that is not the runner-up; and where the best compressor primed with the training split
-    stands (none for a record without primed references)."""
+    stands (none for a record without primed references). `parameters` ((budget, model) -> a
+    phrase) puts each named model's parameters beside it."""
     lines = []
     for budget, group in ranking.groupby("budget"):
+        size = {m: (parameters or {}).get((budget, m)) for m in group["model"]}
         best = group.iloc[0]
         both_kinds = len({kinds.get(m) for m in group["model"]}) > 1
-        kind = f" ({kinds[best['model']]})" if both_kinds else ""
+        kind = _aside(kinds[best["model"]] if both_kinds else None, size[best["model"]])
         sentence = f"- At {budget:.3g} training FLOPs, **{best['model']}**{kind} leads with {best['test bpb']:.4f} bpb"
         clauses = []
         if len(group) > 1:
             second = group.iloc[1]
-            other = f" ({kinds[second['model']]})" if both_kinds and kinds[second["model"]] != kinds[best["model"]] else ""
+            other = _aside(kinds[second["model"]] if both_kinds and kinds[second["model"]] != kinds[best["model"]]
+                           else None, size[second["model"]])
             clauses.append(_against(second, f"{second['model']}{other}"))
             rivals = group[[kinds.get(m) != kinds.get(best["model"]) for m in group["model"]]]
             if both_kinds and rivals.iloc[0]["model"] != second["model"]:  # the best of the other kind, if not said
                 rival = rivals.iloc[0]
-                clauses.append(_against(rival, f"the best {kinds[rival['model']]} model, {rival['model']}",
+                clauses.append(_against(rival, f"the best {kinds[rival['model']]} model, "
+                                               f"{rival['model']}{_aside(size[rival['model']])}",
                                         f"{rival['test bpb']:.4f} bpb; "))
         sentence += (": " + " and ".join(clauses)) if clauses else ""
         primed = primed_clause(best["test bpb"], corpus)
@@ -542,7 +556,8 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
     for label, ranking in rankings.items():
         crossing = scaling.summary_sentence(fitted[label])
         lines += [f"Corpus `{label}`:", "", *summary_sentences(ranking, model_kinds(by_corpus[label]),
-                                                                suite["corpora"][label]),
+                                                                suite["corpora"][label], parameter_phrases(by_corpus[label])),
+                  *factor_sentences(by_corpus[label], base_levels(spec)),
                   *([crossing] if crossing else []), ""]
     if failures:
         lines += ["## Runs that did not finish", "",
@@ -551,15 +566,17 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
                   "`harness run SUITE --retry-failed` runs them again.", "",
                   _markdown(failure_table(failures)), ""]
     for label, runs in by_corpus.items():
-        lines += corpus_section(label, runs, rankings[label], suite["corpora"][label], plot_dir, colours)
+        lines += corpus_section(label, runs, rankings[label], suite["corpora"][label], plot_dir, colours,
+                                base_levels(spec))
         lines += scaling.fits_section(fitted[label], label, plot_dir, colours, bool(spec.get("inference_scaling")))
     lines += tuning_section(results_dir, plot_dir, colours)
     return "\n".join(lines)
 
 
 def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, corpus: dict, plot_dir: Path,
-                   colours: dict[str, tuple] | None = None) -> list[str]:
-    """The tables and plots of one corpus's runs, as markdown lines."""
+                   colours: dict[str, tuple] | None = None, factor_bases: dict[str, str] | None = None) -> list[str]:
+    """The tables and plots of one corpus's runs, as markdown lines; `factor_bases` (factor -> base
+    level) for a suite with factors."""
     colours = colours or model_colours(r.model.name for r in records)
     summary = summary_table(records)
     plots = {name: f"{name}_{label}.png" for name in ("bpb_vs_flops", "bpb_vs_inference_flops", "learning_curves",
@@ -586,6 +603,7 @@ def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, 
         _markdown(summary.drop(columns=["_low", "_high"]).rename(columns={"_test_flops": "test fwd FLOPs/byte"})
                   if measured_cost else summary.drop(columns=["_low", "_high", "_test_flops"])),
         "",
+        *differences_section(records),
         "### Ranking per budget",
         "",
         "Each model against the best of its budget: Welch's t-test over seeds where both have two or more, "
@@ -594,6 +612,7 @@ def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, 
         "",
         _markdown(ranking),
         "",
+        *factor_section(records, factor_bases or {}),
         "### Runs",
         "",
         _markdown(runs_table(records)),

@@ -16,6 +16,8 @@ def markdown(frame: pd.DataFrame) -> str:
         "test fwd FLOPs/byte": "{:.3g}", "analytic FLOPs/byte": "{:.4g}", "test FLOPs/byte": "{:.4g}", "counted training FLOPs/byte": "{:.4g}",
         "test vs analytic": "{:+.1%}", "training vs analytic": "{:+.1%}",
         "last finite loss": "{:.4g}",
+        "embedding params": "{:,.0f}", "non-embedding params": "{:,.0f}", "base bpb": "{:.4f}", "level bpb": "{:.4f}",
+        "Δ bpb": "{:+.4f}",
     }
     shown = frame.copy()
     for column, fmt in formats.items():

@@ -87,7 +87,7 @@ def write_suite_summary(out: Path, suite: Suite, corpora: dict[str, CorpusData],
                         peak: Peak) -> None:
     """suite.json: the suite as run, and per corpus its hash and the reference rows."""
     prime_bytes = suite.references.prime_bytes if suite.references is not None else None
-    unset = {key for key in ("executor", "references") if getattr(suite, key) is None}  # as suite.json was before them
+    unset = {key for key in ("executor", "references", "factors") if getattr(suite, key) is None}  # as before them
     write_json_atomic(out / "suite.json", {
         "format_version": RECORD_FORMAT_VERSION,
         "suite": suite.model_dump(mode="json", exclude=unset or None),

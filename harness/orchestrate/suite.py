@@ -8,6 +8,7 @@ Every error names the file and the key and fits on one line, e.g.
 from __future__ import annotations
 
 import glob
+import re
 from pathlib import Path
 
 import yaml
@@ -17,7 +18,7 @@ from harness.api import registry
 from harness.modeling.flops import training_steps
 from harness.run.budget import training_flops_per_byte
 from harness.errors import HarnessError
-from harness.run.spec import FilesCorpus, HfCorpus, Suite, Corpus, SUITE_FORMAT_VERSION
+from harness.run.spec import FilesCorpus, HfCorpus, Row, Suite, Corpus, SUITE_FORMAT_VERSION
 
 def _location(loc: tuple) -> str:
     text = ""
@@ -72,6 +73,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# YAML 1.2's booleans, true and false only: YAML 1.1 also reads on, off, yes and no as booleans, which
+# would make a factor's levels `off: {}` and `on: {...}` the keys false and true
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                       list("tTfF"))
+
+
 def load_suite(path: str | Path) -> Suite:
     path = Path(path)
     if not path.is_file():
@@ -107,6 +117,31 @@ def load_suite(path: str | Path) -> Suite:
     return suite
 
 
+def _check_factors(path: Path, suite: Suite) -> None:
+    """Each factor crosses at least one model, whose config has every key its levels set, and no
+    two factors set one key of a model."""
+    entries = {m.name: m for m in suite.models}
+    crossing: dict[str, list[str]] = {}
+    for name, factor in (suite.factors or {}).items():
+        models = suite.factor_models(name)
+        if not models:
+            raise HarnessError(f"{path}: factors.{name}: no model's config has {', '.join(sorted(factor.keys))}; "
+                               f"name the models it crosses in factors.{name}.models")
+        for model in models:
+            fields = registry.get(entries[model].adapter).Config.model_fields
+            for level, keys in factor.levels.items():
+                missing = [key for key in keys if key not in fields]
+                if missing:
+                    raise HarnessError(f"{path}: factors.{name}.levels.{level}.{missing[0]}: model {model!r} "
+                                       f"(adapter {entries[model].adapter}) has no such config key")
+            for other in crossing.setdefault(model, []):
+                shared = factor.keys & suite.factors[other].keys
+                if shared:
+                    raise HarnessError(f"{path}: factors.{name}: sets {', '.join(sorted(shared))} of model {model!r}, "
+                                       f"as factors.{other} does (which level would win?)")
+            crossing[model].append(name)
+
+
 def _relative_to(path: Path, corpus: Corpus) -> Corpus:
     """File globs, and local datasets that exist beside the suite file, are relative to the suite file."""
     if isinstance(corpus, FilesCorpus) and not Path(corpus.files).is_absolute():
@@ -125,17 +160,28 @@ def _check_files(path: Path, suite: Suite) -> None:
 
 
 def _check_models(path: Path, suite: Suite) -> None:
+    """Every row (a model, or a model crossed with factor levels) builds and affords a step at every budget."""
     for i, entry in enumerate(suite.models):
         try:
-            cls = registry.get(entry.adapter)
+            registry.get(entry.adapter)
         except HarnessError as e:
             raise HarnessError(f"{path}: models[{i}].adapter: {e}") from None
+    _check_factors(path, suite)
+    index = {m.name: i for i, m in enumerate(suite.models)}
+    for entry in suite.rows:
+        i = index[entry.name.split("+")[0]]
+        levels = entry.factors if isinstance(entry, Row) else {}
+        set_by = {key: f"factors.{name}.levels.{level}" for name, level in levels.items()
+                  for key in suite.factors[name].levels[level]}  # a level's key is named where the level sets it
+        cls = registry.get(entry.adapter)
         try:
             model = cls(cls.Config(**entry.config))
         except ValidationError as e:
-            raise _first_error(path, e, prefix=f"models[{i}].config") from None
+            loc = e.errors()[0]["loc"]
+            raise _first_error(path, e, prefix=set_by.get(loc[0] if loc else None, f"models[{i}].config")) from None
         except (ValueError, HarnessError) as e:
-            raise HarnessError(f"{path}: models[{i}].config: {e}") from None
+            row = f" (row {entry.name})" if levels else ""
+            raise HarnessError(f"{path}: models[{i}].config{row}: {e}") from None
         batch_windows = entry.trainer.batch_windows or suite.trainer.batch_windows
         if batch_windows * suite.eval.window > suite.split.train_bytes:
             key = f"models[{i}].trainer.batch_windows" if entry.trainer.batch_windows else "trainer.batch_windows"

@@ -27,7 +27,7 @@ from harness.run.distributed import log
 from harness.run.pipeline import execute
 from harness.storage import write_json_atomic
 from harness.run.records import read_record, write_record
-from harness.run.spec import Run, Suite
+from harness.run.spec import Run, Suite, budget_label
 from harness.errors import HarnessError
 
 TUNING_FILE = "tuning.json"
@@ -86,7 +86,8 @@ class TrialRun(Run):
     @property
     def run_id(self) -> str:
         prefix = f"{self.corpus.label}__" if self.name_corpus else ""
-        return f"tune__{prefix}{self.model.name}__{self.label}__C{self.budget:.2e}__s{self.seed}".replace("+", "")
+        label = self.label.replace("+", "")  # lr1.00e00 for 1.0, as in budget labels
+        return f"tune__{prefix}{self.model.name}__{label}__{budget_label(self.budget)}__s{self.seed}"
 
 
 def trial_label(settings: dict) -> str:
@@ -111,7 +112,7 @@ def tune_suite(suite: Suite, out: Path, corpora: dict, device, peak, show_progre
         return _val_bpb(run, suite, out, corpora[run.corpus.label], device, peak, show_progress, save_every_s)
 
     entries = [_tune_model(suite, corpus, entry, budget, trial)
-               for corpus in suite.corpora for entry in suite.models for budget in tune.budgets]
+               for corpus in suite.corpora for entry in suite.rows for budget in tune.budgets]
     write_json_atomic(out / TUNING_FILE, {"selected_on": "val", "settings": tune.model_dump(mode="json"),
                                           "entries": entries})
     return entries

@@ -40,7 +40,7 @@ AUXILIARY_REPEATS = 5
 def bench_runs(suite: Suite, names: list[str] | None) -> list[Run]:
     """One run per model (all, or those named, in the suite's order): the first budget, seed and
     corpus, so each model has the size the suite gives it at its first budget."""
-    known = [m.name for m in suite.models]
+    known = [m.name for m in suite.rows]
     unknown = [n for n in names or [] if n not in known]
     if unknown:
         raise HarnessError(f"--models: {', '.join(unknown)} not in {suite.source}; its models: {', '.join(known)}")

@@ -28,6 +28,8 @@ class ModelSpec(Typed):
     adapter: str
     config: dict
     trainer: dict = Field(default_factory=dict, description="the suite entry's trainer overrides, unset ones null")
+    factors: dict[str, str] = Field(default_factory=dict, description="the row's level of each suite factor that "
+                                                                      "crosses it (older records: none)")
 
 
 class CorpusFacts(Typed):
@@ -225,8 +227,10 @@ def read_record(path: Path) -> RunRecord:
 
 
 def write_record(path: Path, record: RunRecord) -> None:
-    # a single-process record keeps exactly the keys it always had
-    write_json_atomic(path, record.model_dump(mode="json", exclude={"processes"} if record.processes is None else None))
+    # a single-process record, or one of a model no factor crosses, keeps exactly the keys it always had
+    exclude = ({"processes": True} if record.processes is None else {}) | ({} if record.model.factors
+                                                                           else {"model": {"factors"}})
+    write_json_atomic(path, record.model_dump(mode="json", exclude=exclude or None))
 
 
 def read_failure(path: Path) -> RunFailure | None:

@@ -6,6 +6,7 @@ suite file (YAML, one-line errors naming the file and key) is harness/orchestrat
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from pathlib import Path
@@ -23,7 +24,8 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # .inf and .nan are never a setting
 
 
-LABEL_PATTERN = r"^[A-Za-z0-9_.-]+$"  # corpus labels and model names: they appear in run ids
+LABEL_PATTERN = r"^[A-Za-z0-9_.-]+$"  # corpus labels, model names, factors and levels: they appear in run ids
+Label = Annotated[str, Field(pattern=LABEL_PATTERN)]
 
 
 class _CorpusSource(Strict):
@@ -148,6 +150,40 @@ class ModelEntry(Strict):
     trainer: TrainerOverrides = Field(default_factory=TrainerOverrides)
 
 
+class Row(ModelEntry):
+    """A model crossed with one level of each factor that names it (Suite.rows): its config is the
+    model's with the levels' keys set, its name `model+factor=level` (one `+factor=level` per factor)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+(\+[A-Za-z0-9_.-]+=[A-Za-z0-9_.-]+)+$")
+    factors: dict[str, str] = Field(description="factor -> level")
+
+
+class Factor(Strict):
+    """A choice the suite crosses with models (README, "Factors"): each level sets config keys of every
+    model the factor names, so the report can compare each level with the base level, seed by seed."""
+
+    models: list[Label] | None = Field(None, min_length=1, description="the models it crosses; default: every model "
+                                                                       "whose adapter's config has every key the levels set")
+    levels: dict[Label, dict] = Field(min_length=2, description="level -> the config keys it sets (replacing the "
+                                                                 "model's own; {} keeps the model's config)")
+    base: Label | None = Field(None, description="the level the others are compared with; default: the first")
+
+    @model_validator(mode="after")
+    def _base_is_a_level(self):
+        if self.base is not None and self.base not in self.levels:
+            raise ValueError(f"base: {self.base!r} is not one of the levels ({', '.join(self.levels)})")
+        return self
+
+    @property
+    def base_level(self) -> str:
+        return self.base if self.base is not None else next(iter(self.levels))
+
+    @property
+    def keys(self) -> set[str]:
+        """The config keys its levels set."""
+        return {key for level in self.levels.values() for key in level}
+
+
 class InferenceScaling(Strict):
     """Matched inference cost that grows with compute: at budget C every model is sized to
     flops_per_byte x (C / at_budget) ^ exponent forward FLOPs per byte (harness.run.sizing),
@@ -250,6 +286,9 @@ class Suite(Strict):
         None, gt=0, description="cap on epochs over the training split: a run whose budget would repeat the data more "
                                 "often stops there, short of its budget (its record says so); none: the budget decides")
     models: list[ModelEntry] = Field(min_length=1)
+    factors: dict[Label, Factor] | None = Field(
+        None, description="choices crossed with the models they name: every such model becomes one row per "
+                          "level, named model+factor=level (Suite.rows)")
     tune: TuneSettings | None = Field(None, description="choose each model's trainer settings on validation first")
     executor: ExecutorSettings | None = Field(None, description="run the suite's runs as jobs (harness.orchestrate.dispatch)")
     references: ReferenceSettings | None = Field(
@@ -264,6 +303,10 @@ class Suite(Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
+        for name, factor in (self.factors or {}).items():
+            unknown = [m for m in factor.models or [] if m not in names]
+            if unknown:
+                raise ValueError(f"factors.{name}.models: {', '.join(unknown)} not among the models")
         labels = [c.label for c in self.corpora]
         if not labels:
             raise ValueError("corpus: the list is empty")
@@ -290,6 +333,37 @@ class Suite(Strict):
         if self.inference_scaling is not None:
             return self.inference_scaling.target(budget)
         return self.inference_flops_per_byte
+
+    def factor_models(self, name: str) -> list[str]:
+        """The models factor `name` crosses: those it names, else every model whose adapter's config
+        has every key its levels set."""
+        factor = self.factors[name]
+        if factor.models is not None:
+            return factor.models
+        from harness.api import registry  # only a factor that names no models needs the adapters
+
+        return [m.name for m in self.models if factor.keys <= set(registry.get(m.adapter).Config.model_fields)]
+
+    @property
+    def rows(self) -> list[ModelEntry]:
+        """The models crossed with the factors, in the suite's order: a model that factors cross is one
+        Row per combination of their levels (in the order they are declared), each other model is
+        itself. A level's keys replace the model's (a nested mapping whole)."""
+        crossed = {name: self.factor_models(name) for name in self.factors or {}}
+        rows = []
+        for entry in self.models:
+            factors = [name for name, models in crossed.items() if entry.name in models]
+            if not factors:
+                rows.append(entry)
+                continue
+            for levels in itertools.product(*(self.factors[name].levels for name in factors)):
+                config = dict(entry.config)
+                for name, level in zip(factors, levels):
+                    config.update(self.factors[name].levels[level])
+                rows.append(Row(name=entry.name + "".join(f"+{f}={level}" for f, level in zip(factors, levels)),
+                                adapter=entry.adapter, config=config, trainer=entry.trainer,
+                                factors=dict(zip(factors, levels))))
+        return rows
 
     @property
     def corpora(self) -> list[Corpus]:
@@ -321,7 +395,7 @@ class Run(BaseModel):
     @property
     def run_id(self) -> str:
         prefix = f"{self.corpus.label}__" if self.name_corpus else ""
-        return f"{prefix}{self.model.name}__C{self.budget:.2e}__s{self.seed}".replace("+", "")
+        return f"{prefix}{self.model.name}__{budget_label(self.budget)}__s{self.seed}"
 
     def config_hash(self, suite: Suite) -> str:
         """Hash of everything that determines the run's result."""
@@ -352,9 +426,14 @@ def _hashed_as_before_renames(value):
     return value
 
 
+def budget_label(budget: float) -> str:
+    """A budget in run ids: C1.00e11 for 1e11."""
+    return f"C{budget:.2e}".replace("+", "")
+
+
 def expand(suite: Suite) -> list[Run]:
     runs = []
-    for entry in suite.models:
+    for entry in suite.rows:
         overrides = entry.trainer.model_dump(exclude_none=True)
         trainer = suite.trainer.model_copy(update=overrides)
         for corpus in suite.corpora:
