@@ -36,7 +36,9 @@ Compute. The chunk rate is learned and moves during training, so training_loss r
 forward FLOPs each batch ran, each window at its own chunk count (the padding of a batch is not
 charged: a packed implementation such as the reference's does not compute it), and the trainer
 charges them to the budget. flops_per_byte uses the rate measured on the training split after
-training (finish_training; kept in checkpoints), and the target 1/N before.
+training (finish_training; kept in checkpoints), and the target 1/N before. That measurement
+runs the encoder and the routing over calibration_windows training windows; the budget reserves
+it before training (calibration_cost).
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from harness.api import BOS, BYTE_VOCAB, Adapter, AdapterConfig, RunContext, SizingFields, TrainingLoss, register
+from harness.api import (BOS, BYTE_VOCAB, Adapter, AdapterConfig, CalibrationCost, RunContext, SizingFields, TrainingLoss,
+                         register)
 from harness.modeling.runtime import autocast
 from harness.modeling import chunking, flops
 from harness.modeling.nn import Transformer, init_weights
@@ -224,6 +227,12 @@ class HNet(Adapter):
 
     def finish_training(self, train: bytes, ctx: RunContext) -> dict:
         return self.measure_rate(train, ctx.window)
+
+    def calibration_cost(self, train_bytes: int, window: int) -> CalibrationCost:
+        """measure_rate runs the encoder and the routing (segment) on the calibration windows."""
+        parts = self.forward_flops(window, self.units_per_byte() * window)
+        windows = chunking.calibration_window_count(train_bytes, window, self.config.calibration_windows)
+        return CalibrationCost(flops=windows * (parts["encoder"] + parts["routing"]))
 
     def carry_preparation(self, prepared: "HNet") -> None:
         self.chunk_rate = prepared.chunk_rate

@@ -43,9 +43,8 @@ from pydantic import Field
 from torch import nn
 
 from byteflow import coding_rate
-from harness.api import BOS, BYTE_VOCAB, Adapter, AdapterConfig, RunContext, SizingFields, register
-from harness.modeling.windows import windows
-from harness.modeling.runtime import autocast, median_seconds
+from harness.api import BOS, BYTE_VOCAB, Adapter, AdapterConfig, CalibrationCost, RunContext, SizingFields, register
+from harness.modeling.runtime import autocast
 from harness.errors import HarnessError
 from harness.modeling import chunking, flops
 from harness.modeling.nn import Block, Transformer, init_weights
@@ -237,33 +236,16 @@ class ByteFlow(Adapter):
         started = time.perf_counter()
         facts = self.calibrate(train, ctx.window)
         facts["seconds"] = time.perf_counter() - started
-        facts["scoring_share_of_step"] = self.scoring_share(train, ctx.window)
         return facts
 
-    def scoring_share(self, train: bytes, window: int, batch_windows: int = 16, repeats: int = 3) -> float:
-        """Fraction of a training step's time (forward + backward) spent computing the
-        scores, the top-K selection and the chunk layout, on a batch of training windows."""
-        device = self.threshold.device
-        batch = windows(train, window, batch_windows).to(device)
-        was_training = self.training
-        self.train()
-        parameters = [p for p in self.parameters() if p.requires_grad]
-
-        def step():
-            with autocast(device):  # the numerics of training
-                loss = self(batch).float().mean()
-            torch.autograd.grad(loss, parameters)
-
-        with torch.no_grad(), autocast(device):
-            h = self.encode(batch)
-
-        def scoring():
-            starts = self.select(self.scores(h), "topk")
-            chunking.layout(starts, chunking.selected_count(window, self.config.rate))
-
-        share = median_seconds(scoring, repeats, device) / median_seconds(step, repeats, device)
-        self.train(was_training)
-        return share
+    def calibration_cost(self, train_bytes: int, window: int) -> CalibrationCost:
+        """calibrate runs the encoder and the coding-rate scores on the calibration windows. (How
+        much of a training step the scoring takes is a timing: `harness bench` measures it, as the
+        auxiliary part's share of a step, outside any budget.)"""
+        parts = self.flops_per_byte(window)
+        scored_bytes = window * chunking.calibration_window_count(train_bytes, window, self.config.calibration_windows)
+        per_byte = parts["encoder"] + parts["scoring"] + parts["scoring_factorisation"]
+        return CalibrationCost(flops=scored_bytes * per_byte, uncounted=scored_bytes * parts["scoring_factorisation"])
 
     # --- accounting -------------------------------------------------------------------------
 

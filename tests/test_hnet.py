@@ -290,7 +290,12 @@ def test_runner_end_to_end_charges_actual_flops_and_records_the_rate(write_suite
     # H-Net: what it ran, within the budget (up to the step-to-step variation of the last step's
     # cost, which the stopping rule cannot know), with the rate's trajectory in the curve
     curve = h.loss_curve
-    assert h.training_flops == curve[-1].flops <= 1.01 * budget and h.total_flops == h.training_flops
+    assert h.training_flops == curve[-1].flops <= 1.01 * budget
+    # the rate's measurement after training: reserved before it (out of training's share), counted and charged
+    assert h.calibration_flops.reserved > 0
+    assert h.calibration_flops.spent == pytest.approx(h.calibration_flops.reserved, rel=1e-9)
+    assert h.training_flops <= 1.01 * (budget - h.calibration_flops.reserved)
+    assert h.total_flops == h.training_flops + h.calibration_flops.spent
     assert h.bytes_seen <= h.steps * h.batch_bytes and h.bytes_seen == curve[-1].bytes
     assert all(p.bytes_per_unit > 1 and "ratio" in p.auxiliary for p in curve)
     assert [p.flops for p in curve] == sorted(p.flops for p in curve)

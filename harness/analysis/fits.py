@@ -315,10 +315,11 @@ def plot_fits(fits: dict[str, ModelFit], path: Path, title: str, colours: dict[s
 
 
 def fits_section(fits: dict[str, ModelFit], label: str, plot_dir: Path, colours: dict[str, tuple],
-                 scaled_suite: bool) -> list[str]:
+                 scaled_suite: bool, left_out: str = "") -> list[str]:
     """The report's "Scaling fits" lines for one corpus: nothing when no model has enough
-    budgets, except one plain sentence for a suite built for fits (a scaling rule)."""
-    most = max(len(f.points) for f in fits.values())
+    budgets, except one plain sentence for a suite built for fits (a scaling rule). `left_out`:
+    a sentence on points the fits leave out (rows not at matched inference cost)."""
+    most = max((len(f.points) for f in fits.values()), default=0)
     if most < MIN_BUDGETS:
         return [f"Scaling fits need at least {MIN_BUDGETS} budgets per model; these records have {most}, "
                 "so no curve is fitted.", ""] if scaled_suite else []
@@ -333,7 +334,8 @@ def fits_section(fits: dict[str, ModelFit], label: str, plot_dir: Path, colours:
              f"{MIN_BUDGETS} budgets for a fit. Rungs missed: of the rungs with two seeds or more, how many "
              "have a mean the curve misses by more than its 95% t-interval over seeds; a curve that misses "
              "rungs describes its points only roughly, and so do the crossovers read from it. Top rung: "
-             "the curve minus the mean there (negative: the curve runs below the points).", "",
+             "the curve minus the mean there (negative: the curve runs below the points)."
+             + (f" {left_out}" if left_out else ""), "",
              fit_table(fits, trimmed).to_markdown(index=False, disable_numparse=True), ""]
     found = crossovers(fits)
     if found:

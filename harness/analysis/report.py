@@ -18,6 +18,7 @@ from harness.analysis.factors import base_levels, factor_section, factor_sentenc
 from harness.analysis.plotting import model_colours, save_plot, shown_length
 from harness.analysis.rows import differences_section, parameter_columns, parameter_phrases
 from harness.analysis.tables import markdown as _markdown
+from harness.run.budget import cost_check_of
 from harness.run.references import primed_with
 from harness.errors import HarnessError
 from harness.analysis.segment import Segmentation, plot_segmentation, segmentation_threshold
@@ -48,7 +49,8 @@ def _groups(records: list[RunRecord]) -> dict[tuple[float, str], list[RunRecord]
 
 def summary_table(records: list[RunRecord]) -> pd.DataFrame:
     """Per model and budget: mean test bpb over seeds with a 95% interval (t over seeds,
-    or bootstrap over windows for a single run)."""
+    or bootstrap over windows for a single run); FLOPs and bytes per unit are seed means too, and
+    so is the test cost against the target of a sized run (marked when a run missed it)."""
     rows = []
     for (budget, model), runs in sorted(_groups(records).items()):
         if len(runs) >= 2:
@@ -60,11 +62,57 @@ def summary_table(records: list[RunRecord]) -> pd.DataFrame:
         rows.append({
             "budget": budget, "model": model, "adapter": runs[0].model.adapter, "seeds": len(runs),
             "test bpb": mean, "95% CI": f"[{low:.4f}, {high:.4f}]", "interval": method,
-            "fwd FLOPs/byte": runs[0].flops_per_byte.analytic["total"], "bytes/unit": runs[0].bytes_per_unit,
-            "_low": low, "_high": high, "_test_flops": _mean_test_cost(runs),
+            "fwd FLOPs/byte": float(np.mean([r.flops_per_byte.analytic["total"] for r in runs])),
+            "bytes/unit": float(np.mean([r.bytes_per_unit for r in runs])),
+            "_low": low, "_high": high, "_test_flops": _mean_test_cost(runs), "test cost vs target": _against_target(runs),
             **parameter_columns(runs),  # total, embedding and non-embedding: bpb is not compared without them
         })
     return pd.DataFrame(rows)
+
+
+def _against_target(runs: list[RunRecord]) -> str | None:
+    """Seed-mean test cost / the target - 1 of a row of sized runs, and "not matched" when a run
+    missed its tolerance (None for runs that were not sized, or records before the test count)."""
+    checks = [cost_check_of(r) for r in runs]
+    if any(c is None for c in checks):
+        return None
+    error = f"{np.mean([c.relative_error for c in checks]):+.1%}"
+    return error if all(c.matched for c in checks) else f"{error}, not matched"
+
+
+def unmatched_runs(records: list[RunRecord]) -> dict[tuple[float, str], list[RunRecord]]:
+    """Rows (budget, model) in which a run's forward FLOPs per byte on the scored test windows are
+    further from the target it was sized to than its tolerance (harness.run.budget.check_test_cost):
+    the runs that missed, per row."""
+    rows: dict[tuple[float, str], list[RunRecord]] = {}
+    for r in records:
+        check = cost_check_of(r)
+        if check is not None and not check.matched:
+            rows.setdefault((r.budget_flops, r.model.name), []).append(r)
+    return rows
+
+
+def at_matched_cost(records: list[RunRecord]) -> list[RunRecord]:
+    """The runs of the rows whose every run held its inference cost: what rankings, the leaders'
+    sentences and the scaling fits compare (a row with a run that missed is compared with none)."""
+    missed = unmatched_runs(records)
+    return [r for r in records if (r.budget_flops, r.model.name) not in missed]
+
+
+def unmatched_sentence(records: list[RunRecord]) -> str | None:
+    """The summary's note naming the rows left out of the comparisons, and by how much each run missed."""
+    missed = unmatched_runs(records)
+    if not missed:
+        return None
+    runs = [r for row in missed.values() for r in row]
+    tolerance = max(cost_check_of(r).tolerance for r in runs)
+    rows = "; ".join(f"{model} at {budget:.3g} (" + ", ".join(
+        f"seed {r.seed} {cost_check_of(r).relative_error:+.1%}" for r in sorted(missed[budget, model], key=lambda r: r.seed))
+        + ")" for budget, model in sorted(missed, key=lambda row: (row[1], row[0])))
+    return (f"- Not at matched inference cost: on the scored test windows, {len(runs)} of {len(records)} runs are more "
+            f"than {tolerance:.0%} off the forward FLOPs per byte their rung's target sets (counted window by window), "
+            "so their rows are left out of the rankings, the sentences above and the scaling fits; their bpb is in the "
+            f"tables, marked \"not matched\": {rows}.")
 
 
 def _mean_test_cost(runs: list[RunRecord]) -> float:
@@ -88,6 +136,20 @@ def cost_table(records: list[RunRecord]) -> pd.DataFrame | None:
     return pd.DataFrame(rows) if rows else None
 
 
+def padding_table(records: list[RunRecord]) -> pd.DataFrame | None:
+    """Per model, over its runs that counted both: how much more the evaluator's batches computed
+    than the useful FLOPs (each window alone), as a share of the useful ones. None for records
+    from before the batched count."""
+    shares: dict[str, list[float]] = {}
+    for r in sorted(records, key=lambda r: r.model.name):
+        share = r.flops_per_byte.padding_share()
+        if share is not None:
+            shares.setdefault(r.model.name, []).append(share)
+    rows = [{"model": model, "runs": len(v), "padding (mean)": f"{np.mean(v):+.1%}",
+             "range": f"{min(v):+.1%} to {max(v):+.1%}"} for model, v in shares.items()]
+    return pd.DataFrame(rows) if rows else None
+
+
 def ranking_table(records: list[RunRecord]) -> pd.DataFrame:
     """Per budget, models ranked by mean test bpb, each compared with the best."""
     groups = _groups(records)
@@ -106,7 +168,7 @@ def ranking_table(records: list[RunRecord]) -> pd.DataFrame:
                 verdict = "significant" if p < stats.ALPHA else "not significant"
             rows.append({"budget": budget, "rank": rank, "model": name, "test bpb": bpb, "Δ vs best": bpb - best_bpb,
                          "p": p, "test": test, "vs best": verdict})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["budget", "rank", "model", "test bpb", "Δ vs best", "p", "test", "vs best"])
 
 
 def model_kinds(records: list[RunRecord]) -> dict[str, str]:
@@ -497,6 +559,21 @@ def auxiliary_sentence(records: list[RunRecord], spec: dict) -> str:
     return f" Auxiliary models (in {models}) are **excluded** from the training FLOPs and budgets, as in the BLT paper."
 
 
+def calibration_sentence(records: list[RunRecord]) -> str:
+    """Whether the passes after training (Adapter.finish_training) were charged, naming the models
+    that have them; nothing for a suite without any."""
+    charged = sorted({r.model.name for r in records if r.calibration_flops and r.calibration_flops.spent > 0})
+    uncharged = sorted({r.model.name for r in records if r.calibration and r.calibration_flops is None})
+    text = ""
+    if charged:
+        text += (f" Calibration after training (in {', '.join(charged)}) is **included**: the budget reserves it "
+                 "before training, and the train FLOPs include what it counted.")
+    if uncharged:
+        text += (f" The records of {', '.join(uncharged)} predate calibration charging: their passes after training "
+                 "(calibration) are not in the train FLOPs.")
+    return text
+
+
 def suite_header(spec: dict, records: list[RunRecord]) -> list[str]:
     """The report's opening: title, description (if any), split, device, FLOP conventions, sizing rule."""
     description = (spec.get("description") or "").strip()
@@ -509,7 +586,8 @@ def suite_header(spec: dict, records: list[RunRecord]) -> list[str]:
         f"an empty context. Device `{', '.join(sorted({r.device for r in records}))}`; " + _peak_sentence(records),
         "",
         "FLOPs: a multiply-add is 2; every matrix product counts (head and both attention products); "
-        "training = 3 x forward. bpb = summed NLL in nats / (ln 2 x scored bytes)." + auxiliary_sentence(records, spec),
+        "training = 3 x forward. bpb = summed NLL in nats / (ln 2 x scored bytes)." + auxiliary_sentence(records, spec)
+        + calibration_sentence(records),
         "",
     ]
     if spec.get("inference_flops_per_byte"):
@@ -548,17 +626,17 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
     spec = suite["suite"]
     by_corpus = {label: [r for r in records if r.corpus.label == label] for label in suite["corpora"]}
     by_corpus = {label: runs for label, runs in by_corpus.items() if runs}
-    rankings = {label: ranking_table(runs) for label, runs in by_corpus.items()}
+    rankings = {label: ranking_table(at_matched_cost(runs)) for label, runs in by_corpus.items()}
     colours = model_colours([m["name"] for m in spec["models"]] + [r.model.name for r in records])  # one per model, every plot
     lines = suite_header(spec, records)
-    fitted = {label: scaling.fit_records(runs, model_kinds(runs)) for label, runs in by_corpus.items()}
+    fitted = {label: scaling.fit_records(at_matched_cost(runs), model_kinds(runs)) for label, runs in by_corpus.items()}
     lines += ["## Summary", ""]
     for label, ranking in rankings.items():
-        crossing = scaling.summary_sentence(fitted[label])
+        notes = [scaling.summary_sentence(fitted[label]), unmatched_sentence(by_corpus[label])]
         lines += [f"Corpus `{label}`:", "", *summary_sentences(ranking, model_kinds(by_corpus[label]),
                                                                 suite["corpora"][label], parameter_phrases(by_corpus[label])),
-                  *factor_sentences(by_corpus[label], base_levels(spec)),
-                  *([crossing] if crossing else []), ""]
+                  *factor_sentences(at_matched_cost(by_corpus[label]), base_levels(spec)),
+                  *[note for note in notes if note], ""]
     if failures:
         lines += ["## Runs that did not finish", "",
                   "These runs have no bpb and are in no table below: a diverged run's training loss stopped being "
@@ -568,9 +646,20 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
     for label, runs in by_corpus.items():
         lines += corpus_section(label, runs, rankings[label], suite["corpora"][label], plot_dir, colours,
                                 base_levels(spec))
-        lines += scaling.fits_section(fitted[label], label, plot_dir, colours, bool(spec.get("inference_scaling")))
+        left_out = ("Rows not at matched inference cost are not fitted (Summary)." if unmatched_runs(runs) else "")
+        lines += scaling.fits_section(fitted[label], label, plot_dir, colours, bool(spec.get("inference_scaling")),
+                                      left_out)
     lines += tuning_section(results_dir, plot_dir, colours)
     return "\n".join(lines)
+
+
+def summary_shown(summary: pd.DataFrame, measured_cost: bool) -> pd.DataFrame:
+    """The summary table as the report shows it: the measured test cost where every record has
+    it, the cost against the target where runs were sized."""
+    shown = summary.drop(columns=["_low", "_high"] + ([] if measured_cost else ["_test_flops"]))
+    if shown["test cost vs target"].isna().all():
+        shown = shown.drop(columns=["test cost vs target"])
+    return shown.rename(columns={"_test_flops": "test fwd FLOPs/byte"})
 
 
 def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, corpus: dict, plot_dir: Path,
@@ -600,15 +689,16 @@ def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, 
         "",
         "### Test bpb per model and budget (95% intervals)",
         "",
-        _markdown(summary.drop(columns=["_low", "_high"]).rename(columns={"_test_flops": "test fwd FLOPs/byte"})
-                  if measured_cost else summary.drop(columns=["_low", "_high", "_test_flops"])),
+        _markdown(summary_shown(summary, measured_cost)),
         "",
         *differences_section(records),
         "### Ranking per budget",
         "",
         "Each model against the best of its budget: Welch's t-test over seeds where both have two or more, "
         "else a paired t-test over the shared test windows; p >= 0.05 is not significant. "
-        "A p over windows (one seed) reflects sampling over test windows only: seed-to-seed training noise is not in it.",
+        "A p over windows (one seed) reflects sampling over test windows only: seed-to-seed training noise is not in it."
+        + (" Rows not at matched inference cost (\"not matched\" above) are not ranked." if unmatched_runs(records)
+           else ""),
         "",
         _markdown(ranking),
         "",
@@ -659,6 +749,14 @@ def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, 
                   "from the analytic figure at the training-split rates (what budgets use): on the scored test windows "
                   "under the evaluation rule (the inference cost the plot uses), or on training windows (the budget's "
                   "check). Matched-inference sizing uses the training-split figure.", "", _markdown(costs), ""]
+    padding = padding_table(records)
+    if padding is not None:
+        batches = ", ".join(sorted({str(r.eval.get("batch_windows")) for r in records}))
+        lines += ["### Padding in batched evaluation", "",
+                  "FLOPs here count useful work: each test window's forward on its own, with its own unit count. "
+                  f"The evaluator runs batches of {batches} windows, padded to the longest unit count (tokens, "
+                  "patches, chunks) in the batch; counted the same way over those batches, it computed this much more:",
+                  "", _markdown(padding), ""]
     sizing = sizing_table(records)
     if sizing is not None:
         lines += ["### Sizing to the inference cost", "", _markdown(sizing), ""]

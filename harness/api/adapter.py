@@ -73,6 +73,16 @@ class Preparation:
     facts: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class CalibrationCost:
+    """What finish_training() will spend, stated before training so the budget can reserve it:
+    forward FLOPs in all (the harness.modeling.flops convention), and the part of them that
+    FlopCounterMode cannot see (e.g. a Cholesky factorisation), which the count after the pass adds."""
+
+    flops: float = 0.0
+    uncounted: float = 0.0
+
+
 @dataclass
 class TrainingLoss:
     """One training forward: the per-byte NLL (B, W) that is the objective, plus scalar
@@ -142,8 +152,15 @@ class Adapter(nn.Module, metaclass=ABCMeta):
 
     def finish_training(self, train: bytes, ctx: RunContext) -> dict:
         """After training, before evaluation: e.g. calibrate a threshold of the trained model on
-        the training split. Returns facts for the record."""
+        the training split. Returns facts for the record. Its passes are charged to the budget:
+        state them in calibration_cost, and run nothing else (a timing belongs in `harness bench`)."""
         return {}
+
+    def calibration_cost(self, train_bytes: int, window: int) -> CalibrationCost:
+        """What finish_training() will spend on a training split of `train_bytes` with windows of
+        `window` bytes, from the config alone (before training; the budget reserves it). The
+        harness counts the pass when it runs and warns when the count differs."""
+        return CalibrationCost()
 
     # ---- the model ---------------------------------------------------------------------
     def next_byte_logits(self, windows: torch.Tensor) -> torch.Tensor:

@@ -102,13 +102,19 @@ def select_rolling(scores: torch.Tensor, window: int, rate: float) -> torch.Tens
 
 # ---- calibration on the training split ------------------------------------------------------
 
+def calibration_window_count(train_bytes: int, window: int, count: int) -> int:
+    """How many windows calibration_windows picks from a training split of `train_bytes` (what a
+    calibration costs is known before it runs)."""
+    return min(count, train_bytes // window)
+
+
 def calibration_windows(train: bytes, window: int, count: int) -> torch.Tensor:
     """`count` windows of `window` bytes evenly spaced over the training split (all of them if
     it holds fewer): calibration sees every part of the split, deterministically."""
     n = len(train) // window
     if n == 0:
         raise HarnessError(f"the training split ({len(train)} bytes) is shorter than one {window}-byte window")
-    pick = torch.linspace(0, n - 1, min(count, n)).round().long().tolist()
+    pick = torch.linspace(0, n - 1, calibration_window_count(len(train), window, count)).round().long().tolist()
     # only the picked windows are copied out of the split (of many GB, perhaps)
     return windows(b"".join(train[i * window:(i + 1) * window] for i in pick), window)
 

@@ -15,6 +15,7 @@ whole sequence; adapters divide by the bytes the sequence covers.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -71,10 +72,17 @@ def training_steps(budget: float, training_flops_per_byte: float, batch_bytes: i
     return int(max(0.0, budget) / training_flops_per_byte // batch_bytes)
 
 
-def measure_forward(fn, *args) -> float:
-    """FLOPs that torch's FlopCounterMode counts for fn(*args), with attention on the
+@contextmanager
+def counting():
+    """A FlopCounterMode over the block (its get_total_flops() after), with attention on the
     MATH backend (the fused CPU kernel is counted as zero in torch 2.13)."""
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        yield counter
+
+
+def measure_forward(fn, *args) -> float:
+    """FLOPs that torch's FlopCounterMode counts for fn(*args) (see counting)."""
+    with torch.no_grad(), counting() as counter:
         fn(*args)
     return float(counter.get_total_flops())

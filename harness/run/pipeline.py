@@ -15,14 +15,14 @@ import torch
 from harness.api import Adapter, AuxiliaryTraining, Preparation, RunContext, build
 from harness.errors import HarnessError
 from harness.modeling import chunking
-from harness.modeling.flops import measure_forward
+from harness.modeling.flops import counting, measure_forward
 from harness.run import data, distributed
-from harness.run.budget import Plan, charged_training_flops, plan
+from harness.run.budget import Plan, charged_training_flops, check_test_cost, plan
 from harness.run.device import Peak
 from harness.run.distributed import log
 from harness.run.evaluate import evaluate
 from harness.run.checkpoint import save_checkpoint_atomic
-from harness.run.records import (CorpusFacts, FlopsPerByte, ModelSpec, PreparationFacts, RunRecord,
+from harness.run.records import (CalibrationFlops, CorpusFacts, FlopsPerByte, ModelSpec, PreparationFacts, RunRecord,
                                  SegmentationExample, versions, write_record)
 from harness.run.segmentation import segment_bytes
 from harness.run.sizing import resize, size_to_target
@@ -137,8 +137,9 @@ def segmentation_example(model: Adapter, test: bytes, window: int, example_bytes
 
 def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, peak: Peak, config_hash: str,
             run_dir: Path, show_progress: bool, save_every_s: float, tensorboard_dir: Path | None = None) -> RunRecord:
-    """One run from plan to record: prepare, plan, train, finish (calibration), measure what the
-    forward costs, evaluate, record; the record is written last (rank 0 only)."""
+    """One run from plan to record: prepare, plan, train, finish (calibration, charged), measure what
+    the forward costs, evaluate, check the inference cost the run was sized to, record; the record
+    is written last (rank 0 only)."""
     started = time.perf_counter()
     ctx = context(suite, run, device)
     model, preparation, sizing = prepare(run, suite, corpus, ctx)
@@ -151,7 +152,11 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
     if training.stopped_by_budget and training.steps < budget.steps:
         warn(run, warnings, f"the budget was spent after {training.steps} of {budget.steps} planned steps "
                             "(the learned unit rate ran above its target; the schedule was cut short)")
-    calibration = model.finish_training(corpus.splits.train, ctx)
+    calibration, calibration_flops = finish_training(model, corpus.splits.train, ctx)
+    if calibration_flops.spent > calibration_flops.reserved * (1 + FLOP_TOLERANCE):
+        warn(run, warnings, f"calibration after training counted {calibration_flops.spent:.4g} FLOPs, more than the "
+                            f"{calibration_flops.reserved:.4g} its adapter reserved (Adapter.calibration_cost): "
+                            "the run's total may pass its budget")
     # the training forward, window by window so no batch padding is counted; after training, where
     # a learned chunk rate (H-Net) has settled, against the analytic figure at that rate
     counted_training = counted_flops_per_byte(model.train(), chunking.calibration_windows(
@@ -159,10 +164,17 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
     results = evaluate_run(model, suite, corpus, ctx)
     flops = FlopsPerByte(analytic=model.flops_per_byte(ctx.window), counted_training=counted_training,
                          counted_training_windows=min(FLOP_CHECK_WINDOWS, len(corpus.splits.train) // ctx.window),
-                         test=counted_flops_per_byte(model.eval(), corpus.test_windows, ctx))
+                         test=counted_flops_per_byte(model.eval(), corpus.test_windows, ctx),
+                         test_batched=counted_flops_per_byte(model, corpus.test_windows, ctx, suite.eval.batch_windows))
     if abs(flops.training_deviation()) > FLOP_TOLERANCE:
         warn(run, warnings, f"the training forward counted on {flops.counted_training_windows} training windows is "
                             f"{flops.training_deviation():+.1%} off the analytic FLOPs per byte that the budget uses")
+    cost_check = check_test_cost(flops, sizing, suite.count_auxiliary_flops)
+    if cost_check is not None and not cost_check.matched:
+        warn(run, warnings, f"the scored test windows cost {cost_check.test:.4g} forward FLOPs per byte, "
+                            f"{cost_check.relative_error:+.1%} off the {cost_check.target:.4g} it was sized to (tolerance "
+                            f"{cost_check.tolerance:.0%}): not at matched inference cost, so the report ranks and fits "
+                            "its row with no other")
     training_flops = charged_training_flops(training, budget)
     achieved = training_flops / training.seconds
     mfu = achieved / peak.flops_per_s / distributed.world_size()
@@ -179,9 +191,10 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
         steps=budget.steps, batch_bytes=budget.batch_bytes, bytes_seen=training.bytes_seen, epochs=training.epochs,
         epoch_cap=budget.epoch_cap, training_flops=training_flops,
         auxiliary_training_flops=budget.auxiliary_training_flops, count_auxiliary_flops=suite.count_auxiliary_flops,
-        total_flops=training_flops + budget.auxiliary_training_flops,
+        total_flops=training_flops + budget.auxiliary_training_flops + calibration_flops.spent,
         training_flops_per_byte=training_flops / training.bytes_seen if training.flops is not None
-        else budget.training_flops_per_byte, calibration=calibration, loss_curve=training.curve,
+        else budget.training_flops_per_byte, calibration=calibration, calibration_flops=calibration_flops,
+        cost_check=cost_check, loss_curve=training.curve,
         tokenizer=model.tokenizer_metrics(corpus.splits.test, ctx.window), train_seconds=training.seconds,
         resumed_at_step=training.resumed_at_step, wall_seconds=time.perf_counter() - started,
         achieved_flops_per_s=achieved, matmul_peak_flops_per_s=peak.flops_per_s, matmul_peak_range=[peak.low, peak.high],
@@ -212,25 +225,37 @@ def run_facts(run: Run, suite: Suite, corpus: CorpusData, config_hash: str) -> d
 def train_run(run: Run, model: Adapter, corpus: CorpusData, budget: Plan, ctx: RunContext, config_hash: str,
               run_dir: Path, show_progress: bool, save_every_s: float, tensorboard_dir: Path | None) -> TrainingResult:
     """The run's training on its split, resumable from runs/RUN_ID/partial.pt, within what the
-    budget leaves after preparation."""
+    budget leaves after preparation and calibration."""
     stream = data.TrainStream(corpus.splits.train, ctx.window, run.trainer.batch_windows, run.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     writer = tensorboard_writer(tensorboard_dir) if tensorboard_dir is not None and distributed.is_main() else None
     try:
         return train(model, stream, run.trainer, budget.steps, ctx.device, description=run.run_id,
                      show_progress=show_progress, resume_path=run_dir / "partial.pt", resume_key=config_hash,
-                     save_every_s=save_every_s, budget_flops=run.budget - budget.auxiliary_training_flops,
+                     save_every_s=save_every_s, budget_flops=run.budget - budget.reserved_flops,
                      tensorboard=writer)
     finally:
         if writer is not None:
             writer.close()
 
 
-def counted_flops_per_byte(model: Adapter, windows: torch.Tensor, ctx: RunContext) -> float:
-    """Forward FLOPs per byte that FlopCounterMode counts over `windows`, one window at a time
-    (real unit counts, no batch padding) in the model's current mode, plus what the counter
-    cannot see."""
-    counted = sum(measure_forward(model, w[None].to(ctx.device)) for w in windows)
+def finish_training(model: Adapter, train: bytes, ctx: RunContext) -> tuple[dict, CalibrationFlops]:
+    """The adapter's passes after training (Adapter.finish_training), counted as they run: its
+    facts, and what it reserved against what it spent (FlopCounterMode plus the part the
+    adapter says the counter cannot see)."""
+    cost = model.calibration_cost(len(train), ctx.window)
+    with counting() as counter:
+        facts = model.finish_training(train, ctx)
+    spent = float(counter.get_total_flops()) + cost.uncounted
+    return facts, CalibrationFlops(reserved=cost.flops, spent=spent)
+
+
+def counted_flops_per_byte(model: Adapter, windows: torch.Tensor, ctx: RunContext, batch_windows: int = 1) -> float:
+    """Forward FLOPs per byte that FlopCounterMode counts over `windows` in the model's current
+    mode, plus what the counter cannot see. One window at a time (the default) counts real unit
+    counts, no batch padding: the useful FLOPs; in batches of `batch_windows`, what a batched
+    evaluation computes, each window padded to its batch's longest unit count."""
+    counted = sum(measure_forward(model, batch.to(ctx.device)) for batch in windows.split(batch_windows))
     return counted / windows.numel() + model.uncounted_flops_per_byte(ctx.window)
 
 

@@ -55,6 +55,9 @@ class FlopsPerByte(Typed):
     counted_training: float | None = None  # the training forward counted on training windows (the check of "total")
     counted_training_windows: int | None = None
     test: float | None = None  # the evaluation rule's forward counted on every scored test window: the inference cost
+    # the same windows counted in the evaluator's batches (eval.batch_windows), each padded to its batch's longest unit
+    # count: what batched evaluation computed; the protocol counts `test` (useful FLOPs)
+    test_batched: float | None = None
 
     def training_deviation(self) -> float | None:
         """Counted training forward / analytic - 1 (the budget's FLOP check)."""
@@ -65,6 +68,28 @@ class FlopsPerByte(Typed):
     def test_deviation(self) -> float | None:
         """Measured test cost / analytic - 1 (data-dependent units are rarer or commoner on test)."""
         return None if self.test is None else self.test / self.analytic["total"] - 1.0
+
+    def padding_share(self) -> float | None:
+        """Batched evaluation's FLOPs / the useful ones - 1: what padding windows to a batch added."""
+        return None if self.test is None or self.test_batched is None else self.test_batched / self.test - 1.0
+
+
+class CostCheck(Typed):
+    """Matched inference cost where it is scored (harness.run.budget.check_test_cost): the forward
+    FLOPs per byte counted on the scored test windows against the target the run was sized to."""
+
+    target: float  # the suite's inference cost at the run's budget (sizing's target_flops_per_byte)
+    test: float  # counted on the test windows, as the target counts (auxiliary models left out when the suite does)
+    relative_error: float  # test / target - 1
+    tolerance: float
+    matched: bool  # |relative_error| <= tolerance; otherwise the report ranks and fits the run's row with no other
+
+
+class CalibrationFlops(Typed):
+    """The passes after training (Adapter.finish_training, e.g. H-Net's rate, ByteFlow's threshold)."""
+
+    reserved: float  # stated by the adapter before training (Adapter.calibration_cost) and kept out of training's share
+    spent: float  # FlopCounterMode over finish_training plus the part it cannot see: what total_flops charges
 
 
 class PreparationFacts(Typed):
@@ -122,9 +147,11 @@ class RunRecord(Typed):
     training_flops: float
     auxiliary_training_flops: float
     count_auxiliary_flops: bool
-    total_flops: float
+    total_flops: float  # training + auxiliary training + calibration (older records: the first two)
     training_flops_per_byte: float
     calibration: dict
+    calibration_flops: CalibrationFlops | None = None  # older records: calibration was not charged
+    cost_check: CostCheck | None = None  # runs sized to an inference cost (older records: harness.run.budget.cost_check_of)
     loss_curve: list[CurvePoint]
     val: Evaluation
     test: Evaluation
