@@ -36,9 +36,11 @@ Compute. The chunk rate is learned and moves during training, so training_loss r
 forward FLOPs each batch ran, each window at its own chunk count (the padding of a batch is not
 charged: a packed implementation such as the reference's does not compute it), and the trainer
 charges them to the budget. flops_per_byte uses the rate measured on the training split after
-training (finish_training; kept in checkpoints), and the target 1/N before. That measurement
-runs the encoder and the routing over calibration_windows training windows; the budget reserves
-it before training (calibration_cost).
+training (finish_training; kept in checkpoints), and before it the rate the model is sized with:
+`sizing_bytes_per_chunk` when given (measured on earlier runs, e.g. the previous rung's records,
+so that matched-inference sizing uses the rate the model actually learns), else the target 1/N.
+That measurement runs the encoder and the routing over calibration_windows training windows; the
+budget reserves it before training (calibration_cost).
 """
 
 from __future__ import annotations
@@ -74,6 +76,10 @@ class HNetConfig(AdapterConfig, HashNgramConfig):
     target_ratio: float = Field(6.0, gt=1, description="N: the bytes per chunk the ratio loss aims at")
     ratio_weight: float = Field(0.03, ge=0, description="alpha: weight of the ratio loss (the paper's 0.03; small models need more to reach N)")
     calibration_windows: int = Field(256, ge=1, description="training windows on which the chunk rate is measured after training")
+    sizing_bytes_per_chunk: float | None = Field(
+        None, gt=1, description="bytes per chunk that the cost before training assumes (sizing to an inference cost, "
+                                "the step plan): a rate measured on earlier runs of this model, e.g. the mean "
+                                "bytes_per_chunk of the previous rung's records; none: target_ratio")
 
     @model_validator(mode="after")
     def _main_is_wider(self):
@@ -115,7 +121,7 @@ class HNet(Adapter):
     name = "hnet"
     description = "H-Net (1 stage): learned routing p_t = (1 - cos)/2 with a ratio loss, main Transformer over chunks, EMA dechunking"
     Config = HNetConfig
-    sizing = SizingFields(width="d_main", depth="main_layers", heads="main_heads")
+    sizing = SizingFields(width="d_main", depth="main_layers", heads="main_heads", other_widths={"d_local": "n_heads"})
 
     def __init__(self, config: HNetConfig):
         super().__init__(config)
@@ -240,8 +246,11 @@ class HNet(Adapter):
     # --- accounting -------------------------------------------------------------------------
 
     def units_per_byte(self) -> float:
-        """Chunks per byte: measured after training, the target 1/N before."""
-        return self.chunk_rate if self.chunk_rate is not None else 1 / self.config.target_ratio
+        """Chunks per byte: measured after training; before, the rate it is sized with (a rate
+        measured on earlier runs, sizing_bytes_per_chunk), else the target 1/N."""
+        if self.chunk_rate is not None:
+            return self.chunk_rate
+        return 1 / (self.config.sizing_bytes_per_chunk or self.config.target_ratio)
 
     def forward_flops(self, window: int, chunks: float) -> dict[str, float]:
         """Forward FLOPs of one window of `window` bytes cut into `chunks` chunks. With a window's

@@ -66,7 +66,8 @@ class MegaByte(Adapter):
     name = "megabyte"
     description = "MegaByte: global Transformer over fixed P-byte patches, local Transformer within each patch"
     Config = MegaByteConfig
-    sizing = SizingFields(width="d_global", depth="global_layers", heads="global_heads")
+    sizing = SizingFields(width="d_global", depth="global_layers", heads="global_heads",
+                          other_widths={"d_local": "local_heads", "d_embed": None})
 
     def __init__(self, config: MegaByteConfig):
         super().__init__(config)

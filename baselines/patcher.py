@@ -103,7 +103,8 @@ class Patcher(Adapter):
     name = "patcher"
     description = "hierarchical byte model over patches (BLT/SpaceByte): entropy, space-like or static patch rule"
     Config = PatcherConfig
-    sizing = SizingFields(width="d_global", depth="global_layers", heads="n_heads_global")
+    sizing = SizingFields(width="d_global", depth="global_layers", heads="n_heads_global",
+                          other_widths={"d_local": "n_heads_local"})  # not the entropy model: it stays
 
     def __init__(self, config: PatcherConfig):
         super().__init__(config)
@@ -255,7 +256,7 @@ class Patcher(Adapter):
                            unit_length_counts=chunking.length_counts(starts, self.patch_limit))
 
     def carry_preparation(self, prepared: "Patcher") -> None:
-        """The entropy model, theta and the measured start rates (none depends on d_global)."""
+        """The entropy model, theta and the measured start rates (none depends on the sized widths)."""
         if self.entropy_model is not None:
             self.entropy_model.load_state_dict(prepared.entropy_model.state_dict())
         for name in ("theta", "prepared"):

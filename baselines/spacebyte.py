@@ -88,7 +88,8 @@ class SpaceByte(Adapter):
     name = "spacebyte"
     description = "SpaceByte: one byte stream, wider global blocks inserted at the bytes after space-like bytes"
     Config = SpaceByteConfig
-    sizing = SizingFields(width="d_global", depth="global_layers", heads="n_heads_global")
+    sizing = SizingFields(width="d_global", depth="global_layers", heads="n_heads_global",
+                          other_widths={"d_local": "n_heads_local"})
 
     def __init__(self, config: SpaceByteConfig):
         super().__init__(config)

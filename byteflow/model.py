@@ -88,7 +88,8 @@ class ByteFlow(Adapter):
     name = "byteflow"
     description = "ByteFlow Net: coding-rate chunking (top-K in training, causal rule in evaluation), global model over chunks"
     Config = ByteFlowConfig
-    sizing = SizingFields(width="d_global", depth="global_layers", heads="global_heads")
+    sizing = SizingFields(width="d_global", depth="global_layers", heads="global_heads",
+                          other_widths={"d_local": "n_heads"})
 
     def __init__(self, config: ByteFlowConfig):
         super().__init__(config)

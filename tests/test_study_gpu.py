@@ -46,6 +46,7 @@ def test_the_smoke_suite_follows_the_same_protocol(suites):
     assert smoke.references is not None and gpu.references is not None
     assert smoke.references.prime_bytes < smoke.split.train_bytes
     assert gpu.count_auxiliary_flops == smoke.count_auxiliary_flops
+    assert gpu.sizing == smoke.sizing  # the smoke suite sizes as the GPU suite will
     assert gpu.budgets == [1e17, 3e17, 1e18, 3e18, 1e19] and len(gpu.seeds) == 3
     assert gpu.executor.kind == "slurm" and gpu.executor.gpus_per_run == 1
 

@@ -396,8 +396,9 @@ def variant_table(records: list[RunRecord]) -> pd.DataFrame | None:
 
 
 def sizing_table(records: list[RunRecord]) -> pd.DataFrame | None:
-    """Per model and target (first run of each): configured and chosen width/depth, target and
-    achieved cost; a budget column when the targets differ between budgets (a scaling rule)."""
+    """Per model and target (first run of each): configured and chosen widths and depth (every width
+    in records since every width grows; the main one in older records), target and achieved cost;
+    a budget column when the targets differ between budgets (a scaling rule)."""
     rows, seen = [], set()
     for r in sorted(records, key=lambda r: (r.model.name, r.budget_flops)) if _scaled(records) else records:
         s = r.sizing
@@ -590,15 +591,18 @@ def suite_header(spec: dict, records: list[RunRecord]) -> list[str]:
         + calibration_sentence(records),
         "",
     ]
+    # suites written before every width grew have no `sizing` and were sized by the main width
+    main_only = spec.get("sizing", {}).get("widths", "main") == "main"
+    by = "its main width" if main_only else "all its widths in their configured ratios"
     if spec.get("inference_flops_per_byte"):
         lines += [f"Matched inference cost: every model was sized to {spec['inference_flops_per_byte']:.3g} forward FLOPs "
-                  "per byte (within 5%) by its main width, then depth (README, \"Matched inference cost\"); "
+                  f"per byte (within 5%) by {by}, then depth (README, \"Matched inference cost\"); "
                   "the sizing table of each corpus lists what changed.", ""]
     if spec.get("inference_scaling"):
         rule = InferenceScaling(**spec["inference_scaling"])
         targets = ", ".join(f"{rule.target(b):.3g} at {b:.3g}" for b in sorted(spec["budgets"]))
         lines += [f"Inference cost grows with compute: at a budget of C training FLOPs every model was sized to "
-                  f"{rule.describe()} forward FLOPs per byte (within 5%) by its main width, then depth (README, "
+                  f"{rule.describe()} forward FLOPs per byte (within 5%) by {by}, then depth (README, "
                   f"\"Matched inference cost\"): {targets}. The sizing table of each corpus lists what changed.", ""]
     return lines
 

@@ -101,11 +101,19 @@ class TrainingLoss:
 @dataclass(frozen=True)
 class SizingFields:
     """The config fields that matched-inference-cost sizing may change (harness.run.sizing):
-    the main model's width and depth, and the heads that the width must split into."""
+    the main model's width and depth, the heads that the width must split into, and the model's
+    other widths, each with the heads field it must split into (None: any whole width). Sizing
+    grows every width by one factor, keeping their configured ratios, and the main depth.
+    Widths that belong to an auxiliary model (BLT's entropy model) are not listed: they stay."""
 
     width: str
     depth: str
     heads: str
+    other_widths: dict[str, str | None] = field(default_factory=dict)
+
+    def widths(self) -> dict[str, str | None]:
+        """Every width field, the main one first, and the heads field each splits into."""
+        return {self.width: self.heads, **self.other_widths}
 
 
 class AdapterConfig(BaseModel):

@@ -26,7 +26,8 @@ def cmd_list(args: argparse.Namespace) -> None:
     for name, cls in registry.available().items():
         print(f"{name}: {cls.description}")
         if cls.sizing is not None:
-            print(f"    (sized to an inference cost by {cls.sizing.width} in steps of 2 x {cls.sizing.heads}, "
+            others = f" ({', '.join(cls.sizing.other_widths)} in proportion)" if cls.sizing.other_widths else ""
+            print(f"    (sized to an inference cost by {cls.sizing.width} in steps of 2 x {cls.sizing.heads}{others}, "
                   f"then {cls.sizing.depth})")
         for field, info in cls.Config.model_fields.items():
             default = f"{info.default:.4g}" if isinstance(info.default, float) else repr(info.default)

@@ -118,7 +118,7 @@ def check_sizes(suite: Suite, corpora: dict[str, CorpusData], device: torch.devi
                 f"forward FLOPs/byte ({sizing['relative_error']:+.1%} of the target)")
             for budget in sorted(set(suite.budgets) - {run.budget}):
                 _, facts = size_to_target(model, suite.inference_target(budget), suite.eval.window,
-                                          suite.count_auxiliary_flops, run.model.name)
+                                          suite.count_auxiliary_flops, run.model.name, suite.sizing.widths)
                 log(f"sizing {label} {run.model.name} at {budget:.3g} FLOPs: {facts['chosen']} -> "
                     f"{facts['achieved_flops_per_byte']:.4g} forward FLOPs/byte")
 

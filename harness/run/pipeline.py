@@ -92,7 +92,8 @@ def prepare(run: Run, suite: Suite, corpus: CorpusData, ctx: RunContext,
     preparation.seconds = preparation.seconds or time.perf_counter() - started
     sizing, target = None, suite.inference_target(run.budget)
     if target is not None:
-        config, sizing = size_to_target(model, target, ctx.window, ctx.count_auxiliary_flops, run.model.name)
+        config, sizing = size_to_target(model, target, ctx.window, ctx.count_auxiliary_flops, run.model.name,
+                                        suite.sizing.widths)
         if suite.inference_scaling is not None:  # the record says where its target came from
             sizing["scaling"] = suite.inference_scaling.model_dump()
         if config != model.config and resize_model:

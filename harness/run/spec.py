@@ -201,6 +201,15 @@ class InferenceScaling(Strict):
         return f"{self.flops_per_byte:.3g} x (C / {self.at_budget:.3g})^{self.exponent:g}"
 
 
+class SizingSettings(Strict):
+    """How matched-inference-cost sizing grows a model (harness.run.sizing)."""
+
+    widths: Literal["all", "main"] = Field(
+        "all", description="all: every width of a model grows by one factor, keeping the configured ratios; main: "
+                           "only the main width grows (the rule before every width grew, kept so that records made "
+                           "with it stay reproducible)")
+
+
 class TuneSettings(Strict):
     """Per-model learning-rate search on validation bpb (harness.orchestrate.tuning; README, "Tuning")."""
 
@@ -276,10 +285,11 @@ class Suite(Strict):
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     inference_flops_per_byte: float | None = Field(
         None, gt=0, description="matched inference cost: size every model to this many forward FLOPs per byte "
-                                "(within 5%) by its main width, then depth (harness.run.sizing); none keeps configured sizes")
+                                "(within 5%) by its widths, then depth (harness.run.sizing); none keeps configured sizes")
     inference_scaling: InferenceScaling | None = Field(
         None, description="matched inference cost per budget: size every model at budget C to "
                           "flops_per_byte x (C / at_budget) ^ exponent; not with inference_flops_per_byte")
+    sizing: SizingSettings = Field(default_factory=SizingSettings, description="how sizing grows a model's widths")
     count_auxiliary_flops: bool = Field(
         True, description="charge auxiliary models (e.g. BLT's entropy model) to the budget; the BLT paper does not")
     max_epochs: float | None = Field(
@@ -413,6 +423,8 @@ class Run(BaseModel):
         target = suite.inference_target(self.budget)  # the run's own target, fixed or from the scaling rule
         if target is not None:  # absent otherwise, so older hashes still match
             payload["inference_flops_per_byte"] = target
+            if suite.sizing.widths != "main":  # older records were sized by the main width alone
+                payload["sizing_widths"] = suite.sizing.widths
         if suite.max_epochs is not None:  # likewise
             payload["max_epochs"] = suite.max_epochs
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
