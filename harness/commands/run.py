@@ -47,7 +47,7 @@ def check_threads(threads: int | None) -> None:
 
 
 def pick_threads(requested: int | None) -> int:
-    """--threads, else as many as the machine has free cores (harness.run.device.choose_threads), said in one line."""
+    """--threads, else every usable core (harness.run.device.choose_threads), said in one line."""
     from harness.run.device import choose_threads
     from harness.run.distributed import log
 
@@ -61,8 +61,8 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto takes CUDA when present (bf16 autocast), else CPU")
     parser.add_argument("--threads", type=int, metavar="N",
-                        help="torch CPU threads (torch.set_num_threads; recorded). By default the cores that are free: the "
-                             "usable cores less the 1-minute load average, at least 1 (docs/speed.md, \"Threads\")")
+                        help="torch CPU threads (torch.set_num_threads; recorded). By default every usable core, the threads "
+                             "waiting passively so that other jobs on the cores do not stall the run (docs/speed.md)")
 
 
 def raise_error(message: str):

@@ -118,5 +118,7 @@ def busy_machine_warning(device: torch.device, peak: Peak | None = None, load: f
                        "GFLOP/s")
     if not reasons:
         return None
-    return (f"warning: the machine looks busy ({'; '.join(reasons)}); speed and MFU figures will read low; if other "
-            "jobs share these cores, pass --threads 1 so that torch's threads do not fight theirs")
+    spinning = os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"  # the `harness` command sets PASSIVE
+    return (f"warning: the machine looks busy ({'; '.join(reasons)}); speed and MFU figures will read low"
+            + ("; OMP_WAIT_POLICY is not PASSIVE, so torch's threads spin while they wait and can slow the run many "
+               "times over (docs/speed.md, \"Threads\")" if spinning else ""))
