@@ -10,6 +10,11 @@ import argparse
 import os
 import sys
 
+# torch's OpenMP threads wait for work asleep, not spinning: on cores that other jobs share, a spinning
+# thread holds a core the working ones need, and a run slows many times over (docs/speed.md, "Threads").
+# libgomp reads this once, when torch loads, so it is set before any command imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from harness.commands import bench, export, init, listing, lm_eval, report, run, segment
 from harness.errors import HarnessError
 
@@ -23,15 +28,15 @@ EPILOG = """examples:
                                            one Slurm job per run; preempted jobs requeue and resume
   harness run suites/smoke.yaml --nproc 2  each run across 2 processes (DDP; gloo on the CPU)
   harness run suites/smoke.yaml --threads 2
-                                           torch on 2 CPU threads (README, "Speed": never more than the cores)
+                                           torch on 2 CPU threads (default: every usable core; docs/speed.md)
   harness bench suites/smoke.yaml --steps 10 --out results/bench/cpu_smoke.json
                                            bytes/s, FLOP/s, MFU and step phases of each model on this machine
   harness report results/smoke             results/smoke/report.md, plots in results/smoke/plots
   harness report results/smoke -o -        the markdown to stdout instead
   harness list                             adapters, their descriptions and config fields
-  harness export results/smoke/runs/bpe__C2.50e11__s0 exported/bpe
+  harness export results/smoke/runs/bpe__C1.25e11__s0 exported/bpe
                                            a bpe run as a transformers model + tokenizer
-  harness segment results/smoke/runs/byteflow-l2__C2.50e11__s0 --split test
+  harness segment results/smoke/runs/byteflow-l2__C1.25e11__s0 --split test
                                            chunk boundaries of a ByteFlow or patcher run, printed and as PNG
   harness lm-eval --model harness --model_args pretrained=results/smoke/runs/RUN_ID --tasks harness_bpb
                                            lm-evaluation-harness on a checkpoint (every option is lm-eval's)

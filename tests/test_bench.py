@@ -9,7 +9,7 @@ import torch
 from harness.api import build
 from harness.cli import main
 from harness.run import data
-from harness.run.device import Peak, busy_machine_warning, measure_matmul_peak
+from harness.run.device import Peak, busy_machine_warning, choose_threads, measure_matmul_peak
 from harness.run.records import read_record
 from harness.run.spec import TrainerSettings, expand
 from harness.orchestrate.suite import load_suite
@@ -76,6 +76,20 @@ def test_threads_are_recorded_in_the_run_record(write_suite, tmp_path, restore_t
     assert low <= record.matmul_peak_flops_per_s <= high
     summary = json.loads((results / "tiny" / "suite.json").read_text())
     assert summary["threads"] == 1
+
+
+def test_threads_by_default_are_the_usable_cores_and_threads_or_omp_num_threads_override(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr("os.getloadavg", lambda: (9.0, 0.0, 0.0))
+    count, reason = choose_threads(None)
+    assert count == 4 and "load average 9.00" in reason  # said, not used: waiting is passive (docs/speed.md)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes of one run share the cores
+    assert choose_threads(None)[0] == 2
+    assert choose_threads(3) == (3, "3 (--threads)")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert "OMP_NUM_THREADS" in choose_threads(None)[1]
 
 
 def test_records_without_threads_or_peak_range_still_load():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from harness.commands.run import add_device_options, check_threads, raise_error
+from harness.commands.run import add_device_options, check_threads, pick_threads, raise_error
 
 COLUMNS = ("model", "params", "train B/s", "eval B/s", "GFLOP/s", "MFU", "step ms", "data", "fwd", "bwd", "opt",
            "auxiliary ms")
@@ -23,8 +23,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_threads(args.threads)
     if args.steps < 1 or args.warmup < 0:
         raise_error(f"--steps {args.steps} --warmup {args.warmup}: give 1 or more steps and 0 or more warm-up steps")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(pick_threads(args.threads))
     suite = load_suite(args.suite)
     runs = bench_runs(suite, args.models)
     result = bench_suite(suite, runs, pick_device(args.device), args.steps, args.warmup,

@@ -38,7 +38,7 @@ split: {{train_bytes: {train}, val_bytes: {held_out}, test_bytes: {held_out}}}
 # max_windows (optional): test and validation windows scored; batch_windows (optional): windows per forward pass
 eval: {{window: {window}, max_windows: 64, batch_windows: 32}}
 # training FLOPs per run, the same for every model (a multiply-add is 2; training = 3 x forward).
-# At {budget:.2g} the whole suite runs in about a minute on 2 CPU cores (on cores other jobs share, pass --threads 1);
+# At {budget:.2g} the whole suite runs in about a minute on 2 free CPU cores (longer on cores other jobs share);
 # training time grows with the budget, and a budget that sees more bytes than train_bytes repeats them (a warning says so)
 budgets: [{budget:.2e}]
 # optional: one run per seed (default [0]); several seeds give the report its intervals

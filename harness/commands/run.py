@@ -30,10 +30,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.device != "cpu" and torch.cuda.is_available() and args.nproc > torch.cuda.device_count():
             raise_error(f"--nproc {args.nproc}: one GPU per process, and {torch.cuda.device_count()} are visible")
         return launch(args.nproc, args.main, args.argv)
+    executor = executor_settings(args)
+    threads = args.threads if executor is not None else pick_threads(args.threads)  # an executor shares the cores itself
     out = run_suite(args.suite, Path(args.results), args.device, show_progress=not args.quiet,
                     save_every_s=args.save_every, retry_failed=args.retry_failed, dry_run=args.dry_run,
                     tensorboard_dir=Path(args.tensorboard) if args.tensorboard else None,
-                    executor=executor_settings(args), threads=args.threads)
+                    executor=executor, threads=threads)
     if os.environ.get("RANK", "0") == "0":
         print(f"{'suite.json' if args.dry_run else 'records'} in {out}; next: harness report {out}")
     return 0
@@ -44,13 +46,23 @@ def check_threads(threads: int | None) -> None:
         raise_error(f"--threads: {threads}; give 1 or more")
 
 
+def pick_threads(requested: int | None) -> int:
+    """--threads, else every usable core (harness.run.device.choose_threads), said in one line."""
+    from harness.run.device import choose_threads
+    from harness.run.distributed import log
+
+    count, reason = choose_threads(requested)
+    log(f"torch threads: {reason}")
+    return count
+
+
 def add_device_options(parser: argparse.ArgumentParser) -> None:
     """--device and --threads, shared by `run` and `bench`."""
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto takes CUDA when present (bf16 autocast), else CPU")
     parser.add_argument("--threads", type=int, metavar="N",
-                        help="torch CPU threads (torch.set_num_threads; recorded). By default torch takes every core; "
-                             "two jobs that each do so on the same cores run many times slower (README, \"Speed\")")
+                        help="torch CPU threads (torch.set_num_threads; recorded). By default every usable core, the threads "
+                             "waiting passively so that other jobs on the cores do not stall the run (docs/speed.md)")
 
 
 def raise_error(message: str):

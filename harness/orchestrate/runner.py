@@ -10,6 +10,7 @@ Before the runs: the corpora and their reference rows (suite.json), the sizing c
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -100,6 +101,7 @@ def write_suite_summary(out: Path, suite: Suite, corpora: dict[str, CorpusData],
         "matmul_peak_flops_per_s": peak.flops_per_s,
         "matmul_peak_range": [peak.low, peak.high],
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # PASSIVE from harness/cli.py unless set
         "versions": versions(),
     })
 

@@ -60,7 +60,7 @@ def machine() -> dict:
         pass
     facts = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
              "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     if torch.cuda.is_available():
         facts["gpu"] = torch.cuda.get_device_name()
     return facts
@@ -78,15 +78,16 @@ def bench_suite(suite: Suite, runs: list[Run], device: torch.device, steps: int,
                 compile: bool | None = None, profile: bool = False) -> dict:
     """The bench's JSON payload for `runs` (see the module note)."""
     before = machine()  # its load average is read before the peak loads the machine itself
+    log(f"bench: measuring the matmul peak on {device}")
     measured = peaks(device)
     busy = busy_machine_warning(device, measured["float32"], (before["load_average"] or [None])[0])
     if busy:
         log(busy)
     corpus = load_corpus_data(suite, suite.corpora[0].label, device)
     models = []
-    for run in runs:
-        log(f"bench: {run.model.name}")
-        models.append(bench_model(run, suite, corpus, device, measured, steps, warmup, compile, profile))
+    for index, run in enumerate(runs, 1):
+        tag = f"bench [{index}/{len(runs)}] {run.model.name}"
+        models.append(bench_model(run, suite, corpus, device, measured, steps, warmup, compile, profile, tag))
     return {
         "suite": suite.name, "suite_file": str(suite.source), "device": str(device), "steps": steps,
         "warmup_steps": warmup, "corpus": corpus.splits.corpus_id,
@@ -100,30 +101,42 @@ def bench_suite(suite: Suite, runs: list[Run], device: torch.device, steps: int,
 
 
 def bench_model(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, measured: dict[str, Peak],
-                steps: int, warmup: int, compile: bool | None, profile: bool) -> dict:
+                steps: int, warmup: int, compile: bool | None, profile: bool, tag: str) -> dict:
+    """One model's figures; a progress line (`tag: ...`) as each phase starts and ends."""
     ctx = context(suite, run, device)
-    model, _, sizing = prepare(run, suite, corpus, ctx)
+    log(f"{tag}: preparing")
+    started = time.perf_counter()
+    model, preparation, sizing = prepare(run, suite, corpus, ctx)
+    prepare_seconds = time.perf_counter() - started
+    log(f"{tag}: prepared in {prepare_seconds:.1f}s{preparation_note(preparation.facts)}")
     settings = run.trainer if compile is None else run.trainer.model_copy(update={"compile": compile})
     forward = model.flops_per_byte(ctx.window)
     per_byte = training_flops_per_byte(forward, ctx.count_auxiliary_flops)
     inference_per_byte = inference_flops_per_byte(forward, ctx.count_auxiliary_flops)
 
-    train = time_training(model, settings, corpus.splits.train, ctx.window, per_byte, device, steps, warmup, profile)
+    train = time_training(model, settings, corpus.splits.train, ctx.window, per_byte, device, steps, warmup, profile,
+                          tag)
+    log(f"{tag}: {steps} timed steps in {train['seconds']:.1f}s, {train['bytes'] / train['seconds']:.0f} B/s")
     windows = corpus.test_windows
+    log(f"{tag}: evaluating on {len(windows)} test windows")
     window_nll(model, windows[: suite.eval.batch_windows], suite.eval.batch_windows, device)  # warm-up
     synchronize(device)
     started = time.perf_counter()
     window_nll(model, windows, suite.eval.batch_windows, device)
     synchronize(device)
     eval_seconds = time.perf_counter() - started
+    log(f"{tag}: evaluated in {eval_seconds:.1f}s")
 
     eval_bytes_per_s = windows.numel() / eval_seconds
     step_seconds = sum(train["phases"].values()) / steps
     part = auxiliary_part(model, corpus.splits.train, ctx.window, settings.batch_windows, device)
+    if part is not None:
+        log(f"{tag}: auxiliary part ({part['part']}) {part['seconds'] * 1e3:.1f} ms on one batch")
     flops_per_s = train["flops"] / train["seconds"]
     figures = {
         "name": run.model.name, "adapter": run.model.adapter, "config": model.config.model_dump(mode="json"),
         "sized": sizing is not None, "parameters": model.parameter_counts(), "window": ctx.window,
+        "preparation_seconds": prepare_seconds,
         "batch_windows": settings.batch_windows, "compile": settings.compile,
         "forward_flops_per_byte": forward["total"], "training_flops_per_byte": per_byte,
         "train_bytes_per_s": train["bytes"] / train["seconds"], "eval_bytes_per_s": eval_bytes_per_s,
@@ -139,8 +152,18 @@ def bench_model(run: Run, suite: Suite, corpus: CorpusData, device: torch.device
     return figures
 
 
+def preparation_note(facts: dict) -> str:
+    """What preparation reused or trained, as a clause of the progress line."""
+    notes = []
+    if "tokenizer_cache_hit" in facts:
+        notes.append("tokenizer " + ("from the cache" if facts["tokenizer_cache_hit"] else "trained and cached"))
+    if "entropy_model" in facts:  # no cache: trained again for every run and every bench
+        notes.append(f"entropy model trained in {facts['entropy_model']['seconds']:.1f}s")
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
 def time_training(model: Adapter, settings, train: bytes, window: int, per_byte: float, device: torch.device,
-                  steps: int, warmup: int, profile: bool) -> dict:
+                  steps: int, warmup: int, profile: bool, tag: str) -> dict:
     """`warmup` then `steps` training steps as the trainer takes them, each phase timed between
     device synchronisations. FLOPs as records count them: what a step reports it ran (x3), else
     the analytic training FLOPs per byte."""
@@ -151,7 +174,10 @@ def time_training(model: Adapter, settings, train: bytes, window: int, per_byte:
     phases = dict.fromkeys(PHASES, 0.0)
     flops = bytes_seen = 0.0
     profiler = None
+    log(f"{tag}: training, {warmup} warm-up steps then {steps} timed steps")
     for step in range(warmup + steps):
+        if step == warmup and warmup:
+            log(f"{tag}: warm-up done")
         if step == warmup and profile:
             profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
                                               + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))

@@ -83,6 +83,28 @@ def load_average() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def choose_threads(requested: int | None) -> tuple[int, str]:
+    """torch's CPU threads and why: `requested` (--threads), else OMP_NUM_THREADS when set, else
+    every usable core (shared out between the processes of a run on this machine), whatever the
+    load. With OpenMP waiting passively (harness/cli.py) threads beside other jobs' do not spin,
+    and on a shared machine two threads measured faster than one (docs/speed.md, "Threads"),
+    so the load average is only said, not used."""
+    if requested is not None:
+        return requested, f"{requested} (--threads)"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), f"{torch.get_num_threads()} (OMP_NUM_THREADS)"
+    cores, load = usable_cores(), load_average()
+    count = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    seen = "" if load is None else f", load average {load:.2f}"
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset")
+    return count, f"{count} ({cores} usable cores{seen}; OMP_WAIT_POLICY {policy}; --threads overrides)"
+
+
 def busy_machine_warning(device: torch.device, peak: Peak | None = None, load: float | None = None) -> str | None:
     """One line when the figures measured now would be low because the machine is shared: on
     the CPU a load average above BUSY_LOAD (another job; `load`, read before measuring, else
@@ -96,5 +118,7 @@ def busy_machine_warning(device: torch.device, peak: Peak | None = None, load: f
                        "GFLOP/s")
     if not reasons:
         return None
-    return (f"warning: the machine looks busy ({'; '.join(reasons)}); speed and MFU figures will read low; if other "
-            "jobs share these cores, pass --threads 1 so that torch's threads do not fight theirs")
+    spinning = os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"  # the `harness` command sets PASSIVE
+    return (f"warning: the machine looks busy ({'; '.join(reasons)}); speed and MFU figures will read low"
+            + ("; OMP_WAIT_POLICY is not PASSIVE, so torch's threads spin while they wait and can slow the run many "
+               "times over (docs/speed.md, \"Threads\")" if spinning else ""))
