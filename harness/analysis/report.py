@@ -755,7 +755,7 @@ def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, 
                   "check). Matched-inference sizing uses the training-split figure.", "", _markdown(costs), ""]
     padding = padding_table(records)
     if padding is not None:
-        batches = ", ".join(sorted({str(r.eval.get("batch_windows")) for r in records}))
+        batches = ", ".join(sorted({str(r.eval.batch_windows) for r in records}))
         lines += ["### Padding in batched evaluation", "",
                   "FLOPs here count useful work: each test window's forward on its own, with its own unit count. "
                   f"The evaluator runs batches of {batches} windows, padded to the longest unit count (tokens, "
