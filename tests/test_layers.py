@@ -116,3 +116,12 @@ def test_the_checks_see_a_planted_cycle_and_an_upward_arrow(tmp_path, monkeypatc
     assert "harness.run.pipeline" in edges["harness.orchestrate.runner"]
     assert floor("harness.run.pipeline")[1] < floor("harness.orchestrate.runner")[1]
     assert "harness.api" in edges["baselines.bytes"]
+
+
+def test_no_function_in_harness_is_longer_than_sixty_lines():
+    """A function that grows past a screen gets split into named steps (report tables may be data)."""
+    long = [f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in (ROOT / "harness").rglob("*.py")
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60]
+    assert long == []

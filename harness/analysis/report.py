@@ -682,10 +682,16 @@ def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, 
                           f"{label}: test bpb against inference cost", plot_dir / plots["bpb_vs_inference_flops"],
                           colours)
     plot_learning_curves(records, plot_dir / plots["learning_curves"], colours)
+    return (results_lines(label, records, ranking, corpus, summary, measured_cost, factor_bases)
+            + tokenizer_lines(records, corpus) + reference_lines(corpus["references"])
+            + measurement_lines(records) + plot_lines(label, records, plots, plot_dir, colours))
+
+
+def results_lines(label: str, records: list[RunRecord], ranking: pd.DataFrame, corpus: dict, summary: pd.DataFrame,
+                  measured_cost: bool, factor_bases: dict[str, str] | None) -> list[str]:
+    """The corpus heading, bpb per model and budget, how rows differ, the ranking, factors, every run."""
     refs = corpus["references"]
-    reference = reference_table(refs)
-    variants = variant_table(records)
-    lines = [
+    return [
         f"## Corpus `{label}`",
         "",
         f"Corpus id `{corpus['id']}`, sha256 `{corpus['sha256'][:16]}…`; {refs['windows']} test windows of "
@@ -713,6 +719,10 @@ def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, 
         "",
         *epoch_cap_lines(records),
     ]
+
+
+def tokenizer_lines(records: list[RunRecord], corpus: dict) -> list[str]:
+    lines = []
     tokenizers = tokenizer_table(records, corpus)
     if tokenizers is not None:
         lines += ["### Tokenizers (test split)", "", _markdown(tokenizers), "",
@@ -720,7 +730,13 @@ def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, 
                   "The bytes/unit of the tables above is measured on the training split (long text, the extra tokens "
                   "at window edges left out); these columns are on the test split, in 64 KiB pieces and in the scored windows.",
                   ""]
-    lines += [
+    return lines
+
+
+def reference_lines(refs: dict) -> list[str]:
+    """The compressor reference rows on the same test windows, and what each coding means."""
+    reference = reference_table(refs)
+    lines = [
         "### Reference rows (same test windows)",
         "",
         ("Primed: each window coded after the training split, the extra bytes C(train + window) - C(train), "
@@ -740,6 +756,13 @@ def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, 
     ]
     if refs.get("compressors"):
         lines += ["Settings: " + "; ".join(f"{name}: {settings}" for name, settings in refs["compressors"].items()) + ".", ""]
+    return lines
+
+
+def measurement_lines(records: list[RunRecord]) -> list[str]:
+    """Other evaluation rules, FLOPs that differ from the analytic figure, padding, sizing, calibration."""
+    variants = variant_table(records)
+    lines = []
     if variants is not None:
         lines += ["### Other evaluation rules", "",
                   "The test bpb above uses each adapter's causal evaluation rule; these rows use other rules "
@@ -769,7 +792,12 @@ def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, 
         lines += ["### Calibration after training", ""]
         for adapter, table in calibration.items():
             lines += [f"Adapter `{adapter}`:", "", table.to_markdown(index=False, floatfmt=".4g"), ""]
-    lines += [
+    return lines
+
+
+def plot_lines(label: str, records: list[RunRecord], plots: dict[str, str], plot_dir: Path,
+               colours: dict[str, tuple]) -> list[str]:
+    lines = [
         "### Plots",
         "",
         f"![test bpb against training FLOPs](plots/{plots['bpb_vs_flops']})",

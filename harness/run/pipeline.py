@@ -170,18 +170,9 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
     if abs(flops.training_deviation()) > FLOP_TOLERANCE:
         warn(run, warnings, f"the training forward counted on {flops.counted_training_windows} training windows is "
                             f"{flops.training_deviation():+.1%} off the analytic FLOPs per byte that the budget uses")
-    cost_check = check_test_cost(flops, sizing, suite.count_auxiliary_flops)
-    if cost_check is not None and not cost_check.matched:
-        warn(run, warnings, f"the scored test windows cost {cost_check.test:.4g} forward FLOPs per byte, "
-                            f"{cost_check.relative_error:+.1%} off the {cost_check.target:.4g} it was sized to (tolerance "
-                            f"{cost_check.tolerance:.0%}): not at matched inference cost, so the report ranks and fits "
-                            "its row with no other")
+    cost_check = checked_test_cost(run, flops, sizing, suite.count_auxiliary_flops, warnings)
     training_flops = charged_training_flops(training, budget)
-    achieved = training_flops / training.seconds
-    mfu = achieved / peak.flops_per_s / distributed.world_size()
-    if mfu > 1:
-        warn(run, warnings, f"trained at {achieved:.3g} FLOP/s, above the {peak.flops_per_s:.3g} matmul peak measured "
-                            "when the suite started (other work was sharing the machine then): its MFU reads high")
+    achieved, mfu = speed(run, training_flops, training.seconds, peak, warnings)
     record = RunRecord(
         **run_facts(run, suite, corpus, config_hash), parameters=model.parameter_counts(),
         model=ModelSpec(**run.model.model_dump(mode="json") | {"config": model.config.model_dump(mode="json")}),
@@ -203,6 +194,28 @@ def execute(run: Run, suite: Suite, corpus: CorpusData, device: torch.device, pe
     if distributed.is_main():
         write(run_dir, model, record)
     return record
+
+
+def checked_test_cost(run: Run, flops: FlopsPerByte, sizing: dict | None, count_auxiliary: bool,
+                      warnings: list[str]):
+    """The matched-cost check of the scored test windows (harness/run/budget.py), warned about when it fails."""
+    cost_check = check_test_cost(flops, sizing, count_auxiliary)
+    if cost_check is not None and not cost_check.matched:
+        warn(run, warnings, f"the scored test windows cost {cost_check.test:.4g} forward FLOPs per byte, "
+                            f"{cost_check.relative_error:+.1%} off the {cost_check.target:.4g} it was sized to (tolerance "
+                            f"{cost_check.tolerance:.0%}): not at matched inference cost, so the report ranks and fits "
+                            "its row with no other")
+    return cost_check
+
+
+def speed(run: Run, training_flops: float, seconds: float, peak: Peak, warnings: list[str]) -> tuple[float, float]:
+    """Training FLOP/s and MFU against the matmul peak measured when the suite started."""
+    achieved = training_flops / seconds
+    mfu = achieved / peak.flops_per_s / distributed.world_size()
+    if mfu > 1:
+        warn(run, warnings, f"trained at {achieved:.3g} FLOP/s, above the {peak.flops_per_s:.3g} matmul peak measured "
+                            "when the suite started (other work was sharing the machine then): its MFU reads high")
+    return achieved, mfu
 
 
 def warn(run: Run, warnings: list[str], warning: str) -> None:
