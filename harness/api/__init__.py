@@ -4,7 +4,7 @@ it is given, the registry that finds adapters, and where an adapter may keep fil
 from harness.api.adapter import (BOS, BYTE_VOCAB, Adapter, AdapterConfig, AuxiliaryTrainer, AuxiliaryTraining, Preparation,
                                  RunContext, SizingFields, TrainingLoss)
 from harness.api.registry import available, build, get, register
-from harness.storage import cache_dir, write_json_atomic
+from harness.storage import cache_dir, read_cache_entry, write_json_atomic
 
 __all__ = ["BOS", "BYTE_VOCAB", "Adapter", "AdapterConfig", "AuxiliaryTrainer", "AuxiliaryTraining", "Preparation", "RunContext", "SizingFields",
-           "TrainingLoss", "available", "build", "cache_dir", "get", "register", "write_json_atomic"]
+           "TrainingLoss", "available", "build", "cache_dir", "get", "read_cache_entry", "register", "write_json_atomic"]

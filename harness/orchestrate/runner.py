@@ -63,7 +63,8 @@ def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "au
         check_sizes(suite, corpora, device)
     runs = expand(suite)
     if suite.tune is not None:  # each model's trainer settings chosen on validation first (harness.orchestrate.tuning)
-        runs = apply_tuning(runs, tune_suite(suite, out, corpora, device, peak, show_progress, save_every_s, dry_run))
+        runs = apply_tuning(runs, tune_suite(suite, out, corpora, device, peak, show_progress, save_every_s,
+                                                dry_run, retry_failed))
         if not dry_run and distributed.is_main():
             refresh_provenance(runs, suite, out)
     failures: list[RunFailure] = []
@@ -101,7 +102,7 @@ def write_suite_summary(out: Path, suite: Suite, corpora: dict[str, CorpusData],
         "matmul_peak_range": [peak.low, peak.high],
         "threads": torch.get_num_threads(),
         "versions": versions(),
-    })
+    }, hashed=True)
 
 
 def check_sizes(suite: Suite, corpora: dict[str, CorpusData], device: torch.device) -> None:
