@@ -104,6 +104,12 @@ class AdapterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+# Upper bounds of config fields (Field(le=...)), checked when a suite is read, before any model is
+# built: an extra zero is refused in one line naming the field, not after minutes of allocation.
+MAX_WIDTH = 1 << 15  # d_model, d_global, ...: above the widest models trained (about 25k)
+MAX_VOCAB = 1 << 20  # tokenizer vocabularies: the largest in use hold about 256k
+
+
 class Adapter(nn.Module, metaclass=ABCMeta):
     name: ClassVar[str]
     description: ClassVar[str]

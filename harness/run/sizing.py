@@ -28,6 +28,10 @@ from harness.errors import HarnessError
 from harness.api import Adapter, AdapterConfig
 from harness.run import budget
 
+class TargetOutOfReach(HarnessError):
+    """No allowed size of a model meets the inference target (or the model cannot be sized)."""
+
+
 TOLERANCE = 0.05
 MAX_WIDTH = 4096
 MAX_DEPTH = 24
@@ -70,7 +74,7 @@ def size_to_target(model: Adapter, target: float, window: int, count_auxiliary: 
     fields = model.sizing
     label = label or model.name
     if fields is None:
-        raise HarnessError(f"model {label!r}: adapter {model.name!r} declares no sizing fields, so it cannot be "
+        raise TargetOutOfReach(f"model {label!r}: adapter {model.name!r} declares no sizing fields, so it cannot be "
                            "sized to an inference cost")
     configured = model.config.model_dump()
     depth0 = configured[fields.depth]
@@ -82,14 +86,14 @@ def size_to_target(model: Adapter, target: float, window: int, count_auxiliary: 
                    for depth in range(1, MAX_DEPTH + 1)
                    for error, width, config, cost in _candidates(model, depth, target, window, count_auxiliary)]
         if not options:
-            raise HarnessError(f"model {label!r} ({model.name}): no valid {fields.width} <= {MAX_WIDTH}")
+            raise TargetOutOfReach(f"model {label!r} ({model.name}): no valid {fields.width} <= {MAX_WIDTH}")
         within = [o for o in options if o[0] <= TOLERANCE]
         pick = min(within, key=lambda o: (o[1], o[0])) if within else min(options, key=lambda o: o[0])
         best = (pick[0], pick[2], pick[3], pick[4])
     error, _, config, cost = best
     if error > TOLERANCE:
         chosen = config.model_dump()
-        raise HarnessError(
+        raise TargetOutOfReach(
             f"model {label!r} ({model.name}): no {fields.width} <= {MAX_WIDTH} and {fields.depth} <= {MAX_DEPTH} "
             f"gives {target:.4g} forward FLOPs/byte within {TOLERANCE:.0%}; the closest is {cost:.4g} "
             f"({fields.width}={chosen[fields.width]}, {fields.depth}={chosen[fields.depth]})")
