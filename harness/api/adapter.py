@@ -128,7 +128,8 @@ class Adapter(nn.Module, metaclass=ABCMeta):
     def prepare(self, train: bytes, ctx: RunContext) -> Preparation:
         """Fit whatever the model needs from the training split before training (a tokenizer,
         an entropy model, a rate). Whatever is learned must live in the module's state
-        (buffers, submodules or plain-typed extra state) so a checkpoint restores it."""
+        (buffers, submodules or plain-typed extra state) so a checkpoint restores it; extra state
+        (get_extra_state) is saved as JSON beside the tensors, so it holds JSON types only."""
         return Preparation()
 
     def carry_preparation(self, prepared: "Adapter") -> None:

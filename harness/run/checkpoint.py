@@ -28,7 +28,7 @@ from harness.storage import file_damage, file_mode, note_unhashed, record_hash
 
 WEIGHTS_FILE = "model.safetensors"
 LEGACY_WEIGHTS_FILE = "model.pt"
-EXTRA_STATE_KEY = "harness.plain_values"  # metadata entry: the state_dict's non-tensor values as JSON
+EXTRA_STATE_KEY = "harness_plain_values"  # metadata entry: the state_dict's non-tensor values as JSON
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None], writer: str) -> None:
