@@ -3,9 +3,11 @@ harness caches (trained tokenizers, reference compressors; $HARNESS_CACHE_DIR if
 ($XDG_CACHE_HOME or ~/.cache)/tokenizer-harness), JSON written atomically, and content hashes.
 
 A file the harness writes and later reads gets its sha256 beside it, NAME.sha256, in the form
-`sha256sum` writes (so `sha256sum -c NAME.sha256` checks it by hand too), written after the file;
-before use, file_damage() compares the two. A crash between the two writes leaves a mismatch, never
-a file taken for another one: what it guards then fails safe (rebuilt, or refused)."""
+`sha256sum` writes (so `sha256sum -c NAME.sha256` checks it by hand too); before use,
+file_damage() compares the two. The file is renamed into place between two writes of NAME.sha256:
+the first lists the new hash next to the old one, the second the new one alone, so a process
+killed at any moment leaves a file that matches its hash (a resumable state is never lost to a
+kill -9 between the two files), while a file changed afterwards does not."""
 
 from __future__ import annotations
 
@@ -34,13 +36,20 @@ def file_mode() -> int:
 
 
 def write_json_atomic(path: Path, payload: dict, hashed: bool = False) -> None:
-    """`payload` as JSON at `path`, all or nothing; with `hashed`, its sha256 beside it (record_hash)."""
-    write_text_atomic(path, json.dumps(payload, indent=1, sort_keys=False))
-    if hashed:
-        record_hash(path)
+    """`payload` as JSON at `path`, all or nothing; with `hashed`, its sha256 beside it."""
+    temporary = _write_temporary(path, json.dumps(payload, indent=1, sort_keys=False))
+    try:
+        if hashed:
+            replace_hashed(temporary, path)
+        else:
+            os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def _write_temporary(path: Path, text: str) -> Path:
+    """`text` in a new temporary file beside `path` (`.NAME.XXXX.tmp`), synced to disk."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -49,10 +58,10 @@ def write_text_atomic(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    return Path(temporary)
 
 
 # ---- content hashes ------------------------------------------------------------------------------
@@ -70,27 +79,42 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def record_hash(path: Path) -> None:
-    """Write the sha256 of the file just written at `path` beside it (NAME.sha256)."""
-    write_text_atomic(hash_path(path), f"{file_sha256(path)}  {path.name}\n")
+def replace_hashed(temporary: Path, path: Path) -> None:
+    """Rename the finished file `temporary` to `path` and record its sha256 beside it; at every
+    moment in between, the file at `path` matches a hash that NAME.sha256 lists."""
+    new = file_sha256(temporary)
+    _write_hashes(path, [new, *recorded_hashes(path)[:1]])
+    os.replace(temporary, path)
+    _write_hashes(path, [new])
+
+
+def _write_hashes(path: Path, hashes: list[str]) -> None:
+    listing = _write_temporary(hash_path(path), "".join(f"{h}  {path.name}\n" for h in hashes))
+    os.replace(listing, hash_path(path))
+
+
+def recorded_hashes(path: Path) -> list[str]:
+    """The sha256 values NAME.sha256 lists for `path` (none if there is no such file)."""
+    try:
+        return [line.split()[0].lower() for line in hash_path(path).read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
 
 
 def file_damage(path: Path) -> str | None:
-    """Why the file at `path` is not the one the harness wrote, in words, or None: its sha256
-    differs from the one recorded beside it, or that record is unreadable. A file without a
-    recorded hash (written before the harness kept them) passes; note_unhashed says so once used."""
-    if not path.is_file():
-        return None  # nothing to compare; reading it says what is missing
+    """Why the file at `path` is not the one the harness wrote, in words, or None: its sha256 is
+    not one that NAME.sha256 lists, or that listing is unreadable. A file without a recorded hash
+    (written before the harness kept them) passes; note_unhashed says so once it is used."""
+    if not path.is_file() or not hash_path(path).exists():
+        return None  # a missing file: reading it says so
     try:
-        recorded = hash_path(path).read_text().split()
-    except FileNotFoundError:
-        return None
+        recorded = recorded_hashes(path)
     except (OSError, UnicodeDecodeError) as e:
         return f"its hash {hash_path(path).name} cannot be read ({getattr(e, 'strerror', None) or type(e).__name__})"
-    if not recorded or len(recorded[0]) != 64:
+    if not recorded or any(len(h) != 64 for h in recorded):
         return f"its hash {hash_path(path).name} is not a sha256"
     actual = file_sha256(path)
-    if actual != recorded[0].lower():
+    if actual not in recorded:
         return (f"its sha256 {actual[:12]} is not the {recorded[0][:12]} recorded in {hash_path(path).name} "
                 "when it was written (the file was changed or damaged since)")
     return None

@@ -88,6 +88,33 @@ def test_a_hash_is_written_beside_the_file_and_catches_an_overwrite_in_the_middl
     assert capsys.readouterr().err.count("harness: note:") == 1
 
 
+@pytest.mark.parametrize("killed", ["before the rename", "after the rename"])
+def test_a_process_killed_between_a_file_and_its_hash_leaves_a_file_that_matches(tmp_path, monkeypatch, killed):
+    path = tmp_path / "partial.json"
+    write_json_atomic(path, {"step": 1}, hashed=True)
+    calls = []
+
+    def write_hashes(*args):
+        calls.append(args)
+        if killed == "after the rename" and len(calls) == 2:
+            raise KeyboardInterrupt  # the second listing never comes
+        return real_write_hashes(*args)
+
+    def rename(source, target):
+        if killed == "before the rename" and Path(target) == path:
+            raise KeyboardInterrupt
+        return real_replace(source, target)
+
+    real_write_hashes, real_replace = storage._write_hashes, storage.os.replace
+    monkeypatch.setattr(storage, "_write_hashes", write_hashes)
+    monkeypatch.setattr(storage.os, "replace", rename)
+    with pytest.raises(KeyboardInterrupt):
+        write_json_atomic(path, {"step": 2}, hashed=True)
+    monkeypatch.undo()
+    assert file_damage(path) is None
+    assert json.loads(path.read_text()) == {"step": 1 if killed == "before the rename" else 2}
+
+
 # ---- resumable state --------------------------------------------------------------------------
 
 class Interrupted(Exception):

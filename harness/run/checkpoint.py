@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from harness.api import Adapter, build
 from harness.errors import HarnessError
 from harness.run.records import read_record
-from harness.storage import file_damage, file_mode, note_unhashed, record_hash
+from harness.storage import file_damage, file_mode, note_unhashed, replace_hashed
 
 WEIGHTS_FILE = "model.safetensors"
 LEGACY_WEIGHTS_FILE = "model.pt"
@@ -32,12 +32,12 @@ EXTRA_STATE_KEY = "harness_plain_values"  # metadata entry: the state_dict's non
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None], writer: str) -> None:
-    """write(temporary), then rename it to `path` and record its sha256 beside it."""
+    """write(temporary), then rename it to `path` with its sha256 recorded beside it."""
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(temporary)
         os.chmod(temporary, file_mode())  # safetensors writes 0o600; weights are read like any other file
-        os.replace(temporary, path)
+        replace_hashed(temporary, path)
     except (RuntimeError, SafetensorError) as e:  # the library's own file writer: a full disk or a folder it cannot write
         temporary.unlink(missing_ok=True)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else "write failed"
@@ -46,7 +46,6 @@ def _write_atomic(path: Path, write: Callable[[Path], None], writer: str) -> Non
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    record_hash(path)
 
 
 def save_checkpoint_atomic(path: Path, state: dict) -> None:
