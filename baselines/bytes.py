@@ -11,11 +11,11 @@ from torch import nn
 from harness.modeling import flops
 from harness.modeling.nn import Transformer, init_weights
 from harness.modeling.hash_ngrams import HashNgramConfig, HashNgramEmbedding
-from harness.api import BOS, BYTE_VOCAB, Adapter, AdapterConfig, SizingFields, register
+from harness.api import BOS, BYTE_VOCAB, MAX_WIDTH, Adapter, AdapterConfig, SizingFields, register
 
 
 class ByteTransformerConfig(AdapterConfig, HashNgramConfig):
-    d_model: int = Field(64, ge=8, description="width")
+    d_model: int = Field(64, ge=8, le=MAX_WIDTH, description="width")
     n_layers: int = Field(2, ge=1, description="number of blocks")
     n_heads: int = Field(4, ge=1, description="attention heads")
     mlp_ratio: float = Field(8 / 3, gt=0, description="SwiGLU hidden width / d_model")

@@ -52,8 +52,8 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from harness.api import (BOS, BYTE_VOCAB, Adapter, AdapterConfig, CalibrationCost, RunContext, SizingFields, TrainingLoss,
-                         register)
+from harness.api import (BOS, BYTE_VOCAB, MAX_WIDTH, Adapter, AdapterConfig, CalibrationCost, RunContext, SizingFields,
+                         TrainingLoss, register)
 from harness.modeling.runtime import autocast
 from harness.modeling import chunking, flops
 from harness.modeling.nn import Transformer, init_weights
@@ -63,8 +63,8 @@ P_CLAMP = 1e-4  # the EMA's P lies in [1e-4, 1 - 1e-4], as in the reference
 
 
 class HNetConfig(AdapterConfig, HashNgramConfig):
-    d_local: int = Field(64, ge=8, description="width of the encoder and decoder (the paper's D_0)")
-    d_main: int = Field(128, ge=8, description="width of the main network (D_1 >= D_0: chunks get d_main - d_local learned extra dimensions)")
+    d_local: int = Field(64, ge=8, le=MAX_WIDTH, description="width of the encoder and decoder (the paper's D_0)")
+    d_main: int = Field(128, ge=8, le=MAX_WIDTH, description="width of the main network (D_1 >= D_0: chunks get d_main - d_local learned extra dimensions)")
     encoder_layers: int = Field(2, ge=1, description="encoder blocks (sliding window, over bytes)")
     main_layers: int = Field(2, ge=1, description="main network blocks (causal, over chunks)")
     decoder_layers: int = Field(2, ge=1, description="decoder blocks (sliding window, over bytes)")

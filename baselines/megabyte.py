@@ -39,16 +39,16 @@ from torch import nn
 from harness.modeling import chunking, flops
 from harness.modeling.nn import Transformer, init_weights
 from harness.modeling.hash_ngrams import HashNgramConfig, HashNgramEmbedding
-from harness.api import BOS, BYTE_VOCAB, Adapter, AdapterConfig, SizingFields, register
+from harness.api import BOS, BYTE_VOCAB, MAX_WIDTH, Adapter, AdapterConfig, SizingFields, register
 
 
 class MegaByteConfig(AdapterConfig, HashNgramConfig):
     patch_size: int = Field(4, ge=1, description="bytes per patch (P)")
-    d_embed: int = Field(16, ge=1, description="width of each byte embedding in the global input (P of them are concatenated)")
-    d_global: int = Field(64, ge=8, description="global model width")
+    d_embed: int = Field(16, ge=1, le=MAX_WIDTH, description="width of each byte embedding in the global input (P of them are concatenated)")
+    d_global: int = Field(64, ge=8, le=MAX_WIDTH, description="global model width")
     global_layers: int = Field(2, ge=1, description="global model blocks")
     global_heads: int = Field(4, ge=1, description="global model attention heads")
-    d_local: int = Field(32, ge=8, description="local model width")
+    d_local: int = Field(32, ge=8, le=MAX_WIDTH, description="local model width")
     local_layers: int = Field(2, ge=1, description="local model blocks")
     local_heads: int = Field(2, ge=1, description="local model attention heads")
     mlp_ratio: float = Field(8 / 3, gt=0, description="SwiGLU hidden width / width, both levels")

@@ -41,7 +41,7 @@ from torch import nn
 
 from baselines import patching
 from baselines.bytes import ByteTransformer, ByteTransformerConfig
-from harness.api import BYTE_VOCAB, Adapter, AdapterConfig, Preparation, RunContext, SizingFields, register
+from harness.api import BYTE_VOCAB, MAX_WIDTH, Adapter, AdapterConfig, Preparation, RunContext, SizingFields, register
 from harness.errors import HarnessError
 from harness.modeling import chunking, flops
 from harness.modeling.entropy import order0_entropy
@@ -56,8 +56,8 @@ ENTROPY_MODEL_MARGIN_BPB = 0.25
 
 class PatcherConfig(AdapterConfig, HashNgramConfig):
     patcher: Literal["entropy", "space", "static"] = Field("entropy", description="patch boundary rule")
-    d_local: int = Field(64, ge=8, description="width of the local encoder and decoder")
-    d_global: int = Field(128, ge=8, description="width of the global model over patches")
+    d_local: int = Field(64, ge=8, le=MAX_WIDTH, description="width of the local encoder and decoder")
+    d_global: int = Field(128, ge=8, le=MAX_WIDTH, description="width of the global model over patches")
     n_heads_local: int = Field(4, ge=1, description="attention heads of local layers and cross-attention")
     n_heads_global: int = Field(4, ge=1, description="attention heads of the global model")
     encoder_layers: int = Field(1, ge=1, description="local encoder blocks (causal, over bytes)")

@@ -50,15 +50,15 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from baselines import patching
-from harness.api import BOS, BYTE_VOCAB, Adapter, AdapterConfig, Preparation, RunContext, SizingFields, register
+from harness.api import BOS, BYTE_VOCAB, MAX_WIDTH, Adapter, AdapterConfig, Preparation, RunContext, SizingFields, register
 from harness.modeling import chunking, flops
 from harness.modeling.nn import Block, Transformer, init_weights
 from harness.modeling.hash_ngrams import HashNgramConfig, HashNgramEmbedding
 
 
 class SpaceByteConfig(AdapterConfig, HashNgramConfig):
-    d_local: int = Field(64, ge=8, description="width of the byte-level stream and its local blocks")
-    d_global: int = Field(128, ge=8, description="width of the global blocks (>= d_local; the byte stream is zero-padded to it)")
+    d_local: int = Field(64, ge=8, le=MAX_WIDTH, description="width of the byte-level stream and its local blocks")
+    d_global: int = Field(128, ge=8, le=MAX_WIDTH, description="width of the global blocks (>= d_local; the byte stream is zero-padded to it)")
     n_heads_local: int = Field(4, ge=1, description="attention heads of local blocks")
     n_heads_global: int = Field(4, ge=1, description="attention heads of global blocks")
     initial_layers: int = Field(1, ge=0, description="local blocks before the global blocks (kjslag: half the local blocks)")

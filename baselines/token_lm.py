@@ -51,7 +51,7 @@ from torch import nn
 from harness.modeling import flops
 from harness.errors import HarnessError
 from harness.modeling.nn import Transformer, init_weights
-from harness.api import Adapter, AdapterConfig, Preparation, RunContext, SizingFields, write_json_atomic
+from harness.api import MAX_VOCAB, MAX_WIDTH, Adapter, AdapterConfig, Preparation, RunContext, SizingFields, read_cache_entry, write_json_atomic
 from harness.api import cache_dir as shared_cache_dir
 
 CACHE_FORMAT = 1
@@ -63,8 +63,8 @@ WINDOW_CACHE = 1 << 16  # tokenized windows a Vocabulary keeps (a 16 MB split in
 
 
 class TokenLMConfig(AdapterConfig):
-    vocab_size: int = Field(512, description="tokenizer vocabulary, including the 256 one-byte tokens and special tokens")
-    d_model: int = Field(64, ge=8, description="width")
+    vocab_size: int = Field(512, le=MAX_VOCAB, description="tokenizer vocabulary, including the 256 one-byte tokens and special tokens")
+    d_model: int = Field(64, ge=8, le=MAX_WIDTH, description="width")
     n_layers: int = Field(2, ge=1, description="number of blocks")
     n_heads: int = Field(4, ge=1, description="attention heads")
     mlp_ratio: float = Field(8 / 3, gt=0, description="SwiGLU hidden width / d_model")
@@ -210,7 +210,7 @@ class TokenLM(Adapter):
             entry = {"tokenizer": serialized, "train_seconds": fit_seconds, "corpus_sha256": corpus_sha256,
                      "settings": settings, **_measure_rate(vocab, train)}
             try:
-                write_json_atomic(path, entry)
+                write_json_atomic(path, entry, hashed=True)
             except OSError as e:
                 raise HarnessError(f"cannot write the tokenizer cache {path} ({e.strerror}); set HARNESS_CACHE_DIR "
                                    "to a writable folder") from None
@@ -321,11 +321,9 @@ class TokenLM(Adapter):
 
 
 def _read_cache(path: Path) -> dict | None:
-    try:
-        entry = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return entry if isinstance(entry, dict) and "tokenizer" in entry else None
+    """The cached tokenizer at `path`, or None to train it again (none, or damaged: read_cache_entry)."""
+    entry = read_cache_entry(path)
+    return entry if entry is not None and "tokenizer" in entry else None
 
 
 def _chunks(data: bytes, size: int) -> list[bytes]:

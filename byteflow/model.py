@@ -43,7 +43,7 @@ from pydantic import Field
 from torch import nn
 
 from byteflow import coding_rate
-from harness.api import BOS, BYTE_VOCAB, Adapter, AdapterConfig, CalibrationCost, RunContext, SizingFields, register
+from harness.api import BOS, BYTE_VOCAB, MAX_WIDTH, Adapter, AdapterConfig, CalibrationCost, RunContext, SizingFields, register
 from harness.modeling.runtime import autocast
 from harness.errors import HarnessError
 from harness.modeling import chunking, flops
@@ -54,8 +54,8 @@ TOPK_LABEL = "global top-K selection (non-causal, not a valid likelihood)"
 
 
 class ByteFlowConfig(AdapterConfig, HashNgramConfig):
-    d_local: int = Field(64, ge=8, description="width of the byte-level encoder and decoder")
-    d_global: int = Field(128, ge=8, description="width of the global Transformer over chunks")
+    d_local: int = Field(64, ge=8, le=MAX_WIDTH, description="width of the byte-level encoder and decoder")
+    d_global: int = Field(128, ge=8, le=MAX_WIDTH, description="width of the global Transformer over chunks")
     encoder_layers: int = Field(1, ge=1, description="E: local encoder blocks")
     decoder_layers: int = Field(1, ge=1, description="D: local decoder blocks")
     global_layers: int = Field(2, ge=1, description="global Transformer blocks")

@@ -13,7 +13,7 @@ from harness.run import data
 from harness.api import registry
 from harness.errors import HarnessError
 from harness.commands.export import add_parser, export_run
-from harness.run.checkpoint import save_checkpoint_atomic
+from harness.run.checkpoint import save_weights
 from harness.run.records import write_record
 from tests.checks import record_for
 from tests.conftest import context
@@ -28,7 +28,7 @@ def cache_root(tmp_path, monkeypatch):
 
 
 def make_run(run_dir, adapter="bpe", **config):
-    """A finished run directory (record.json + model.pt) of a prepared model whose weights,
+    """A finished run directory (record.json + model.safetensors) of a prepared model whose weights,
     norm gains included, are random, so every mapped tensor matters."""
     config = {"vocab_size": 300, "d_model": 32, "n_layers": 2, "n_heads": 4, **config}
     torch.manual_seed(0)
@@ -38,7 +38,7 @@ def make_run(run_dir, adapter="bpe", **config):
         for name, p in model.named_parameters():
             p.copy_(torch.rand_like(p) + 0.5 if name.endswith("norm.weight") else torch.randn_like(p) * 0.2)
     run_dir.mkdir(parents=True)
-    save_checkpoint_atomic(run_dir / "model.pt", model.state_dict())
+    save_weights(run_dir / "model.safetensors", model.state_dict())
     write_record(run_dir / "record.json", record_for(model, run_dir.name))
     return model.eval()
 

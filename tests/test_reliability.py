@@ -22,8 +22,8 @@ import yaml
 from baselines.bytes import ByteTransformer
 from harness.api import registry
 from harness.cli import main
-from harness.storage import file_mode
-from harness.run.checkpoint import save_checkpoint_atomic
+from harness.storage import file_mode, remove_hashed
+from harness.run.checkpoint import load_weights, save_checkpoint_atomic
 from harness.run.records import (read_failure, read_record, read_suite_records, remove_temporaries,
                                   write_json_atomic, write_record)
 from harness.orchestrate.runner import run_suite
@@ -147,7 +147,8 @@ def test_records_checkpoints_and_caches_get_one_file_mode(copy_of, tmp_path):
     # and a suite run (the module fixture, under this process's umask) wrote all its files alike
     run_dir = copy_of / "runs" / "bytes__C2.00e09__s0"
     modes = {p.name: p.stat().st_mode & 0o777 for p in (copy_of / "suite.json", run_dir / "record.json",
-                                                         run_dir / "model.pt")}
+                                                         run_dir / "model.safetensors",
+                                                         run_dir / "model.safetensors.sha256")}
     assert set(modes.values()) == {file_mode()}, modes
 
 
@@ -287,7 +288,7 @@ def test_a_damaged_partial_pt_is_discarded_and_the_run_starts_over(copy_of, caps
     elif content == "not a training state":
         torch.save({"key": config_hash, "model": [1, 2]}, partial)
     else:
-        weights = {k: torch.zeros(3) for k in torch.load(run_dir / "model.pt", weights_only=True)}
+        weights = {k: torch.zeros(3) for k in load_weights(run_dir / "model.safetensors")}
         torch.save({"key": config_hash, "model": weights, "optimizer": {}, "schedule": {}, "stream": {},
                     "rng": torch.get_rng_state(), "state": {"step": 1, "curve": []}}, partial)
     status, out, err = cli(run_args(copy_of.parent.parent / "suite.yaml", copy_of.parent), capsys)
@@ -301,7 +302,9 @@ def test_a_damaged_model_pt_is_one_line_in_export_segment_and_lm_eval(copy_of, t
     from harness.lm_eval_plugin import HarnessLM
 
     run_dir = copy_of / "runs" / "bytes__C2.00e09__s0"
-    checkpoint = run_dir / "model.pt"
+    checkpoint = run_dir / "model.pt"  # the weights of a run from before model.safetensors, which still load
+    torch.save(load_weights(run_dir / "model.safetensors"), checkpoint)
+    remove_hashed(run_dir / "model.safetensors")
     good = checkpoint.read_bytes()
     if content == "empty":
         checkpoint.write_bytes(b"")

@@ -134,7 +134,7 @@ def test_slurm_without_a_cluster_and_bad_executor_settings_are_one_line(write_su
     path = write_suite(tiny_suite())
     results = tmp_path / "results"
     cases = [
-        (["--executor", "slurm"], "--executor slurm: no `srun` on this machine's PATH"),
+        (["--executor", "slurm"], "--executor slurm: no `srun` or `sbatch` on this machine's PATH"),
         (["--workers", "0"], "--workers: Input should be greater than 0"),
         (["--executor", "local", "--partition", "gpu"], "--partition: partition is a Slurm setting; the executor is local"),
         (["--executor", "none", "--workers", "2"], "--workers: only with --executor local or slurm"),

@@ -3,7 +3,6 @@ record in RESULTS_DIR (suite.json and runs/*/record.json)."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from harness.analysis.tables import markdown as _markdown
 from harness.run.budget import cost_check_of
 from harness.run.references import primed_with
 from harness.errors import HarnessError
+from harness.run.records import read_hashed_json
 from harness.analysis.segment import Segmentation, plot_segmentation, segmentation_threshold
 from harness.analysis.tuning_report import tuning_section
 from harness.run.records import RunFailure, RunRecord, read_failures, read_suite_records
@@ -613,11 +613,8 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
     suite_file = results_dir / "suite.json"
     if not suite_file.exists():
         raise HarnessError(f"{results_dir}: no suite.json (run `harness run SUITE` first)")
-    try:
-        suite = json.loads(suite_file.read_text())
-    except ValueError:  # also UnicodeDecodeError
-        suite = None
-    if not isinstance(suite, dict) or not {"suite", "corpora"} <= suite.keys():
+    suite = read_hashed_json(suite_file, "run the suite again to rewrite it")
+    if not {"suite", "corpora"} <= suite.keys():
         raise HarnessError(f"{suite_file}: not a valid suite summary (run the suite again to rewrite it)")
     records = read_suite_records(results_dir, on_error=_warn)  # an unreadable record is left out, with a warning
     finished = {r.run_id for r in records}

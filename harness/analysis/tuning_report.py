@@ -3,7 +3,7 @@ the trials' validation bpb against lr, the chosen settings, and the gap to the u
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -11,6 +11,8 @@ import pandas as pd
 
 from harness.analysis.plotting import model_colours, save_plot
 from harness.analysis.tables import markdown as _markdown
+from harness.errors import HarnessError
+from harness.run.records import read_hashed_json
 
 
 def tuning_table(entries: list[dict]) -> pd.DataFrame:
@@ -55,11 +57,19 @@ def drift_lines(entries: list[dict]) -> list[str]:
 
 
 def tuning_section(results_dir: Path, plot_dir: Path, colours: dict[str, tuple] | None = None) -> list[str]:
-    """Markdown lines of the tuning section; none when the suite was not tuned."""
+    """Markdown lines of the tuning section; none when the suite was not tuned, or (with a warning)
+    when tuning.json is damaged."""
     path = results_dir / "tuning.json"
     if not path.exists():
         return []
-    tuning = json.loads(path.read_text())
+    left_out = "the tuning section is left out (`harness run` on the suite writes it again)"
+    try:
+        tuning = read_hashed_json(path, left_out)
+        if not isinstance(tuning.get("entries"), list):
+            raise HarnessError(f"{path}: not a tuning file (no entries); {left_out}")
+    except HarnessError as e:
+        print(f"harness: warning: {e}", file=sys.stderr)
+        return []
     entries = tuning["entries"]
     seeds = sorted({s for e in entries for s in e["seeds"]})
     confirm = sorted({s for e in entries for s in e.get("confirm_seeds", [])})

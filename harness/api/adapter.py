@@ -133,6 +133,12 @@ class AdapterConfig(BaseModel):
         return values
 
 
+# Upper bounds of config fields (Field(le=...)), checked when a suite is read, before any model is
+# built: an extra zero is refused in one line naming the field, not after minutes of allocation.
+MAX_WIDTH = 1 << 15  # d_model, d_global, ...: above the widest models trained (about 25k)
+MAX_VOCAB = 1 << 20  # tokenizer vocabularies: the largest in use hold about 256k
+
+
 class Adapter(nn.Module, metaclass=ABCMeta):
     name: ClassVar[str]
     description: ClassVar[str]
@@ -151,7 +157,8 @@ class Adapter(nn.Module, metaclass=ABCMeta):
     def prepare(self, train: bytes, ctx: RunContext) -> Preparation:
         """Fit whatever the model needs from the training split before training (a tokenizer,
         an entropy model, a rate). Whatever is learned must live in the module's state
-        (buffers, submodules or plain-typed extra state) so a checkpoint restores it."""
+        (buffers, submodules or plain-typed extra state) so a checkpoint restores it; extra state
+        (get_extra_state) is saved as JSON beside the tensors, so it holds JSON types only."""
         return Preparation()
 
     def carry_preparation(self, prepared: "Adapter") -> None:

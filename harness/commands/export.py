@@ -95,7 +95,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     export = subparsers.add_parser(
         "export", help="write a trained run (bpe) as a transformers model + tokenizer",
-        description="Write a finished bpe run (RUN_DIR holding record.json and model.pt) to OUT_DIR as a "
+        description="Write a finished bpe run (RUN_DIR holding record.json and model.safetensors) to OUT_DIR as a "
                     "transformers LlamaForCausalLM (MistralForCausalLM with a sliding window) and a fast tokenizer "
                     "that prepends BOS (AutoTokenizer loads it as PreTrainedTokenizerFast with transformers 4, as "
                     "TokenizersBackend with transformers 5); load both with from_pretrained(OUT_DIR). Every file "

@@ -126,7 +126,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                           "continues from it")
     run.add_argument("--dry-run", action="store_true",
                      help="train nothing: write RESULTS/SUITE_NAME/suite.json (corpora, reference rows) and list "
-                          "which runs are done and which would run")
+                          "which runs are done and which would run; a suite with an inference target also prepares "
+                          "each model once to check that a size meets it")
     run.add_argument("--retry-failed", "--retry-diverged", action="store_true", dest="retry_failed",
                      help="run again the runs that diverged or failed before (by default they are skipped)")
     scale = run.add_argument_group(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,15 +20,17 @@ if TYPE_CHECKING:  # the modules below import torch and numpy: loaded when the c
 
 def _split_text(run_dir: Path, record: RunRecord, split: str) -> bytes:
     """The val/test/train split of the run's corpus, from the suite.json beside runs/."""
+    from harness.run.records import read_hashed_json
     from harness.run.spec import Suite, load_corpus
 
     suite_path = run_dir.parent.parent / "suite.json"
     if not suite_path.is_file():
         raise HarnessError(f"{suite_path}: not found; --split needs the suite results folder around the run")
+    remedy = "run the suite again to rewrite it"
     try:
-        suite = Suite(**json.loads(suite_path.read_text())["suite"])
+        suite = Suite(**read_hashed_json(suite_path, remedy)["suite"])
     except (ValueError, TypeError, KeyError):  # ValueError: also bad JSON and pydantic's ValidationError
-        raise HarnessError(f"{suite_path}: not a valid suite summary (run the suite again to rewrite it)") from None
+        raise HarnessError(f"{suite_path}: not a valid suite summary ({remedy})") from None
     splits = load_corpus(suite, record.corpus.label)
     if splits.sha256 != record.corpus.sha256:
         raise HarnessError(f"{run_dir}: the corpus has changed since the run (sha256 {splits.sha256[:12]}, "
@@ -53,9 +55,10 @@ def run_segment(run_dir: str | Path, text: str | None = None, split: str | None 
         source, raw = split, _split_text(run_dir, record, split)[offset : offset + max_bytes]
     elif _names_a_file(text):
         source, raw = Path(text).stem, Path(text).read_bytes()[offset : offset + max_bytes]
-    else:
-        source = "text-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
-        raw = text.encode("utf-8")[offset : offset + max_bytes]
+    else:  # the bytes as given: argv that is not UTF-8 arrives as surrogates, which os.fsencode turns back
+        given = os.fsencode(text)
+        source = "text-" + hashlib.sha256(given).hexdigest()[:8]
+        raw = given[offset : offset + max_bytes]
     model = load_checkpoint(run_dir)
     if variant is not None:
         model.set_eval_variant(variant)
@@ -111,7 +114,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "boundary scores as a line over the bytes and the boundaries as ticks (red), plus a chunk-length "
                     "histogram. The text is cut into windows of the run's evaluation length, each segmented from an "
                     "empty context with the model's evaluation rule.")
-    p.add_argument("run_dir", help="a run folder holding record.json and model.pt, e.g. results/smoke/runs/RUN_ID")
+    p.add_argument("run_dir", help="a run folder holding record.json and model.safetensors, e.g. results/smoke/runs/RUN_ID")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="a file to read, or else the text itself")
     source.add_argument("--split", choices=("train", "val", "test"), help="take the text from this split of the run's corpus")

@@ -1,4 +1,4 @@
-"""lm-eval model `harness`: a harness run directory (record.json + model.pt) as an lm-eval LM.
+"""lm-eval model `harness`: a harness run directory (record.json + model.safetensors) as an lm-eval LM.
 
 All scoring is in bytes (strings become bytes through `text_to_bytes`) and every byte
 sequence is scored the way the harness evaluator scores a window: on its own, from an
@@ -58,9 +58,9 @@ log = logging.getLogger(__name__)
 
 
 def run_directory(pretrained: str | Path) -> Path:
-    """The run directory named by `pretrained` (the directory, or its record.json / model.pt)."""
+    """The run directory named by `pretrained` (the directory, or its record.json / model.safetensors / model.pt)."""
     path = Path(pretrained).expanduser()
-    if path.is_file() and path.name in ("record.json", "model.pt"):
+    if path.is_file() and path.name in ("record.json", "model.safetensors", "model.pt"):
         path = path.parent
     if not (path / "record.json").is_file():
         raise HarnessError(f"pretrained={pretrained}: not a harness run directory (no record.json); "

@@ -14,7 +14,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from harness.api import get as adapter_class
-from harness.storage import write_json_atomic
+from harness.storage import remove_hashed, write_json_atomic
 from harness.errors import HarnessError
 from harness.run import distributed
 from harness.run.device import Peak
@@ -147,7 +147,7 @@ def record_failure(run: Run, suite: Suite, config_hash: str, run_dir: Path, erro
         last_finite_loss=error.last_finite_loss if diverged else None, reason=str(error), versions=versions())
     write_json_atomic(run_dir / "failure.json", failure.model_dump(mode="json"))
     if diverged:
-        (run_dir / "partial.pt").unlink(missing_ok=True)
+        remove_hashed(run_dir / "partial.pt")
     return failure
 
 

@@ -18,6 +18,7 @@ On Slurm a job that is preempted or reaches its time limit is requeued by submit
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from harness.run.spec import ExecutorSettings, Run, Suite
 from harness.errors import HarnessError
 
 POLL_S = 2.0  # seconds between looks at the results folder while waiting
+SLURM_COMMANDS = ("srun", "sbatch")  # what submitit runs to start and submit jobs
 LOCAL_TIMEOUT_MIN = 60 * 24 * 365  # a local job has no time limit (submitit's local default is 2 minutes)
 
 
@@ -87,6 +89,25 @@ def resolved(settings: ExecutorSettings) -> ExecutorSettings:
     return settings.model_copy(update={"gpus_per_run": gpus, "workers": workers})
 
 
+def check_executor(settings: ExecutorSettings, device_name: str, suite: Suite) -> ExecutorSettings:
+    """The settings resolved, if this machine can run them: checked before any corpus is prepared."""
+    settings = resolved(settings)
+    if settings.gpus_per_run == 0 and device_name == "cuda":
+        raise HarnessError("--device cuda: the runs would get no GPU; give --gpus-per-run 1 or more")
+    if settings.kind == "local" and settings.gpus_per_run:
+        needed, present = settings.workers * settings.gpus_per_run, torch.cuda.device_count()
+        if needed > present:  # a job given no GPU of its own would quietly train on the CPU
+            raise HarnessError(f"--workers {settings.workers} x --gpus-per-run {settings.gpus_per_run} needs {needed} "
+                               f"GPUs; this machine has {present}")
+    if settings.kind == "slurm":
+        missing = [command for command in SLURM_COMMANDS if shutil.which(command) is None]
+        if missing:
+            raise HarnessError(f"--executor slurm: no {' or '.join(f'`{c}`' for c in missing)} on this machine's PATH; "
+                               "run it on a Slurm login node")
+    check_shares(suite, max(1, settings.gpus_per_run))
+    return settings
+
+
 def make_executor(settings: ExecutorSettings, folder: Path, job_name: str):
     """The submitit executor for `settings` (resolved), writing its job files and logs to `folder`."""
     import submitit
@@ -134,15 +155,7 @@ def dispatch(suite: Suite, runs: list[Run], corpora: dict, out: Path, settings: 
     """Prepare what the runs share, send the pending runs out as jobs, show progress until every
     job has ended; raise one line if a run did not finish. `threads`: torch threads per job (by
     default local CPU jobs share the cores out, unless OMP_NUM_THREADS is set)."""
-    settings = resolved(settings)
-    if settings.gpus_per_run == 0 and device_name == "cuda":
-        raise HarnessError("--device cuda: the runs would get no GPU; give --gpus-per-run 1 or more")
-    if settings.kind == "local" and settings.gpus_per_run:
-        needed, present = settings.workers * settings.gpus_per_run, torch.cuda.device_count()
-        if needed > present:  # a job given no GPU of its own would quietly train on the CPU
-            raise HarnessError(f"--workers {settings.workers} x --gpus-per-run {settings.gpus_per_run} needs {needed} "
-                               f"GPUs; this machine has {present}")
-    check_shares(suite, max(1, settings.gpus_per_run))
+    settings = check_executor(settings, device_name, suite)
     started = time.time()
     states = {run.run_id: state(suite, run, out, retry_failed, started) for run in runs}
     pending = [run for run in runs if states[run.run_id] == "queued"]  # a held run is left to the job holding it

@@ -19,7 +19,7 @@ from harness import RECORD_FORMAT_VERSION
 from harness.storage import write_json_atomic
 from harness.errors import HarnessError
 from harness.orchestrate.attempts import check_shares, failure_summary, finished, run_all
-from harness.orchestrate.dispatch import dispatch
+from harness.orchestrate.dispatch import check_executor, dispatch
 from harness.orchestrate.suite import load_suite
 from harness.orchestrate.tuning import apply_tuning, refresh_provenance, tune_suite
 from harness.run import distributed
@@ -28,7 +28,7 @@ from harness.run.distributed import log
 from harness.run.pipeline import CorpusData, context, load_corpus_data, prepare
 from harness.run.records import RunFailure, versions
 from harness.run.references import cached_references, raw_byte_metrics
-from harness.run.sizing import size_to_target
+from harness.run.sizing import TargetOutOfReach, size_to_target
 from harness.run.spec import ExecutorSettings, Suite, expand
 from harness.run.train import TENSORBOARD_MISSING, tensorboard_available
 
@@ -51,6 +51,8 @@ def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "au
     if tensorboard_dir is not None and not tensorboard_available():
         log(f"warning: {TENSORBOARD_MISSING}")
         tensorboard_dir = None
+    if executor is not None and not dry_run:  # before any corpus or reference is prepared
+        check_executor(executor, device_name, suite)
     out = results_root / suite.name
     load = load_average()  # before the peak loads the machine itself
     peak = measure_matmul_peak(device)
@@ -58,13 +60,14 @@ def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "au
     if busy:
         log(busy)
     corpora = {corpus.label: load_corpus_data(suite, corpus.label, device) for corpus in suite.corpora}
+    if suite.inference_target(suite.budgets[0]) is not None:  # before the reference rows, which take longer
+        check_sizes(suite, corpora, device)
     if distributed.is_main():
         write_suite_summary(out, suite, corpora, device, peak)
-    if suite.inference_target(suite.budgets[0]) is not None and not dry_run:
-        check_sizes(suite, corpora, device)
     runs = expand(suite)
     if suite.tune is not None:  # each model's trainer settings chosen on validation first (harness.orchestrate.tuning)
-        runs = apply_tuning(runs, tune_suite(suite, out, corpora, device, peak, show_progress, save_every_s, dry_run))
+        runs = apply_tuning(runs, tune_suite(suite, out, corpora, device, peak, show_progress, save_every_s,
+                                                dry_run, retry_failed))
         if not dry_run and distributed.is_main():
             refresh_provenance(runs, suite, out)
     failures: list[RunFailure] = []
@@ -103,14 +106,23 @@ def write_suite_summary(out: Path, suite: Suite, corpora: dict[str, CorpusData],
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # PASSIVE from harness/cli.py unless set
         "versions": versions(),
-    })
+    }, hashed=True)
 
 
 def check_sizes(suite: Suite, corpora: dict[str, CorpusData], device: torch.device) -> None:
     """Before any training: every model can be sized to the suite's inference cost on every
     corpus (the first seed's preparation), so an impossible target fails at once. Under a
     scaling rule, the first budget's preparation is sized to every budget's target too (a run
-    sizes its own preparation later; this only checks that each target is within reach)."""
+    sizes its own preparation later; this only checks that each target is within reach). Also at
+    --dry-run; a target out of reach is one line naming the suite file and its key."""
+    try:
+        _size_every_model(suite, corpora, device)
+    except TargetOutOfReach as e:
+        key = "inference_scaling" if suite.inference_scaling is not None else "inference_flops_per_byte"
+        raise HarnessError(f"{suite.source}: {key}: {e}") from None
+
+
+def _size_every_model(suite: Suite, corpora: dict[str, CorpusData], device: torch.device) -> None:
     for label, corpus in corpora.items():
         for run in expand(suite):
             if run.corpus.label != label or run.seed != suite.seeds[0] or run.budget != suite.budgets[0]:

@@ -13,6 +13,11 @@ one seed's noise can otherwise pick a rate that is unstable on the next seed. Th
 to tuning.json, and the suite's runs then train with them (the config hash includes the
 chosen lr) and record which trials chose them; a finished run whose settings a new tuning
 budget chose again keeps its result and has that provenance written into its record.
+
+A trial that diverges or fails is recorded like any run (failure.json in its folder), scores as
+losing (NaN), and the search goes on; a trial whose record cannot be read is trained again.
+tuning.json carries its sha256 beside it; one that is damaged is rewritten by `harness run` and
+said in one line by `--dry-run` and `harness report`.
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from harness.errors import HarnessError
+from harness.orchestrate.attempts import describe, record_failure
 from harness.run.distributed import log
 from harness.run.pipeline import execute
-from harness.storage import write_json_atomic
-from harness.run.records import read_record, write_record
+from harness.run.records import RunFailure, read_failure, read_hashed_json, read_record, remove_temporaries, write_record
 from harness.run.spec import Run, Suite, budget_label
-from harness.errors import HarnessError
+from harness.run.train import Diverged
+from harness.storage import write_json_atomic
 
 TUNING_FILE = "tuning.json"
 
@@ -100,26 +107,32 @@ def trial_label(settings: dict) -> str:
 
 
 def tune_suite(suite: Suite, out: Path, corpora: dict, device, peak, show_progress: bool = False,
-               save_every_s: float = 60.0, dry_run: bool = False) -> list[dict]:
+               save_every_s: float = 60.0, dry_run: bool = False, retry_failed: bool = False) -> list[dict]:
     """Run (or reuse) every tuning trial and write out/tuning.json. Returns its entries, one per
     (corpus, model, tuning budget): trials, the chosen settings, how often the grid was extended.
-    With `dry_run`, trains nothing and returns the entries of an existing tuning.json (or none)."""
+    With `dry_run`, trains nothing and returns the entries of an existing tuning.json (or none).
+    A trial that failed before is not tried again unless `retry_failed`."""
     tune = suite.tune
     if dry_run:
         return _entries_for_a_dry_run(out, tune)
 
-    def trial(run: TrialRun) -> float:
-        return _val_bpb(run, suite, out, corpora[run.corpus.label], device, peak, show_progress, save_every_s)
+    def trial(run: TrialRun, failures: list[RunFailure]) -> float:
+        return _val_bpb(run, suite, out, corpora[run.corpus.label], device, peak, show_progress, save_every_s,
+                        retry_failed, failures)
 
     entries = [_tune_model(suite, corpus, entry, budget, trial)
                for corpus in suite.corpora for entry in suite.rows for budget in tune.budgets]
     write_json_atomic(out / TUNING_FILE, {"selected_on": "val", "settings": tune.model_dump(mode="json"),
-                                          "entries": entries})
+                                          "entries": entries}, hashed=True)
     return entries
 
 
 def _entries_for_a_dry_run(out: Path, tune) -> list[dict]:
-    existing = read_tuning(out)
+    try:
+        existing = read_tuning(out)
+    except HarnessError as e:
+        log(f"tuning: {e}; the runs below show untuned settings (dry run)")
+        return []
     if existing is None:
         log("tuning: no tuning.json yet; the runs below show untuned settings (dry run)")
         return []
@@ -130,13 +143,14 @@ def _entries_for_a_dry_run(out: Path, tune) -> list[dict]:
     return existing["entries"]
 
 
-def _tune_model(suite: Suite, corpus, entry, budget: float, trial_bpb: Callable[[TrialRun], float]) -> dict:
+def _tune_model(suite: Suite, corpus, entry, budget: float,
+                trial_bpb: Callable[[TrialRun, list[RunFailure]], float]) -> dict:
     """The tuning entry of one (corpus, model, budget): the bracketed search over lr for each
     combination of the other settings, confirmed on fresh seeds when the suite asks."""
     tune = suite.tune
     others = {k: v for k, v in (("warmup_fraction", tune.warmup_fraction), ("batch_windows", tune.batch_windows)) if v}
     base = suite.trainer.model_copy(update=entry.trainer.model_dump(exclude_none=True))
-    best, trials = None, []
+    best, trials, failures = None, [], []
     for combo in itertools.product(*others.values()):
         fixed = dict(zip(others, combo))
 
@@ -153,7 +167,10 @@ def _tune_model(suite: Suite, corpus, entry, budget: float, trial_bpb: Callable[
                                trainer=base.model_copy(update=settings), label=trial_label(settings),
                                name_corpus=len(suite.corpora) > 1)
                 trial["run_ids"].append(run.run_id)
-                trial["val_bpb_per_seed"].append(trial_bpb(run))
+                failed = len(failures)
+                trial["val_bpb_per_seed"].append(trial_bpb(run, failures))
+                if len(failures) > failed:
+                    trial.setdefault("failed", []).append(f"{run.run_id} {describe(failures[-1])}")
             trial["val_bpb"] = sum(trial["val_bpb_per_seed"]) / len(trial["val_bpb_per_seed"])
             return trial["val_bpb"]
 
@@ -162,13 +179,14 @@ def _tune_model(suite: Suite, corpus, entry, budget: float, trial_bpb: Callable[
             search = bracketed_search(lambda lr: val_bpbs(lr, tune.seeds), tune.lr, tune.factor, tune.max_extensions,
                                       what="lr")
         except HarnessError as e:
-            raise HarnessError(f"tuning {what}: {e}") from None
+            why = f" (first: {failures[0].run_id} {describe(failures[0])})" if failures else ""
+            raise HarnessError(f"tuning {what}: {e}{why}") from None
         scores = search.scores
         if tune.confirm_seeds:  # the front-runners again on fresh seeds; the mean over all decides
             top = sorted(scores, key=lambda v: _key(scores[v]))[:tune.confirm_top]
             scores = {lr: val_bpbs(lr, tune.confirm_seeds) for lr in top}
         lr = min(scores, key=lambda v: _key(scores[v]))
-        if best is None or scores[lr] < best[1]:
+        if best is None or _key(scores[lr]) < _key(best[1]):
             best = ({"lr": lr, **fixed}, scores[lr], search.extensions)
     for trial in trials:
         trial["extension"] = trial["lr"] not in tune.lr
@@ -184,27 +202,53 @@ def _tune_model(suite: Suite, corpus, entry, budget: float, trial_bpb: Callable[
 
 
 def _val_bpb(run: TrialRun, suite: Suite, out: Path, corpus, device, peak, show_progress: bool,
-             save_every_s: float) -> float:
-    """The trial's validation bpb: from its record when it is done with this config, else trained now."""
+             save_every_s: float, retry_failed: bool, failures: list[RunFailure]) -> float:
+    """The trial's validation bpb: from its record when it is done with this config, else trained
+    now. A trial that diverges or fails (now, or before and not retried) is added to `failures`
+    and scores NaN, which never wins."""
     run_dir = out / "tuning" / "runs" / run.run_id
     config_hash = run.config_hash(suite)
     record_path = run_dir / "record.json"
     if record_path.exists():
-        record = read_record(record_path)
-        if record.config_hash == config_hash:
-            log(f"tuning {run.run_id}: done already, skipped")
-            return record.val.bpb
+        try:
+            record = read_record(record_path)
+        except HarnessError as e:
+            log(f"warning: {e}; running {run.run_id} again")
+        else:
+            if record.config_hash == config_hash:
+                log(f"tuning {run.run_id}: done already, skipped")
+                return record.val.bpb
+    failure = read_failure(run_dir / "failure.json")
+    if failure is not None and failure.config_hash == config_hash and not retry_failed:
+        failures.append(failure)
+        log(f"tuning {run.run_id}: {describe(failure)} before, scored as losing (--retry-failed runs it again)")
+        return math.nan
+    if run_dir.is_dir():
+        remove_temporaries(run_dir)
+        (run_dir / "failure.json").unlink(missing_ok=True)
     log(f"tuning {run.run_id}: training")
-    record = execute(run, suite, corpus, device, peak, config_hash, run_dir, show_progress, save_every_s)
+    try:
+        record = execute(run, suite, corpus, device, peak, config_hash, run_dir, show_progress, save_every_s)
+    except (Diverged, HarnessError) as e:
+        failure = record_failure(run, suite, config_hash, run_dir, e)
+        failures.append(failure)
+        log(f"tuning {run.run_id}: {describe(failure)}; scored as losing, the search goes on")
+        return math.nan
     log(f"tuning {run.run_id}: val {record.val.bpb:.4f} bpb")
     return record.val.bpb
 
 
 def read_tuning(out: Path) -> dict | None:
-    import json
-
+    """tuning.json's contents, or None when there is none; a one-line HarnessError when it is damaged
+    (its hash differs) or is not a tuning file."""
     path = out / TUNING_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    remedy = "`harness run` on the suite writes it again"
+    tuning = read_hashed_json(path, remedy)
+    if not isinstance(tuning.get("settings"), dict) or not isinstance(tuning.get("entries"), list):
+        raise HarnessError(f"{path}: not a tuning file (no settings and entries); {remedy}")
+    return tuning
 
 
 def apply_tuning(runs: list[Run], entries: list[dict]) -> list[Run]:

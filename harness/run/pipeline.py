@@ -21,13 +21,14 @@ from harness.run.budget import Plan, charged_training_flops, check_test_cost, pl
 from harness.run.device import Peak
 from harness.run.distributed import log
 from harness.run.evaluate import evaluate
-from harness.run.checkpoint import save_checkpoint_atomic
+from harness.run.checkpoint import LEGACY_WEIGHTS_FILE, WEIGHTS_FILE, save_weights
 from harness.run.records import (CalibrationFlops, CorpusFacts, FlopsPerByte, ModelSpec, PreparationFacts, RunRecord,
                                  SegmentationExample, versions, write_record)
 from harness.run.segmentation import segment_bytes
 from harness.run.sizing import resize, size_to_target
 from harness.run.spec import Run, Suite, TrainerSettings, load_corpus
 from harness.run.train import TrainingResult, tensorboard_writer, train
+from harness.storage import remove_hashed
 
 FLOP_CHECK_WINDOWS = 64  # training windows the analytic FLOPs per byte are checked on
 FLOP_TOLERANCE = 0.02  # a larger gap between counted and analytic FLOPs is flagged
@@ -274,8 +275,9 @@ def counted_flops_per_byte(model: Adapter, windows: torch.Tensor, ctx: RunContex
 
 
 def write(run_dir: Path, model: Adapter, record: RunRecord) -> None:
-    """The checkpoint, then the record (its presence means the run is done), then drop the
-    resumable training state."""
-    save_checkpoint_atomic(run_dir / "model.pt", model.state_dict())
+    """The weights (model.safetensors and its hash), then the record (its presence means the run
+    is done), then drop the resumable training state and the weights of an older harness's run."""
+    save_weights(run_dir / WEIGHTS_FILE, model.state_dict())
     write_record(run_dir / "record.json", record)
-    (run_dir / "partial.pt").unlink(missing_ok=True)
+    remove_hashed(run_dir / "partial.pt")
+    remove_hashed(run_dir / LEGACY_WEIGHTS_FILE)

@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from harness import RECORD_FORMAT_VERSION, __version__
-from harness.storage import file_mode, write_json_atomic  # noqa: F401  (records are written with it)
+from harness.storage import file_mode, json_object, note_unhashed, write_json_atomic  # noqa: F401  (records are written with it)
 from harness.errors import HarnessError
 from harness.run.spec import EvalSettings, TrainerSettings
 
@@ -251,6 +251,16 @@ def read_record(path: Path) -> RunRecord:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise HarnessError(f"{path}: not a valid JSON record") from None
     return parse_record(raw, path)
+
+
+def read_hashed_json(path: Path, remedy: str) -> dict:
+    """The JSON object at `path` (suite.json, tuning.json), checked against its recorded hash; else
+    a one-line HarnessError that names the file, what is wrong and `remedy`."""
+    entry, problem = json_object(Path(path))
+    if problem is not None:
+        raise HarnessError(f"{path}: {problem}; {remedy}")
+    note_unhashed(Path(path))
+    return entry
 
 
 def write_record(path: Path, record: RunRecord) -> None:

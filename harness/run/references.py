@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 from harness.storage import cache_dir as shared_cache_dir
+from harness.storage import read_cache_entry, write_json_atomic
 from harness.modeling.entropy import order0_entropy
 
 if TYPE_CHECKING:  # not imported: the primed coder's process does without torch
@@ -366,22 +367,14 @@ def cached_references(train: bytes, windows: torch.Tensor, label: str = "", log:
     key = cache_key(train, windows, prime_bytes)
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     path = cache_dir() / f"{name}.json"
-    try:
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            log(f"references for {label}: from the cache {path}" if label else f"references: from the cache {path}")
-            return cached["entry"]
-    except (OSError, ValueError, AttributeError):
-        pass
+    cached = read_cache_entry(path, log)
+    if cached is not None and cached.get("key") == key and isinstance(cached.get("entry"), dict):
+        log(f"references for {label}: from the cache {path}" if label else f"references: from the cache {path}")
+        return cached["entry"]
     entry = compute_references(train, windows, label, log, prime_bytes=prime_bytes)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(json.dumps({"key": key, "entry": entry}, indent=1))
-        os.replace(temporary, path)
+        write_json_atomic(path, {"key": key, "entry": entry}, hashed=True)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)  # a full disk leaves half a file
         log(f"warning: cannot write the reference cache {path} ({e.strerror}); set HARNESS_CACHE_DIR to cache them")
     return entry
 

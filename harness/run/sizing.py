@@ -35,6 +35,10 @@ from harness.errors import HarnessError
 from harness.api import Adapter, AdapterConfig, SizingFields
 from harness.run import budget
 
+class TargetOutOfReach(HarnessError):
+    """No allowed size of a model meets the inference target (or the model cannot be sized)."""
+
+
 TOLERANCE = 0.05
 MAX_WIDTH = 4096
 MAX_DEPTH = 24
@@ -95,7 +99,7 @@ def size_to_target(model: Adapter, target: float, window: int, count_auxiliary: 
     fields = model.sizing
     label = label or model.name
     if fields is None:
-        raise HarnessError(f"model {label!r}: adapter {model.name!r} declares no sizing fields, so it cannot be "
+        raise TargetOutOfReach(f"model {label!r}: adapter {model.name!r} declares no sizing fields, so it cannot be "
                            "sized to an inference cost")
     if widths not in ("all", "main"):
         raise HarnessError(f"model {label!r}: sizing widths must be 'all' or 'main', not {widths!r}")
@@ -113,14 +117,14 @@ def size_to_target(model: Adapter, target: float, window: int, count_auxiliary: 
         options = [(error, abs(depth - depth0), width, config, cost)
                    for depth in range(1, MAX_DEPTH + 1) for error, width, config, cost in search(depth)]
         if not options:
-            raise HarnessError(f"model {label!r} ({model.name}): no valid {fields.width} <= {MAX_WIDTH}")
+            raise TargetOutOfReach(f"model {label!r} ({model.name}): no valid {fields.width} <= {MAX_WIDTH}")
         within = [o for o in options if o[0] <= TOLERANCE]
         pick = min(within, key=lambda o: (o[1], o[0])) if within else min(options, key=lambda o: o[0])
         best = (pick[0], pick[2], pick[3], pick[4])
     error, _, config, cost = best
     chosen = config.model_dump()
     if error > TOLERANCE:
-        raise HarnessError(
+        raise TargetOutOfReach(
             f"model {label!r} ({model.name}): no {fields.width} <= {MAX_WIDTH} and {fields.depth} <= {MAX_DEPTH} "
             f"gives {target:.4g} forward FLOPs/byte within {TOLERANCE:.0%}; the closest is {cost:.4g} "
             f"({fields.width}={chosen[fields.width]}, {fields.depth}={chosen[fields.depth]})")

@@ -31,6 +31,7 @@ from harness.run import distributed
 from harness.run.checkpoint import load_state, save_checkpoint_atomic
 from harness.run.data import TrainStream
 from harness.run.spec import TrainerSettings
+from harness.storage import note_unhashed, remove_hashed
 
 
 class Diverged(FloatingPointError):
@@ -105,8 +106,8 @@ STATE_KEYS = ("key", "model", "optimizer", "schedule", "stream", "rng", "state")
 def saved_state(path: Path, key: str, steps: int, model: Adapter, optimizer: torch.optim.Optimizer,
                 device: torch.device, description: str) -> dict | None:
     """The training state saved at `path` if it continues this run (its `key` is the run's), else
-    None. A file that cannot be loaded, or does not fit the model and optimizer, is deleted with
-    a warning and the run starts over; a state of another config is left to be overwritten."""
+    None. A file that is not the one saved (its sha256 differs from partial.pt.sha256), cannot be
+    loaded, or does not fit the model and optimizer, is deleted with a warning and the run starts over; a state of another config is left to be overwritten."""
     if not path.exists():
         return None
     try:
@@ -118,10 +119,11 @@ def saved_state(path: Path, key: str, steps: int, model: Adapter, optimizer: tor
             return None
         problem = _misfit(saved, steps, model, optimizer)
         if problem is None:
+            note_unhashed(path)
             return saved
         problem = f"{path}: {problem}"
     tqdm.write(f"warning: {description}: {problem}; deleted it, the run starts over")
-    path.unlink(missing_ok=True)
+    remove_hashed(path)
     return None
 
 
