@@ -41,3 +41,22 @@ def test_headline_leaders_and_primed_gap_match_the_records():
         "primed_bpb"]["PPMd order 16"]
     assert f"{top[best]:.3f} bpb" in text and f"({ppmd:.3f} bpb)" in text
     assert f"{top[best] - ppmd:.2f} bpb behind" in text
+
+
+ABLATION = ROOT / "results" / "hash_ablation"
+
+
+@pytest.mark.skipif(not ABLATION.exists(), reason="the ablation's records are not in this checkout")
+def test_the_correction_table_is_what_the_ablation_records_give():
+    """Each row of the README's hashed n-gram ablation: both seeds and the mean, with and without."""
+    text = " ".join(headline().split())
+    runs = defaultdict(dict)
+    for path in (ABLATION / "runs").glob("*/record.json"):
+        record = json.loads(path.read_text())
+        runs[record["model"]["name"]][record["seed"]] = record["test"]["bpb"]
+    assert len(runs) == 8 and all(sorted(seeds) == [0, 1] for seeds in runs.values())
+    for model in ("bytes", "static-4", "blt-entropy", "blt-space"):
+        for level in ("off", "on"):
+            seeds = runs[f"{model}+hash={level}"]
+            mean = statistics.mean(seeds.values())
+            assert f"{seeds[0]:.3f} / {seeds[1]:.3f}, " in text and f"{mean:.3f}" in text, (model, level)
