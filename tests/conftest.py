@@ -31,9 +31,9 @@ SMALL_CONFIGS = {
     "spacebyte": {"d_local": 32, "d_global": 48, "n_heads_local": 2, "n_heads_global": 2, "local_window": 16,
                   "calibration_bytes": 4096},
     "byteflow": {"d_local": 32, "d_global": 32, "n_heads": 2, "global_heads": 2, "global_layers": 1, "attn_window": 16,
-                 "rolling_window": 32, "calibration_windows": 32},
+                 "rolling_window": 32, "calibration_windows": 16},
     "hnet": {"d_local": 32, "d_main": 48, "n_heads": 2, "main_heads": 2, "encoder_layers": 1, "main_layers": 1,
-             "decoder_layers": 1, "attn_window": 16},
+             "decoder_layers": 1, "attn_window": 16, "calibration_windows": 16},
 }
 
 

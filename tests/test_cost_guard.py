@@ -5,7 +5,6 @@ after training (H-Net's rate, ByteFlow's threshold) are stated before training, 
 plan, counted as they run (FlopCounterMode) and charged in the record's total; batched
 evaluation's padding is recorded beside the useful FLOPs."""
 
-import json
 
 import pytest
 import torch
@@ -18,8 +17,8 @@ from harness.run import data
 from harness.run.budget import check_test_cost, cost_check_of, inference_flops_per_byte
 from harness.run.pipeline import counted_flops_per_byte, finish_training
 from harness.run.records import FlopsPerByte, read_suite_records, write_record
-from tests.conftest import ROOT, SMALL_CONFIGS, context, tiny_suite
-from tests.test_fits import LADDER, law
+from tests.conftest import SMALL_CONFIGS, context, tiny_suite
+from tests.test_fits import LADDER, ladder_suite, law
 from tests.test_report import record
 
 TEXT = data.embedded_corpus("pydoc-topics", 12000)
@@ -69,13 +68,7 @@ def test_the_report_compares_a_row_off_its_cost_with_none_and_names_it(tmp_path)
     """bytes leads bpe at every rung, but one seed of bytes at the third rung ran 8% over its
     cost: that rung's ranking and sentence have bpe alone, bytes' fit has one rung fewer, and
     the summary names the run."""
-    suite = json.loads((ROOT / "results" / "fidelity" / "suite.json").read_text())  # its corpus and reference rows
-    suite["suite"] |= {"budgets": [float(c) for c in LADDER], "inference_flops_per_byte": 1e6}
-    (tmp_path / "suite.json").write_text(json.dumps(suite))
-    corpus = {"label": "pydoc-topics", "id": "pydoc-topics", "sha256": "0" * 64, "train_bytes": 1, "val_bytes": 1,
-              "test_bytes": 512}
-    tokenizer = {"tokenizer": "bpe", "vocab_size": 320, "bytes_per_token_test": 3.0, "vocab_used_test": 0.5,
-                 "tokenizer_train_seconds": 0.1}
+    corpus, tokenizer = ladder_suite(tmp_path, {"inference_flops_per_byte": 1e6})
     bpe, _ = law(1.7, 4.0, 0.15)
     byte, _ = law(1.5, 3.8, 0.2)  # below bpe at every rung
     off_rung = float(LADDER[2])

@@ -17,6 +17,19 @@ from tests.test_report import record
 LADDER = 1e11 * 3.0 ** np.arange(6)  # six rungs about 3x apart, as a study's ladder
 
 
+def ladder_suite(tmp_path, spec: dict) -> tuple[dict, dict]:
+    """tmp_path/suite.json for records on LADDER (fidelity's corpus and reference rows, `spec` on top),
+    and the corpus facts and tokenizer metrics their records carry."""
+    suite = json.loads((ROOT / "results" / "fidelity" / "suite.json").read_text())
+    suite["suite"] |= {"budgets": [float(c) for c in LADDER]} | spec
+    (tmp_path / "suite.json").write_text(json.dumps(suite))
+    corpus = {"label": "pydoc-topics", "id": "pydoc-topics", "sha256": "0" * 64, "train_bytes": 1, "val_bytes": 1,
+              "test_bytes": 512}
+    tokenizer = {"tokenizer": "bpe", "vocab_size": 320, "bytes_per_token_test": 3.0, "vocab_used_test": 0.5,
+                 "tokenizer_train_seconds": 0.1}
+    return corpus, tokenizer
+
+
 def law(E: float, at_1e11: float, alpha: float):
     """A power law through at_1e11 bpb at 1e11 FLOPs, and its A."""
     A = (at_1e11 - E) * 1e11 ** alpha
@@ -164,14 +177,8 @@ def test_the_section_from_records_has_the_table_the_crossovers_and_the_plot(tmp_
 
 def test_a_report_on_a_ladder_has_the_fits_the_crossover_sentence_and_the_plot(tmp_path):
     """build_report on records of six budgets: the summary's crossover sentence and the section."""
-    suite = json.loads((ROOT / "results" / "fidelity" / "suite.json").read_text())  # its corpus and reference rows
-    suite["suite"] |= {"budgets": [float(c) for c in LADDER], "inference_scaling": {
-        "flops_per_byte": 1e5, "at_budget": 1e11, "exponent": 0.5}}
-    (tmp_path / "suite.json").write_text(json.dumps(suite))
-    corpus = {"label": "pydoc-topics", "id": "pydoc-topics", "sha256": "0" * 64, "train_bytes": 1, "val_bytes": 1,
-              "test_bytes": 512}
-    tokenizer = {"tokenizer": "bpe", "vocab_size": 320, "bytes_per_token_test": 3.0, "vocab_used_test": 0.5,
-                 "tokenizer_train_seconds": 0.1}
+    corpus, tokenizer = ladder_suite(tmp_path, {"inference_scaling": {"flops_per_byte": 1e5, "at_budget": 1e11,
+                                                                       "exponent": 0.5}})
     bpe, _ = law(1.7, 3.0, 0.15)
     byte, _ = law(1.5, 4.0, 0.2)
     for name, curve in (("bpe", bpe), ("bytes", byte)):
