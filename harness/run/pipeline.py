@@ -23,7 +23,7 @@ from harness.run.distributed import log
 from harness.run.evaluate import evaluate
 from harness.run.checkpoint import LEGACY_WEIGHTS_FILE, WEIGHTS_FILE, save_weights
 from harness.run.records import (CalibrationFlops, CorpusFacts, FlopsPerByte, ModelSpec, PreparationFacts, RunRecord,
-                                 SegmentationExample, versions, write_record)
+                                 SegmentationExample, TestSet, versions, write_record)
 from harness.run.segmentation import segment_bytes
 from harness.run.sizing import resize, size_to_target
 from harness.run.spec import Run, Suite, TrainerSettings, load_corpus
@@ -272,6 +272,14 @@ def counted_flops_per_byte(model: Adapter, windows: torch.Tensor, ctx: RunContex
     evaluation computes, each window padded to its batch's longest unit count."""
     counted = sum(measure_forward(model, batch.to(ctx.device)) for batch in windows.split(batch_windows))
     return counted / windows.numel() + model.uncounted_flops_per_byte(ctx.window)
+
+
+def score_test_set(model: Adapter, windows: torch.Tensor, ctx: RunContext, batch_windows: int, kind: str,
+                   label: str) -> TestSet:
+    """bpb of `windows` under the model's evaluation rule and its forward FLOPs per byte counted on
+    those same windows: the record's entry for one extra test set (RunRecord.test_sets)."""
+    scored = evaluate(model, windows, batch_windows, ctx.device, label=label)
+    return TestSet(**scored.model_dump(), kind=kind, flops_per_byte=counted_flops_per_byte(model, windows, ctx))
 
 
 def write(run_dir: Path, model: Adapter, record: RunRecord) -> None:

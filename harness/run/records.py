@@ -49,6 +49,15 @@ class Evaluation(Typed):
     label: str | None = None  # for another evaluation rule: what it is
 
 
+class TestSet(Evaluation):
+    """Another test set the run's model scores under its evaluation rule: one language of a
+    parallel corpus, or a noised copy of the test split. `flops_per_byte` is the forward cost
+    counted on exactly these windows, one at a time (useful FLOPs, like FlopsPerByte.test)."""
+
+    kind: Literal["language", "noise", "noise-conditional"]
+    flops_per_byte: float
+
+
 class FlopsPerByte(Typed):
     analytic: dict[str, float]  # the adapter's breakdown at the training-split rates; "total" is what budgets use
     measured: float | None = None  # format 2 only: the training forward counted on 2 test windows
@@ -156,6 +165,7 @@ class RunRecord(Typed):
     val: Evaluation
     test: Evaluation
     test_variants: dict[str, Evaluation]
+    test_sets: dict[str, TestSet] = Field(default_factory=dict)  # named extra test sets (older records: none)
     tokenizer: dict
     segmentation: SegmentationExample | None = None
     train_seconds: float
