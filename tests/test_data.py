@@ -229,3 +229,20 @@ def test_hf_corpus_on_the_hub_names_the_commit_it_was_pinned_to(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(HarnessError, match="cannot resolve revision main"):
         data.hf_corpus("someone/corpus", None, "train", None, "text", 100)
+
+
+def test_offset_sampling_draws_windows_anywhere_repeatably_and_resumes():
+    train = bytes(range(256)) * 40
+    a = data.TrainStream(train, 64, 4, seed=1, sampling="offsets")
+    b = data.TrainStream(train, 64, 4, seed=1, sampling="offsets")
+    batches = [a.next_batch() for _ in range(20)]
+    assert all((x == b.next_batch()).all() for x in batches)
+    starts = [int(w[0]) for batch in batches for w in batch]  # byte i of this split is i % 256
+    assert any(s % 64 for s in starts)  # not only on window boundaries
+    for w in torch.cat(batches):  # each a contiguous slice of the split
+        assert (w.diff() % 256 == 1).all()
+    saved = a.state_dict()
+    after = a.next_batch()
+    resumed = data.TrainStream(train, 64, 4, seed=7, sampling="offsets")
+    resumed.load_state_dict(saved)
+    assert (resumed.next_batch() == after).all()

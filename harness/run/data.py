@@ -264,18 +264,25 @@ def split(corpus_id: str, data: bytes, train_bytes: int, val_bytes: int, test_by
 
 
 class TrainStream:
-    """Training batches: the train split cut into windows, shuffled anew each epoch
-    with the seed. The order depends only on (split, window, seed), so every model
-    of a suite sees the same bytes in the same order."""
+    """Training batches, in one of two ways (TrainerSettings.sampling):
+    - "windows": the train split cut into windows, shuffled anew each epoch with the seed;
+    - "offsets": windows starting at random byte offsets, drawn with replacement (nanoGPT's
+      sampler), so a window boundary falls anywhere and each step sees new contexts.
+    The order depends only on (split, window, seed, sampling), so every model of a suite sees the
+    same bytes in the same order."""
 
-    def __init__(self, train: bytes, window: int, batch_windows: int, seed: int):
+    def __init__(self, train: bytes, window: int, batch_windows: int, seed: int, sampling: str = "windows"):
         self.data = byte_windows(train, window)  # uint8: each batch is converted as it is drawn
         if len(self.data) < batch_windows:
             raise HarnessError(f"the train split holds {len(self.data)} windows of {window} bytes; a batch needs {batch_windows}")
-        self.batch_windows = batch_windows
+        self.batch_windows, self.window, self.sampling = batch_windows, window, sampling
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
-        self._order = torch.randperm(len(self.data), generator=self.generator)
+        if sampling == "offsets":
+            self._bytes = byte_windows(train, len(train))[0]  # the whole split as one uint8 row
+            self._order = torch.zeros(0, dtype=torch.long)
+        else:
+            self._order = torch.randperm(len(self.data), generator=self.generator)
         self._cursor = 0
 
     def state_dict(self) -> dict:
@@ -290,6 +297,9 @@ class TrainStream:
         return len(self.data)
 
     def next_batch(self) -> torch.Tensor:
+        if self.sampling == "offsets":
+            starts = torch.randint(len(self._bytes) - self.window + 1, (self.batch_windows,), generator=self.generator)
+            return self._bytes[starts[:, None] + torch.arange(self.window)].long()
         if self._cursor + self.batch_windows > len(self._order):
             self.epoch += 1
             self._order = torch.randperm(len(self.data), generator=self.generator)

@@ -241,7 +241,7 @@ def train_run(run: Run, model: Adapter, corpus: CorpusData, budget: Plan, ctx: R
               run_dir: Path, show_progress: bool, save_every_s: float, tensorboard_dir: Path | None) -> TrainingResult:
     """The run's training on its split, resumable from runs/RUN_ID/partial.pt, within what the
     budget leaves after preparation and calibration."""
-    stream = data.TrainStream(corpus.splits.train, ctx.window, run.trainer.batch_windows, run.seed)
+    stream = data.TrainStream(corpus.splits.train, ctx.window, run.trainer.batch_windows, run.seed, run.trainer.sampling)
     run_dir.mkdir(parents=True, exist_ok=True)
     writer = tensorboard_writer(tensorboard_dir) if tensorboard_dir is not None and distributed.is_main() else None
     try:

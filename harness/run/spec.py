@@ -126,6 +126,8 @@ class TrainerSettings(Strict):
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
     grad_clip: float = Field(1.0, gt=0)
     log_every: int = Field(10, gt=0, description="steps between loss-curve points")
+    sampling: Literal["windows", "offsets"] = Field(
+        "windows", description="training windows: the split cut into shuffled windows, or windows at random offsets")
     # off by default: it pays on fixed shapes (bytes, megabyte, patcher) and costs on data-dependent
     # chunk counts (hnet, spacebyte, byteflow recompile); README, "Speed"
     compile: bool = Field(False, description="compile the training forward with torch.compile")
@@ -140,6 +142,7 @@ class TrainerOverrides(Strict):
     warmup_fraction: float | None = Field(None, ge=0, lt=1)
     weight_decay: float | None = Field(None, ge=0)
     grad_clip: float | None = Field(None, gt=0)
+    sampling: Literal["windows", "offsets"] | None = None
     compile: bool | None = None
 
 
@@ -413,11 +416,11 @@ class Run(BaseModel):
             "corpus": self.corpus.model_dump(exclude={"label"}),  # the label names runs, it does not change them
             "split": suite.split.model_dump(),
             "eval": suite.eval.model_dump(),
-            "model": _hashed_as_before_renames(self.model.model_dump(
-                exclude={"trainer": {"compile"}} if self.model.trainer.compile is None else None)),
+            "model": _hashed_as_before_renames(self.model.model_dump(exclude={"trainer": _unset(
+                self.model.trainer, compile=None, sampling=None)})),
             "budget": self.budget,
             "seed": self.seed,
-            "trainer": self.trainer.model_dump(exclude={"compile"} if not self.trainer.compile else None),  # older hashes match
+            "trainer": self.trainer.model_dump(exclude=_unset(self.trainer, compile=False, sampling="windows")),
             "count_auxiliary_flops": suite.count_auxiliary_flops,
         }
         target = suite.inference_target(self.budget)  # the run's own target, fixed or from the scaling rule
@@ -428,6 +431,12 @@ class Run(BaseModel):
         if suite.max_epochs is not None:  # likewise
             payload["max_epochs"] = suite.max_epochs
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _unset(settings: BaseModel, **defaults) -> set[str]:
+    """The settings added after config hashes were defined that still hold the value every older run
+    had: left out of the hash, so older records still match their runs."""
+    return {key for key, value in defaults.items() if getattr(settings, key) == value}
 
 
 def _hashed_as_before_renames(value):
