@@ -61,7 +61,8 @@ def noise_section(records: list[RunRecord]) -> list[str]:
     rules = {}
     for r in records:
         for name, rule in (r.eval.noise.rules.items() if r.eval.noise is not None else ()):
-            rules[name] = f"`{name}`: {rule.kind} at {rule.rate:g}" + (f" (shares {rule.shares})" if rule.shares else "")
+            shares = ", ".join(f"{edit} {share:g}" for edit, share in (rule.shares or {}).items())
+            rules[name] = f"`{name}`: {rule.kind} at {rule.rate:g}" + (f" (shares: {shares})" if shares else "")
     return ["### Noised test text", "",
             "The test split noised by each rule (" + "; ".join(rules[name] for name in sorted(rules)) + "; "
             "docs/noise.md), the same noised bytes for every model and seed. Noised bpb is bits per noised byte over "

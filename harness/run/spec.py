@@ -138,6 +138,12 @@ class NoiseRule(Strict):
                 raise ValueError("shares: at least one edit needs a positive share")
         return self
 
+    @model_serializer(mode="wrap")
+    def _set_keys_only(self, dump):
+        """The keys the rule sets: records read as the suite was written, and a kind added later
+        leaves the config hashes of older rules as they were."""
+        return {key: value for key, value in dump(self).items() if value is not None}
+
     @property
     def kind(self) -> str:
         return next(kind for kind in noise.EDITS if getattr(self, kind) is not None)
