@@ -18,6 +18,8 @@ def markdown(frame: pd.DataFrame) -> str:
         "last finite loss": "{:.4g}",
         "embedding params": "{:,.0f}", "non-embedding params": "{:,.0f}", "base bpb": "{:.4f}", "level bpb": "{:.4f}",
         "Δ bpb": "{:+.4f}",
+        "clean bpb": "{:.4f}", "noised bpb": "{:.4f}", "continuation, clean context": "{:.4f}",
+        "continuation, noised context": "{:.4f}", "conditional Δ": "{:+.4f}",
     }
     shown = frame.copy()
     for column, fmt in formats.items():

@@ -16,17 +16,17 @@ from harness.api import Adapter, AuxiliaryTraining, Preparation, RunContext, bui
 from harness.errors import HarnessError
 from harness.modeling import chunking
 from harness.modeling.flops import counting, measure_forward
-from harness.run import data, distributed
+from harness.run import data, distributed, noise
 from harness.run.budget import Plan, charged_training_flops, check_test_cost, plan
 from harness.run.device import Peak
 from harness.run.distributed import log
-from harness.run.evaluate import evaluate
+from harness.run.evaluate import bits_per_byte, evaluate, window_nll
 from harness.run.checkpoint import LEGACY_WEIGHTS_FILE, WEIGHTS_FILE, save_weights
 from harness.run.records import (CalibrationFlops, CorpusFacts, FlopsPerByte, ModelSpec, PreparationFacts, RunRecord,
                                  SegmentationExample, TestSet, versions, write_record)
 from harness.run.segmentation import segment_bytes
 from harness.run.sizing import resize, size_to_target
-from harness.run.spec import Run, Suite, TrainerSettings, load_corpus
+from harness.run.spec import CLEAN_CONDITIONAL_RULE, Run, Suite, TrainerSettings, load_corpus
 from harness.run.train import TrainingResult, tensorboard_writer, train
 from harness.storage import remove_hashed
 
@@ -116,8 +116,39 @@ def evaluate_run(model: Adapter, suite: Suite, corpus: CorpusData, ctx: RunConte
         "val": evaluate(model, corpus.val_windows, batch, ctx.device),
         "test": evaluate(model, corpus.test_windows, batch, ctx.device),
         "test_variants": variants,
+        "test_sets": noise_test_sets(model, suite, corpus, ctx),
         "segmentation": segmentation_example(model, corpus.splits.test, ctx.window),
     }
+
+
+def noise_test_sets(model: Adapter, suite: Suite, corpus: CorpusData, ctx: RunContext) -> dict[str, TestSet]:
+    """The suite's noise rules on the test split (docs/noise.md): per rule, the noised split cut into
+    windows like the clean one (bpb per noised byte), and the conditional form, clean second halves of
+    the test windows after a noised first half; once, the same continuations after their clean halves."""
+    settings = suite.eval.noise
+    if settings is None:
+        return {}
+    batch, half, clean = suite.eval.batch_windows, suite.eval.window // 2, corpus.test_windows
+    was_training = model.training
+    model.eval()  # the FLOPs are counted in the evaluation rule's mode
+    sets = {f"noise:{CLEAN_CONDITIONAL_RULE}": score_continuations(
+        model, clean[1:], half, ctx, batch, "clean continuations after their clean context")}
+    for name, rule in settings.rules.items():
+        noised = noise.apply(corpus.splits.test, rule.kind, rule.rate, rule.shares, settings.seed)
+        windows = data.windows(noised.text, suite.eval.window, suite.eval.max_windows)
+        if len(windows) == 0:
+            raise HarnessError(f"{suite.source}: eval.noise.rules.{name}: the noised test split is shorter than a window")
+        sets[f"noise:{name}"] = score_test_set(model, windows, ctx, batch, "noise",
+                                               f"{name}: bpb per noised byte, {len(windows)} noised windows")
+        try:
+            contexts = torch.from_numpy(noise.noised_contexts(noised, suite.eval.window, len(clean))).long()
+        except ValueError as e:
+            raise HarnessError(f"{suite.source}: eval.noise.rules.{name}: {e}") from None
+        sets[f"noise:{name}:clean-after-noised"] = score_continuations(
+            model, torch.cat([contexts, clean[1:, half:]], dim=1), half, ctx, batch,
+            f"{name}: clean continuations after a noised context")
+    model.train(was_training)
+    return sets
 
 
 def segmentation_example(model: Adapter, test: bytes, window: int, example_bytes: int = 384) -> SegmentationExample | None:
@@ -280,6 +311,20 @@ def score_test_set(model: Adapter, windows: torch.Tensor, ctx: RunContext, batch
     those same windows: the record's entry for one extra test set (RunRecord.test_sets)."""
     scored = evaluate(model, windows, batch_windows, ctx.device, label=label)
     return TestSet(**scored.model_dump(), kind=kind, flops_per_byte=counted_flops_per_byte(model, windows, ctx))
+
+
+def score_continuations(model: Adapter, windows: torch.Tensor, context_bytes: int, ctx: RunContext,
+                        batch_windows: int, label: str) -> TestSet:
+    """The bits of each window's bytes after its first `context_bytes`, given those: NLL(window) -
+    NLL(its context alone), both scored from an empty context like every window (a token model's
+    token across the boundary is scored whole in neither), in bpb per continuation byte. Its FLOPs
+    per byte are counted on the whole windows, per window byte."""
+    nll = (window_nll(model, windows, batch_windows, ctx.device)
+           - window_nll(model, windows[:, :context_bytes].contiguous(), batch_windows, ctx.device))
+    scored = windows.numel() - context_bytes * len(windows)
+    return TestSet(bpb=bits_per_byte(float(nll.sum()), scored), bytes=scored, windows=len(windows),
+                   window_nll_nats=[round(float(x), 6) for x in nll], label=label, kind="noise-conditional",
+                   flops_per_byte=counted_flops_per_byte(model, windows, ctx))
 
 
 def write(run_dir: Path, model: Adapter, record: RunRecord) -> None:

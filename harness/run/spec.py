@@ -12,10 +12,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_serializer, model_validator
 
 from harness.errors import HarnessError
-from harness.run import data
+from harness.run import data, noise
 
 SUITE_FORMAT_VERSION = 1
 
@@ -111,10 +111,80 @@ class SplitSizes(Strict):
     test_bytes: int = Field(gt=0)
 
 
+class NoiseRule(Strict):
+    """One noise rule for the test split (harness.run.noise, docs/noise.md): exactly one of typos,
+    case and whitespace, a rate in [0, 1], and for typos or whitespace optional shares of their edits."""
+
+    typos: float | None = Field(None, ge=0, le=1, description="per byte: substitute, insert, delete or transpose")
+    case: float | None = Field(None, ge=0, le=1, description="per ASCII letter: flip its case")
+    whitespace: float | None = Field(None, ge=0, le=1, description="per ASCII whitespace byte: delete, duplicate "
+                                                                   "or swap (space <-> newline)")
+    shares: dict[str, Annotated[float, Field(ge=0)]] | None = Field(
+        None, description="relative weights of the rule's edits (default: equal); an edit left out is never drawn")
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        kinds = [kind for kind in noise.EDITS if getattr(self, kind) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"give exactly one of {', '.join(noise.EDITS)} (a rule with several is several rules)")
+        edits = noise.EDITS[self.kind]
+        if self.shares is not None:
+            if len(edits) == 1:
+                raise ValueError(f"shares: a {self.kind} rule has one edit ({edits[0]}); leave shares out")
+            unknown = sorted(set(self.shares) - set(edits))
+            if unknown:
+                raise ValueError(f"shares: {', '.join(unknown)}: the {self.kind} edits are {', '.join(edits)}")
+            if sum(self.shares.values()) <= 0:
+                raise ValueError("shares: at least one edit needs a positive share")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _set_keys_only(self, dump):
+        """The keys the rule sets: records read as the suite was written, and a kind added later
+        leaves the config hashes of older rules as they were."""
+        return {key: value for key, value in dump(self).items() if value is not None}
+
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in noise.EDITS if getattr(self, kind) is not None)
+
+    @property
+    def rate(self) -> float:
+        return getattr(self, self.kind)
+
+
+class NoiseSettings(Strict):
+    """Noised copies of the test split that every run also scores (docs/noise.md): one seed for every
+    model and training seed, so that all rows score the same noised bytes."""
+
+    seed: int = Field(0, ge=0, lt=2**32, description="the noise's seed (not a training seed)")
+    rules: dict[Label, NoiseRule] = Field(min_length=1, description="rule name -> rule; the name keys the record's "
+                                                                    "test_sets entries noise:NAME")
+
+    @model_validator(mode="after")
+    def _names_free(self):
+        if CLEAN_CONDITIONAL_RULE in self.rules:
+            raise ValueError(f"rules: {CLEAN_CONDITIONAL_RULE!r} names the clean conditional entry; call the rule otherwise")
+        return self
+
+
+CLEAN_CONDITIONAL_RULE = "clean-after-clean"  # test_sets["noise:clean-after-clean"]: the conditional form's baseline
+
+
 class EvalSettings(Strict):
     window: int = Field(gt=1, description="bytes per evaluation (and training) window")
     max_windows: int | None = Field(None, gt=0, description="cap on windows scored per split")
     batch_windows: int = Field(16, gt=0)
+    noise: NoiseSettings | None = Field(None, description="noised test sets scored besides the clean one")
+
+    @model_serializer(mode="wrap")
+    def _as_before_noise(self, dump):
+        """Without noise, the settings dump as they did before it existed: config hashes, suite.json
+        and records stay as they were."""
+        dumped = dump(self)
+        if self.noise is None:
+            dumped.pop("noise", None)
+        return dumped
 
 
 class TrainerSettings(Strict):
@@ -329,6 +399,10 @@ class Suite(Strict):
             raise ValueError(f"references.prime_bytes: {self.references.prime_bytes} bytes is more than the training "
                              f"split holds (split.train_bytes {self.split.train_bytes}); leave it out to prime with "
                              "the whole split")
+        if self.eval.noise is not None and min(self.split.test_bytes // self.eval.window,
+                                                  self.eval.max_windows or 2) < 2:
+            raise ValueError("eval.noise: the conditional form needs two test windows or more (its first window "
+                             "has no noised context before it)")
         for split in ("val", "test"):
             size = getattr(self.split, f"{split}_bytes")
             if self.eval.window > size:
