@@ -113,3 +113,18 @@ def test_export_refuses_other_adapters_and_missing_runs(tmp_path):
         export_run(tmp_path / "sp", tmp_path / "out")
     with pytest.raises(HarnessError, match="no such record"):
         export_run(tmp_path / "nothing", tmp_path / "out")
+
+
+def test_the_model_card_names_the_suite_file_the_run_was_made_from(tmp_path, write_suite):
+    import json
+
+    from harness.cli import main
+    from tests.conftest import tiny_suite
+
+    suite = write_suite(tiny_suite(models=[{"name": "bpe", "adapter": "bpe", "config": {
+        "vocab_size": 300, "d_model": 32, "n_layers": 1, "n_heads": 2}}]))
+    assert main(["run", str(suite), "--results", str(tmp_path / "results"), "--quiet", "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "results" / "tiny" / "suite.json").read_text())["suite_file"] == str(suite)
+    (run_dir,) = (tmp_path / "results" / "tiny" / "runs").iterdir()
+    export_run(run_dir, tmp_path / "out")
+    assert f"harness run {suite}; run {run_dir.name}" in (tmp_path / "out" / "README.md").read_text()

@@ -72,19 +72,21 @@ def model_card(record: RunRecord, run_dir: Path, out_dir: Path, written: str) ->
         "Made with:",
         "",
         "```",
-        f"harness run SUITE_FILE   # the file of suite `{record.suite}`{suite_as_run(run_dir)}; run {record.run_id}, "
-        f"config hash {record.config_hash}",
+        f"harness run {suite_file(run_dir, record.suite)}; run {record.run_id}, config hash {record.config_hash}",
         f"harness export {run_dir} {out_dir}",
         "```",
         "",
     ])
 
 
-def suite_as_run(run_dir: Path) -> str:
-    """Where the suite as run is written down (RESULTS/SUITE/suite.json around RESULTS/SUITE/runs/RUN_ID),
-    as a clause; the records name the suite, not its file."""
+def suite_file(run_dir: Path, suite: str) -> str:
+    """The suite file the run was made from, as recorded in RESULTS/SUITE/suite.json around
+    RESULTS/SUITE/runs/RUN_ID; older suite.json files name only the suite, then where it was run."""
     summary = run_dir.parent.parent / "suite.json"
-    return f" (as run: {summary})" if run_dir.parent.name == "runs" and summary.is_file() else ""
+    if run_dir.parent.name != "runs" or not summary.is_file():
+        return f"SUITE_FILE   # the file of suite `{suite}`"
+    recorded = json.loads(summary.read_text()).get("suite_file")
+    return recorded or f"SUITE_FILE   # the file of suite `{suite}` (as run: {summary})"
 
 
 def cmd_export(args: argparse.Namespace) -> None:

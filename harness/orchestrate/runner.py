@@ -95,6 +95,7 @@ def write_suite_summary(out: Path, suite: Suite, corpora: dict[str, CorpusData],
     write_json_atomic(out / "suite.json", {
         "format_version": RECORD_FORMAT_VERSION,
         "suite": suite.model_dump(mode="json", exclude=unset or None),
+        "suite_file": suite._source,  # the file `harness run` was given (None for a suite built in code)
         "corpora": {label: {
             "id": c.splits.corpus_id, "sha256": c.splits.sha256,
             "references": cached_references(c.splits.train, c.test_windows, label, log, prime_bytes),
