@@ -137,3 +137,15 @@ def parallel_corpus(source: str, languages: list[str], weights: dict[str, int], 
                  f"val={val_share:g},test={test_share:g},seed={seed}")
     return Splits(corpus_id, hashlib.sha256(b"".join(texts.values())).hexdigest(), **texts,
                   test_languages={code: language_text(by_split["test"], code) for code in languages})
+
+
+def tokenizer_facts(metrics: dict, text: bytes, code: str) -> dict:
+    """A tokenizer's figures on one language's text (its tokenizer_metrics there): tokens, bytes per
+    token, Rényi efficiency, and fertility: tokens per whitespace-separated word, or per character
+    (whitespace left out) for a language written without spaces."""
+    decoded = text.decode("utf-8")
+    per = "character" if code in WITHOUT_SPACES else "word"
+    units = len("".join(decoded.split())) if per == "character" else len(decoded.split())
+    return {"tokens": metrics["tokens_test"], "bytes_per_token": metrics["bytes_per_token_test"],
+            "renyi_efficiency": metrics["renyi_efficiency_test"], "fertility": metrics["tokens_test"] / units,
+            "fertility_per": per}

@@ -16,7 +16,7 @@ from harness.api import Adapter, AuxiliaryTraining, Preparation, RunContext, bui
 from harness.errors import HarnessError
 from harness.modeling import chunking
 from harness.modeling.flops import counting, measure_forward
-from harness.run import data, distributed
+from harness.run import data, distributed, parallel
 from harness.run.budget import Plan, charged_training_flops, check_test_cost, plan
 from harness.run.device import Peak
 from harness.run.distributed import log
@@ -24,7 +24,7 @@ from harness.run.evaluate import evaluate
 from harness.run.checkpoint import LEGACY_WEIGHTS_FILE, WEIGHTS_FILE, save_weights
 from harness.run.records import (CalibrationFlops, CorpusFacts, FlopsPerByte, ModelSpec, PreparationFacts, RunRecord,
                                  SegmentationExample, TestSet, versions, write_record)
-from harness.run.segmentation import segment_bytes
+from harness.run.segmentation import segment_bytes, units_per_byte
 from harness.run.sizing import resize, size_to_target
 from harness.run.spec import Run, Suite, TrainerSettings, load_corpus
 from harness.run.train import TrainingResult, tensorboard_writer, train
@@ -49,6 +49,10 @@ def load_corpus_data(suite: Suite, label: str, device: torch.device) -> CorpusDa
     val_windows = data.windows(splits.val, suite.eval.window, suite.eval.max_windows)
     if len(test_windows) == 0 or len(val_windows) == 0:
         raise HarnessError(f"eval.window {suite.eval.window} is longer than the val or test split of {label}")
+    short = [code for code, text in splits.test_languages.items() if len(text) < suite.eval.window]
+    if short:
+        raise HarnessError(f"{suite.source}: eval.window: {suite.eval.window} bytes is longer than the test text of "
+                           f"{', '.join(short)} in corpus {label}; raise the corpus's test_share or shorten the window")
     return CorpusData(splits, val_windows, test_windows)
 
 
@@ -117,7 +121,23 @@ def evaluate_run(model: Adapter, suite: Suite, corpus: CorpusData, ctx: RunConte
         "test": evaluate(model, corpus.test_windows, batch, ctx.device),
         "test_variants": variants,
         "segmentation": segmentation_example(model, corpus.splits.test, ctx.window),
+        "test_sets": language_test_sets(model, suite, corpus, ctx),
     }
+
+
+def language_test_sets(model: Adapter, suite: Suite, corpus: CorpusData, ctx: RunContext) -> dict[str, TestSet]:
+    """`lang:CODE` for each language of a parallel corpus: its test text cut into windows like the
+    test split, scored and charged on those windows, with the model's units per byte there and,
+    for a tokenizer, its figures on the whole text (harness/run/parallel.py)."""
+    sets = {}
+    for code, text in corpus.splits.test_languages.items():
+        windows = data.windows(text, suite.eval.window, suite.eval.max_windows)
+        scored = score_test_set(model, windows, ctx, suite.eval.batch_windows, "language", code)
+        tokenizer = model.tokenizer_metrics(text, ctx.window)
+        sets[f"lang:{code}"] = scored.model_copy(update={
+            "units_per_byte": units_per_byte(model, text[:windows.numel()], ctx.window), "text_bytes": len(text),
+            "tokenizer": parallel.tokenizer_facts(tokenizer, text, code) if tokenizer else None})
+    return sets
 
 
 def segmentation_example(model: Adapter, test: bytes, window: int, example_bytes: int = 384) -> SegmentationExample | None:
