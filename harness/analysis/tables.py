@@ -17,7 +17,9 @@ def markdown(frame: pd.DataFrame) -> str:
         "test vs analytic": "{:+.1%}", "training vs analytic": "{:+.1%}",
         "last finite loss": "{:.4g}",
         "embedding params": "{:,.0f}", "non-embedding params": "{:,.0f}", "base bpb": "{:.4f}", "level bpb": "{:.4f}",
-        "Δ bpb": "{:+.4f}",
+        "Δ bpb": "{:+.4f}", "units/byte": "{:.3f}", "units/byte vs en": "{:.2f}", "FLOPs/byte vs en": "{:.2f}",
+        "bytes vs en": "{:.2f}", "bytes/token": "{:.3f}", "tokens vs en": "{:.2f}", "fertility": "{:.2f}",
+        "Rényi efficiency": "{:.3f}",
     }
     shown = frame.copy()
     for column, fmt in formats.items():
