@@ -349,11 +349,21 @@ def _measure_rate(vocab: Vocabulary, train: bytes) -> dict:
     return {"bytes_per_token": 1.0 / per_byte, "edge_tokens": max(edge, 0.0)}
 
 
+RENYI_ALPHA = 2.5  # the order Zouhar et al. (2023), "Tokenization and the noiseless channel", found to track BLEU
+
+
+def renyi_efficiency(counts: np.ndarray, vocab_size: int, alpha: float = RENYI_ALPHA) -> float:
+    """Rényi entropy of order `alpha` of the token frequencies over log |V| (Zouhar et al. 2023), |V| the
+    tokenizer's vocabulary: 1 when every entry is used equally often, lower as a few tokens dominate."""
+    p = counts[counts > 0] / counts.sum()
+    return float(np.log((p ** alpha).sum()) / (1 - alpha) / np.log(vocab_size))
+
+
 def tokenizer_metrics(model: TokenLM, test: bytes, window: int | None = None, chunk: int = 65536) -> dict:
-    """The tokenizer table's figures on the test split: vocabulary size, bytes per token
-    (the split in `chunk`-byte pieces; also in `window`-byte windows, as scored, when
-    given), the share of the vocabulary used, tokenizer training time and encoding
-    throughput (best of 3 encodings of the split, harness byte handling included)."""
+    """The tokenizer table's figures on the test split: vocabulary size, tokens and bytes per
+    token (the split in `chunk`-byte pieces; also in `window`-byte windows, as scored, when
+    given), the share of the vocabulary used, its Rényi efficiency, tokenizer training time and
+    encoding throughput (best of 3 encodings of the split, harness byte handling included)."""
     vocab = model.vocabulary()
     pieces = [test[i:i + chunk] for i in range(0, len(test), chunk)]
     best = math.inf
@@ -366,8 +376,11 @@ def tokenizer_metrics(model: TokenLM, test: bytes, window: int | None = None, ch
     metrics = {
         "tokenizer": model.name,
         "vocab_size": vocab.size,
+        "tokens_test": tokens,
         "bytes_per_token_test": len(test) / max(tokens, 1),
         "vocab_used_test": used / vocab.size,
+        "renyi_efficiency_test": renyi_efficiency(np.bincount([i for ids in encoded for i in ids], minlength=vocab.size),
+                                                  vocab.size) if tokens else None,
         "tokenizer_train_seconds": model.tokenizer_state.get("train_seconds", 0.0),
         "encode_mb_per_s": len(test) / best / 1e6,
     }

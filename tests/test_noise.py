@@ -175,7 +175,8 @@ BAD = [({"rules": {"t": {"typos": 1.5}}}, "eval.noise.rules.t.typos: Input shoul
        ({"rules": {"t": {"case": 0.1, "shares": {"flip": 1}}}}, "eval.noise.rules.t: shares: a case rule has one edit"),
        ({"rules": {"t": {"whitespace": 0.1, "shares": {"swap": 0}}}}, "eval.noise.rules.t: shares: at least one edit"),
        ({"rules": {"clean-after-clean": {"case": 0.1}}}, "eval.noise: rules: 'clean-after-clean' names the clean"),
-       ({"seed": -1, "rules": {"t": {"case": 0.1}}}, "eval.noise.seed: Input should be greater than or equal to 0")]
+       ({"seed": -1, "rules": {"t": {"case": 0.1}}}, "eval.noise.seed: Input should be greater than or equal to 0"),
+       ({"language": "en", "rules": {"t": {"case": 0.1}}}, "eval.noise.language: 'en' is not a language of every")]
 
 
 @pytest.mark.parametrize("given,message", BAD, ids=[m.split(":")[1].strip() + str(i) for i, (_, m) in enumerate(BAD)])

@@ -15,6 +15,7 @@ from matplotlib.ticker import EngFormatter, MaxNLocator
 from harness.analysis import fits as scaling, stats
 from harness.analysis.factors import base_levels, factor_section, factor_sentences
 from harness.analysis.noise import noise_section
+from harness.analysis.languages import language_section
 from harness.analysis.plotting import model_colours, save_plot, shown_length
 from harness.analysis.rows import differences_section, parameter_columns, parameter_phrases
 from harness.analysis.tables import markdown as _markdown
@@ -681,7 +682,8 @@ def corpus_section(label: str, records: list[RunRecord], ranking: pd.DataFrame, 
                           colours)
     plot_learning_curves(records, plot_dir / plots["learning_curves"], colours)
     return (results_lines(label, records, ranking, corpus, summary, measured_cost, factor_bases)
-            + tokenizer_lines(records, corpus) + reference_lines(corpus["references"])
+            + tokenizer_lines(records, corpus) + language_section(label, records, plot_dir, colours)
+            + reference_lines(corpus["references"])
             + measurement_lines(records) + noise_section(records) + plot_lines(label, records, plots, plot_dir, colours))
 
 

@@ -16,14 +16,18 @@ import math
 import numpy as np
 from scipy import stats
 
-from harness.run.records import RunRecord
+from harness.run.records import Evaluation, RunRecord
 
 CONFIDENCE = 0.95
 ALPHA = 0.05
 
 
 def window_bpb(record: RunRecord, split: str = "test") -> np.ndarray:
-    result = getattr(record, split)
+    return evaluation_window_bpb(getattr(record, split))
+
+
+def evaluation_window_bpb(result: Evaluation) -> np.ndarray:
+    """The bpb of each scored window of one evaluation (a split, or a test set)."""
     per_window_bytes = result.bytes / result.windows
     return np.asarray(result.window_nll_nats) / (math.log(2) * per_window_bytes)
 

@@ -20,6 +20,9 @@ def markdown(frame: pd.DataFrame) -> str:
         "Δ bpb": "{:+.4f}",
         "clean bpb": "{:.4f}", "noised bpb": "{:.4f}", "continuation, clean context": "{:.4f}",
         "continuation, noised context": "{:.4f}", "conditional Δ": "{:+.4f}",
+        "units/byte": "{:.3f}", "units/byte vs en": "{:.2f}", "FLOPs/byte vs en": "{:.2f}",
+        "bytes vs en": "{:.2f}", "bytes/token": "{:.3f}", "tokens vs en": "{:.2f}", "fertility": "{:.2f}",
+        "Rényi efficiency": "{:.3f}",
     }
     shown = frame.copy()
     for column, fmt in formats.items():

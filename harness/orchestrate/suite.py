@@ -25,8 +25,8 @@ def _location(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif part in ("EmbeddedCorpus", "FilesCorpus", "UrlCorpus", "PresetCorpus", "HfCorpus",
-                      "function-after[_unique_names()]") or str(part).startswith("list["):
+        elif part in ("EmbeddedCorpus", "FilesCorpus", "UrlCorpus", "PresetCorpus", "HfCorpus", "ParallelCorpus",
+                      "function-after[_unique_names()]") or str(part).startswith(("list[", "function-after[_mix")):
             continue
         else:
             text += f".{part}" if text else str(part)
@@ -41,12 +41,11 @@ def _first_error(path: Path, error: ValidationError, prefix: str = "") -> Harnes
         if bad_label is not None:  # the form matched, the label did not
             return HarnessError(f"{path}: {_location(bad_label['loc'])}: {bad_label['input']!r}: "
                                 "letters, digits, '.', '_' and '-' only")
-        # a corpus matches none of its forms: say which keys each form takes
-        return HarnessError(
-            f"{path}: corpus: expected one of {{embedded: pydoc-topics|stdlib-code|stdlib-docstrings}}, "
-            "{files: GLOB, field: NAME}, {url: URL, sha256: HEX, member: NAME}, {preset: enwik8|text8}, "
-            "{hf: NAME|PATH, config: NAME, split: NAME, revision: REV, field: NAME}, each with an optional label: NAME"
-        )
+        chosen = [e for e in errors if any("ParallelCorpus" in str(part) for part in e["loc"])]
+        if chosen and not any(e["type"] == "missing" and e["loc"][-1] == "parallel" for e in chosen):
+            errors = chosen  # a parallel corpus (its key given) with a bad setting: name that setting
+        else:  # a corpus matches none of its forms: say which keys each form takes
+            return _corpus_forms(path)
     first = errors[0]
     key = _location(first["loc"])
     key = f"{prefix}.{key}" if prefix and key != "(top level)" else (prefix or key)
@@ -54,6 +53,16 @@ def _first_error(path: Path, error: ValidationError, prefix: str = "") -> Harnes
     if key == "(top level)" and message != first["msg"]:
         return HarnessError(f"{path}: {message}")  # a whole-suite check names its own key
     return HarnessError(f"{path}: {key}: {message}")
+
+
+def _corpus_forms(path: Path) -> HarnessError:
+    return HarnessError(
+        f"{path}: corpus: expected one of {{embedded: pydoc-topics|stdlib-code|stdlib-docstrings}}, "
+        "{files: GLOB, field: NAME}, {url: URL, sha256: HEX, member: NAME}, {preset: enwik8|text8}, "
+        "{hf: NAME|PATH, config: NAME, split: NAME, revision: REV, field: NAME}, "
+        "{parallel: django-locale, languages: [CODE, ...], mix: parallel|{CODE: REPEATS}, val_share: S, "
+        "test_share: S, split_seed: N}, each with an optional label: NAME"
+    )
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

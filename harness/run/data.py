@@ -13,9 +13,11 @@ Corpus sources:
 - a Hugging Face dataset (`hf_corpus`): a Hub name or a local folder / data file, one split,
   the `field` column of each row (UTF-8 encoded) as a document, read streaming and only as
   far as the split sizes need; a Hub dataset's revision is resolved to its commit, which
-  the corpus id records.
+  the corpus id records;
+- a parallel corpus: the same messages in several languages, from the translation catalogues
+  of the `django` package (harness/run/parallel.py), split by message rather than by bytes.
 
-A corpus is identified by its name plus the sha256 of the bytes used. The split is
+A corpus is identified by its name plus the sha256 of the bytes used. Other splits are
 contiguous and by bytes: train = the first train_bytes, then val, then test.
 """
 
@@ -31,7 +33,7 @@ import sysconfig
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -65,6 +67,8 @@ class Splits:
     train: bytes
     val: bytes
     test: bytes
+    # a parallel corpus's test messages in each language (harness/run/parallel.py); else empty
+    test_languages: dict[str, bytes] = field(default_factory=dict)
 
 
 def embedded_corpus(name: str, limit: int) -> bytes:

@@ -16,7 +16,7 @@ from harness.api import Adapter, AuxiliaryTraining, Preparation, RunContext, bui
 from harness.errors import HarnessError
 from harness.modeling import chunking
 from harness.modeling.flops import counting, measure_forward
-from harness.run import data, distributed, noise
+from harness.run import data, distributed, noise, parallel
 from harness.run.budget import Plan, charged_training_flops, check_test_cost, plan
 from harness.run.device import Peak
 from harness.run.distributed import log
@@ -24,7 +24,7 @@ from harness.run.evaluate import bits_per_byte, evaluate, window_nll
 from harness.run.checkpoint import LEGACY_WEIGHTS_FILE, WEIGHTS_FILE, save_weights
 from harness.run.records import (CalibrationFlops, CorpusFacts, FlopsPerByte, ModelSpec, PreparationFacts, RunRecord,
                                  SegmentationExample, TestSet, versions, write_record)
-from harness.run.segmentation import segment_bytes
+from harness.run.segmentation import segment_bytes, units_per_byte
 from harness.run.sizing import resize, size_to_target
 from harness.run.spec import CLEAN_CONDITIONAL_RULE, Run, Suite, TrainerSettings, load_corpus
 from harness.run.train import TrainingResult, tensorboard_writer, train
@@ -49,6 +49,10 @@ def load_corpus_data(suite: Suite, label: str, device: torch.device) -> CorpusDa
     val_windows = data.windows(splits.val, suite.eval.window, suite.eval.max_windows)
     if len(test_windows) == 0 or len(val_windows) == 0:
         raise HarnessError(f"eval.window {suite.eval.window} is longer than the val or test split of {label}")
+    short = [code for code, text in splits.test_languages.items() if len(text) < suite.eval.window]
+    if short:
+        raise HarnessError(f"{suite.source}: eval.window: {suite.eval.window} bytes is longer than the test text of "
+                           f"{', '.join(short)} in corpus {label}; raise the corpus's test_share or shorten the window")
     return CorpusData(splits, val_windows, test_windows)
 
 
@@ -116,25 +120,28 @@ def evaluate_run(model: Adapter, suite: Suite, corpus: CorpusData, ctx: RunConte
         "val": evaluate(model, corpus.val_windows, batch, ctx.device),
         "test": evaluate(model, corpus.test_windows, batch, ctx.device),
         "test_variants": variants,
-        "test_sets": noise_test_sets(model, suite, corpus, ctx),
+        "test_sets": language_test_sets(model, suite, corpus, ctx) | noise_test_sets(model, suite, corpus, ctx),
         "segmentation": segmentation_example(model, corpus.splits.test, ctx.window),
     }
 
 
 def noise_test_sets(model: Adapter, suite: Suite, corpus: CorpusData, ctx: RunContext) -> dict[str, TestSet]:
-    """The suite's noise rules on the test split (docs/noise.md): per rule, the noised split cut into
-    windows like the clean one (bpb per noised byte), and the conditional form, clean second halves of
-    the test windows after a noised first half; once, the same continuations after their clean halves."""
+    """The suite's noise rules on the test split, or on one language's test text of a parallel corpus
+    (docs/noise.md): per rule, the noised text cut into windows like the clean one (bpb per noised
+    byte), and the conditional form, clean second halves of the test windows after a noised first
+    half; once, the same continuations after their clean halves."""
     settings = suite.eval.noise
     if settings is None:
         return {}
-    batch, half, clean = suite.eval.batch_windows, suite.eval.window // 2, corpus.test_windows
+    batch, half = suite.eval.batch_windows, suite.eval.window // 2
+    text = corpus.splits.test if settings.language is None else corpus.splits.test_languages[settings.language]
+    clean = data.windows(text, suite.eval.window, suite.eval.max_windows)
     was_training = model.training
     model.eval()  # the FLOPs are counted in the evaluation rule's mode
     sets = {f"noise:{CLEAN_CONDITIONAL_RULE}": score_continuations(
         model, clean[1:], half, ctx, batch, "clean continuations after their clean context")}
     for name, rule in settings.rules.items():
-        noised = noise.apply(corpus.splits.test, rule.kind, rule.rate, rule.shares, settings.seed)
+        noised = noise.apply(text, rule.kind, rule.rate, rule.shares, settings.seed)
         windows = data.windows(noised.text, suite.eval.window, suite.eval.max_windows)
         if len(windows) == 0:
             raise HarnessError(f"{suite.source}: eval.noise.rules.{name}: the noised test split is shorter than a window")
@@ -148,6 +155,21 @@ def noise_test_sets(model: Adapter, suite: Suite, corpus: CorpusData, ctx: RunCo
             model, torch.cat([contexts, clean[1:, half:]], dim=1), half, ctx, batch,
             f"{name}: clean continuations after a noised context")
     model.train(was_training)
+    return sets
+
+
+def language_test_sets(model: Adapter, suite: Suite, corpus: CorpusData, ctx: RunContext) -> dict[str, TestSet]:
+    """`lang:CODE` for each language of a parallel corpus: its test text cut into windows like the
+    test split, scored and charged on those windows, with the model's units per byte there and,
+    for a tokenizer, its figures on the whole text (harness/run/parallel.py)."""
+    sets = {}
+    for code, text in corpus.splits.test_languages.items():
+        windows = data.windows(text, suite.eval.window, suite.eval.max_windows)
+        scored = score_test_set(model, windows, ctx, suite.eval.batch_windows, "language", code)
+        tokenizer = model.tokenizer_metrics(text, ctx.window)
+        sets[f"lang:{code}"] = scored.model_copy(update={
+            "units_per_byte": units_per_byte(model, text[:windows.numel()], ctx.window), "text_bytes": len(text),
+            "tokenizer": parallel.tokenizer_facts(tokenizer, text, code) if tokenizer else None})
     return sets
 
 

@@ -56,6 +56,9 @@ class TestSet(Evaluation):
 
     kind: Literal["language", "noise", "noise-conditional"]
     flops_per_byte: float
+    units_per_byte: float | None = None  # model positions per scored byte (tokens, patches; 1 for bytes)
+    text_bytes: int | None = None  # the set's whole text; its windows (`bytes`) leave out the tail
+    tokenizer: dict | None = None  # a tokenizer's figures on the whole text (harness/run/parallel.py)
 
 
 class FlopsPerByte(Typed):

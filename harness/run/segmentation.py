@@ -45,3 +45,13 @@ def segment_bytes(model, text: bytes, window: int) -> Segmentation | None:
         scores.append(None if s is None else s[0].float().cpu().numpy())
     merged = None if any(s is None for s in scores) else np.concatenate(scores)
     return Segmentation(text=text, scores=merged, starts=np.concatenate(starts), window=window)
+
+
+def units_per_byte(model, scored: bytes, window: int) -> float:
+    """Model positions per byte of `scored` (whole windows of `window` bytes), each window on its
+    own as evaluation cuts it: a tokenizer's tokens, else the segment hook's units, else 1 (bytes)."""
+    tokens = model.tokenizer_metrics(scored, window)
+    if tokens:
+        return 1.0 / tokens["bytes_per_token_test_windows"]
+    segmentation = segment_bytes(model, scored, window)
+    return 1.0 if segmentation is None else float(segmentation.starts.mean())

@@ -15,7 +15,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_serializer, model_validator
 
 from harness.errors import HarnessError
-from harness.run import data, noise
+from harness.run import data, noise, parallel
 
 SUITE_FORMAT_VERSION = 1
 
@@ -97,7 +97,45 @@ class HfCorpus(_CorpusSource):
         return f"{name}-{_slug(str(values['config']))}" if values.get("config") else name
 
 
-Corpus = Union[EmbeddedCorpus, FilesCorpus, UrlCorpus, PresetCorpus, HfCorpus]
+class ParallelCorpus(_CorpusSource):
+    """The same messages in several languages (harness/run/parallel.py; docs/languages.md)."""
+
+    parallel: Literal["django-locale"] = Field(description="the translation catalogues of the installed django package")
+    languages: list[str] = Field(min_length=1, description="language codes (Django's: en, de, zh_Hans, ...); a "
+                                                           "message is kept when every one translates it")
+    mix: Literal["parallel"] | dict[str, Annotated[int, Field(ge=0)]] = Field(
+        "parallel", description="training mix: parallel (every language once), or language -> repeats of its "
+                                "training text (unnamed: 1; 0 leaves it out of training, still tested)")
+    val_share: float = Field(0.1, gt=0, lt=1, description="share of the messages drawn into val")
+    test_share: float = Field(0.2, gt=0, lt=1, description="share of the messages drawn into test")
+    split_seed: int = Field(0, ge=0, description="seed of the hash that draws each message's split")
+
+    @model_validator(mode="after")
+    def _mix_names_languages(self):
+        if len(set(self.languages)) < len(self.languages):
+            raise ValueError(f"languages: {max(self.languages, key=self.languages.count)!r} is named twice")
+        if self.val_share + self.test_share >= 1:
+            raise ValueError("val_share + test_share leaves no message for training")
+        if isinstance(self.mix, dict):
+            unknown = [code for code in self.mix if code not in self.languages]
+            if unknown:
+                raise ValueError(f"mix: {', '.join(unknown)} not among the languages ({', '.join(self.languages)})")
+            if not any(self.weights.values()):
+                raise ValueError("mix: every weight is 0; nothing to train on")
+        return self
+
+    @property
+    def weights(self) -> dict[str, int]:
+        """Language -> repeats of its training text, in the order of `languages`."""
+        given = {} if self.mix == "parallel" else self.mix
+        return {code: given.get(code, 1) for code in self.languages}
+
+    @staticmethod
+    def source_label(values: dict) -> str:
+        return _slug(str(values.get("parallel", "")))
+
+
+Corpus = Union[EmbeddedCorpus, FilesCorpus, UrlCorpus, PresetCorpus, HfCorpus, ParallelCorpus]
 
 
 def _slug(text: str) -> str:
@@ -160,6 +198,8 @@ class NoiseSettings(Strict):
     seed: int = Field(0, ge=0, lt=2**32, description="the noise's seed (not a training seed)")
     rules: dict[Label, NoiseRule] = Field(min_length=1, description="rule name -> rule; the name keys the record's "
                                                                     "test_sets entries noise:NAME")
+    language: str | None = Field(None, description="noise this language's test text of a parallel corpus "
+                                                   "(default: the whole test split)")
 
     @model_validator(mode="after")
     def _names_free(self):
@@ -403,6 +443,10 @@ class Suite(Strict):
                                                   self.eval.max_windows or 2) < 2:
             raise ValueError("eval.noise: the conditional form needs two test windows or more (its first window "
                              "has no noised context before it)")
+        language = self.eval.noise.language if self.eval.noise is not None else None
+        if language is not None and not all(language in getattr(c, "languages", ()) for c in self.corpora):
+            raise ValueError(f"eval.noise.language: {language!r} is not a language of every corpus (a parallel "
+                             "corpus's languages)")
         for split in ("val", "test"):
             size = getattr(self.split, f"{split}_bytes")
             if self.eval.window > size:
@@ -552,13 +596,18 @@ def load_corpus(suite: Suite, label: str | None = None) -> data.Splits:
             name, raw = f"files:{c.files}", data.files_corpus(c.files, c.field, need)
         elif isinstance(c, HfCorpus):
             name, raw = data.hf_corpus(c.hf, c.config, c.split, c.revision, c.field, need)
+        elif isinstance(c, ParallelCorpus):
+            return parallel.parallel_corpus(c.parallel, c.languages, c.weights, c.val_share, c.test_share,
+                                            c.split_seed, {"train": s.train_bytes, "val": s.val_bytes,
+                                                           "test": s.test_bytes})
         elif isinstance(c, PresetCorpus):
             preset = data.PRESETS[c.preset]
             name, raw = c.preset, data.url_corpus(preset["url"], preset["sha256"], preset["member"], Path(c.cache_dir), need)
         else:
             name, raw = f"url:{c.url}", data.url_corpus(c.url, c.sha256, c.member, Path(c.cache_dir), need)
     except data.CorpusError as e:
-        raise HarnessError(f"{suite.source}: {key}.{'preset' if isinstance(c, PresetCorpus) else e.key}: {e}") from None
+        where = "split" if e.key == "split" else f"{key}.{'preset' if isinstance(c, PresetCorpus) else e.key}"
+        raise HarnessError(f"{suite.source}: {where}: {e}") from None
     try:
         return data.split(name, raw, s.train_bytes, s.val_bytes, s.test_bytes)
     except HarnessError as e:
