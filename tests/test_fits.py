@@ -1,6 +1,8 @@
 """Scaling fits (harness.analysis.fits): L(C) = E + A C^-alpha recovered from synthetic points,
 bootstrap intervals over seeds that cover the truth, a known crossover found with its
-interval, the "no crossing" sentence, and no fit from too few budgets."""
+interval, the "no crossing" sentence, and no fit from too few budgets; the held-out rung: a
+power law's top rung predicted within its interval, the curved form predicting better where
+the points curve, and "not predictable from these rungs" where the prediction test fails."""
 
 import json
 import re

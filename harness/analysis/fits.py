@@ -35,8 +35,9 @@ best gives the compute where each byte-level model's curve crosses BPE's.
   leads over the whole range is said too: "no crossing" alone would read as "never ahead". The
   summary states a crossover only where the best form predicted the held-out rung of both
   models inside its interval; else "not predictable from these rungs".
-- Sensitivity: the crossovers are estimated again without the lowest rung (point estimates),
-  because the smallest models weigh on a short power law as much as the largest.
+- Sensitivity: with a form fitted to every rung, the crossovers are estimated again without the
+  lowest rung (point estimates), because the smallest models weigh on a short curve as much as
+  the largest.
 """
 
 from __future__ import annotations
