@@ -632,7 +632,8 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
     rankings = {label: ranking_table(at_matched_cost(runs)) for label, runs in by_corpus.items()}
     colours = model_colours([m["name"] for m in spec["models"]] + [r.model.name for r in records])  # one per model, every plot
     lines = suite_header(spec, records)
-    fitted = {label: scaling.fit_records(at_matched_cost(runs), model_kinds(runs)) for label, runs in by_corpus.items()}
+    fitted = {label: scaling.scaling_fits(scaling.fit_records(at_matched_cost(runs), model_kinds(runs)))
+              for label, runs in by_corpus.items()}
     lines += ["## Summary", ""]
     for label, ranking in rankings.items():
         notes = [scaling.summary_sentence(fitted[label]), unmatched_sentence(by_corpus[label])]
