@@ -60,3 +60,22 @@ def test_the_correction_table_is_what_the_ablation_records_give():
             seeds = runs[f"{model}+hash={level}"]
             mean = statistics.mean(seeds.values())
             assert f"{seeds[0]:.3f} / {seeds[1]:.3f}, " in text and f"{mean:.3f}" in text, (model, level)
+
+
+@pytest.mark.skipif(not STUDY.exists(), reason="the study's records are not in this checkout")
+def test_the_fits_prediction_figures_are_the_committed_report_s():
+    """The README's held-out errors and stated crossovers are those of results/study_v2/report.md,
+    which the report tests rebuild from the records."""
+    import re
+
+    text = " ".join(headline().split())
+    sentence = next(line for line in (STUDY / "report.md").read_text().splitlines()
+                    if line.startswith("- Fitted crossovers ("))
+    best, count, inside, curved, power = re.search(
+        r"mean absolute error ([\d.]+) bpb over (\d+) models, (\d+) of them inside the 95% interval; "
+        r"against ([\d.]+) for log L = .*?; ([\d.]+) for L = E", sentence).groups()
+    assert f"by {best} ({inside} of {count} inside)" in text
+    assert f"misses by {curved} on average" in text and f"mean error +{power} bpb" in text
+    for model, at in re.findall(r"(\S+) crosses bpe at ([\d.e+]+) training FLOPs", sentence):
+        mantissa, exponent = f"{float(at):.1e}".split("e")
+        assert f"{mantissa}e{int(exponent)}" in text, (model, at)
