@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
+from harness.analysis.noise import noise_table
 from harness.analysis.report import build_report
 from harness.errors import HarnessError
 from harness.orchestrate.runner import run_suite
@@ -138,6 +139,9 @@ def test_noise_on_one_language_noises_that_language_s_test_text(multilingual_run
     assert record.test_sets["noise:case"].bytes == data.windows(noised, 64, 8).numel()
     clean = data.windows(english, 64, 8)  # continuations: the second halves of English's windows after the first
     assert record.test_sets["noise:clean-after-clean"].bytes == (len(clean) - 1) * 32
+    (row,) = noise_table([record]).to_dict("records")  # the degradation is against clean English, not the mix
+    assert row["clean bpb"] == record.test_sets["lang:en"].bpb
+    assert row["noised bpb"] - row["clean bpb"] == pytest.approx(row["Δ bpb"])
 
 
 def test_the_report_shows_each_language_against_english(multilingual_run, tmp_path):

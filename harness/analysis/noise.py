@@ -36,7 +36,7 @@ def noise_table(records: list[RunRecord]) -> pd.DataFrame | None:
             runs = [r for r in scored if (r.budget_flops, r.model.name) == (budget, model)]
             bpb = {key: {r.seed: r.test_sets[key].bpb for r in runs}
                    for key in (f"noise:{rule}", f"noise:{rule}:clean-after-noised", f"noise:{CLEAN_CONDITIONAL_RULE}")}
-            clean = {r.seed: r.test.bpb for r in runs}
+            clean = {r.seed: clean_bpb(r) for r in runs}
             after_clean, after_noised = bpb[f"noise:{CLEAN_CONDITIONAL_RULE}"], bpb[f"noise:{rule}:clean-after-noised"]
             degradation, interval = paired_difference(clean, bpb[f"noise:{rule}"])
             conditional, conditional_interval = paired_difference(after_clean, after_noised)
@@ -47,6 +47,18 @@ def noise_table(records: list[RunRecord]) -> pd.DataFrame | None:
                          "continuation, noised context": _mean(after_noised),
                          "conditional Δ": conditional, "conditional 95% CI": conditional_interval})
     return pd.DataFrame(rows).sort_values(["budget", "rule", "model"]) if rows else None
+
+
+def noised_text(record: RunRecord) -> str:
+    """What the rules noised: one language's test text of a parallel corpus, or the test split."""
+    language = record.eval.noise.language if record.eval.noise is not None else None
+    return "the test split" if language is None else f"the {language} test text"
+
+
+def clean_bpb(record: RunRecord) -> float:
+    """The clean bpb of the text the rules noised, on the same windows."""
+    language = record.eval.noise.language if record.eval.noise is not None else None
+    return record.test.bpb if language is None else record.test_sets[f"lang:{language}"].bpb
 
 
 def _mean(by_seed: dict[int, float]) -> float:
@@ -64,10 +76,10 @@ def noise_section(records: list[RunRecord]) -> list[str]:
             shares = ", ".join(f"{edit} {share:g}" for edit, share in (rule.shares or {}).items())
             rules[name] = f"`{name}`: {rule.kind} at {rule.rate:g}" + (f" (shares: {shares})" if shares else "")
     return ["### Noised test text", "",
-            "The test split noised by each rule (" + "; ".join(rules[name] for name in sorted(rules)) + "; "
+            f"{noised_text(records[0]).capitalize()} noised by each rule (" + "; ".join(rules[name] for name in sorted(rules)) + "; "
             "docs/noise.md), the same noised bytes for every model and seed. Noised bpb is bits per noised byte over "
-            "windows of the noised text; Δ bpb is noised minus clean test bpb. The conditional columns score only "
-            "the clean second half of each test window (the first window left out), after its own clean first half "
+            "windows of the noised text; Δ bpb is noised minus clean bpb of that text. The conditional columns score only "
+            "the clean second half of each of its windows (the first window left out), after its own clean first half "
             "or after the noised text of that half: bits of the continuation given its context, per continuation "
             "byte; conditional Δ is the second minus the first, what a noised context costs the clean text after "
             "it. Differences are paired by training seed: the mean and a 95% Student-t interval over the seeds.",
