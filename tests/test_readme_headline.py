@@ -79,3 +79,48 @@ def test_the_fits_prediction_figures_are_the_committed_report_s():
     for model, at in re.findall(r"(\S+) crosses bpe at ([\d.e+]+) training FLOPs", sentence):
         mantissa, exponent = f"{float(at):.1e}".split("e")
         assert f"{mantissa}e{int(exponent)}" in text, (model, at)
+
+
+MULTILINGUAL = ROOT / "results" / "multilingual"
+
+
+def languages_section() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("### Languages and noise")
+    return " ".join(text[start:text.index("\n## ", start)].split())
+
+
+def _range(values: list[float]) -> str:
+    return f"+{min(values):.2f} to +{max(values):.2f}"
+
+
+@pytest.mark.skipif(not MULTILINGUAL.exists(), reason="the multilingual records are not in this checkout")
+def test_the_languages_and_noise_lines_are_what_the_multilingual_records_give():
+    text = languages_section()
+    runs = [json.loads(p.read_text()) for p in (MULTILINGUAL / "runs").glob("*/record.json")]
+    assert len(runs) == 60
+    tokens = {(r["model"]["name"], code): s["tokenizer"]["tokens"] for r in runs if r["budget_flops"] == 1e11
+              and r["seed"] == 0 for code, s in r["test_sets"].items() if s.get("tokenizer")}
+    premium = lambda model, code: tokens[(model, f"lang:{code}")] / tokens[(model, "lang:en")]  # noqa: E731
+    assert f"{premium('bpe', 'ru'):.2f}x on Russian, {premium('bpe', 'ml'):.2f}x on Malayalam" in text
+    assert f"SentencePiece {premium('sentencepiece', 'ru'):.2f}x on Russian" in text
+    assert f"{premium('sentencepiece', 'zh_Hans'):.2f}x on Chinese" in text
+    top = [r for r in runs if r["budget_flops"] == 3e11]
+    delta = defaultdict(list)  # (model, rule) -> per-seed noised minus clean English
+    for r in top:
+        for rule in ("typos", "case"):
+            delta[(r["model"]["name"], rule)].append(r["test_sets"][f"noise:{rule}"]["bpb"]
+                                                     - r["test_sets"]["lang:en"]["bpb"])
+    mean = {key: statistics.mean(values) for key, values in delta.items()}
+    byte_rows = {m for m, _ in mean if "+hash=" in m}
+    for rule, phrase in (("typos", "without hashed tables {off}, BPE +{bpe:.2f}, SentencePiece +{sp:.2f}"),
+                         ("case", "({off} without, {on} with)")):
+        off = _range([mean[(m, rule)] for m in byte_rows if m.endswith("=off")])
+        on = _range([mean[(m, rule)] for m in byte_rows if m.endswith("=on")])
+        assert phrase.format(off=off, on=on, bpe=mean[("bpe", rule)], sp=mean[("sentencepiece", rule)]) in text, rule
+    assert f"twice as much ({_range([mean[(m, 'typos')] for m in byte_rows if m.endswith('=on')])})" in text
+    leader = defaultdict(list)
+    for r in top:
+        leader[r["model"]["name"]].append(r["test"]["bpb"])
+    best = min(leader, key=lambda m: statistics.mean(leader[m]))
+    assert best == "static-4+hash=on" and f"({statistics.mean(leader[best]):.3f} bpb on the mix" in text
