@@ -34,9 +34,9 @@ EPILOG = """examples:
   harness report results/smoke             results/smoke/report.md, plots in results/smoke/plots
   harness report results/smoke -o -        the markdown to stdout instead
   harness list                             adapters, their descriptions and config fields
-  harness export results/smoke/runs/bpe__C1.25e11__s0 exported/bpe
+  harness export results/smoke/runs/bpe__C1.00e11__s0 exported/bpe
                                            a bpe run as a transformers model + tokenizer
-  harness segment results/smoke/runs/byteflow-l2__C1.25e11__s0 --split test
+  harness segment results/smoke/runs/byteflow-l2__C1.00e11__s0 --split test
                                            chunk boundaries of a ByteFlow or patcher run, printed and as PNG
   harness lm-eval --model harness --model_args pretrained=results/smoke/runs/RUN_ID --tasks harness_bpb
                                            lm-evaluation-harness on a checkpoint (every option is lm-eval's)

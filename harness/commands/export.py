@@ -102,7 +102,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "that prepends BOS (AutoTokenizer loads it as PreTrainedTokenizerFast with transformers 4, as "
                     "TokenizersBackend with transformers 5); load both with from_pretrained(OUT_DIR). Every file "
                     "gets the mode a plain open() gives (0644 under umask 022).")
-    export.add_argument("run_dir", help="e.g. results/smoke/runs/bpe__C1.25e11__s0")
+    export.add_argument("run_dir", help="e.g. results/smoke/runs/bpe__C1.00e11__s0")
     export.add_argument("out_dir", help="folder to write (created if missing)")
     export.set_defaults(func=cmd_export)
     return export
