@@ -32,16 +32,22 @@ cross-attention before its layers (the reference reads a window of preceding pat
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import math
+from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
+from safetensors.torch import load as load_tensors, save as save_tensors
 from torch import nn
 
 from baselines import patching
 from baselines.bytes import ByteTransformer, ByteTransformerConfig
-from harness.api import BYTE_VOCAB, MAX_WIDTH, Adapter, AdapterConfig, Preparation, RunContext, SizingFields, register
+from harness.api import (BYTE_VOCAB, MAX_WIDTH, Adapter, AdapterConfig, Preparation, RunContext, SizingFields, cache_dir,
+                         read_cache_entry, register, write_json_atomic)
 from harness.errors import HarnessError
 from harness.modeling import chunking, flops
 from harness.modeling.entropy import order0_entropy
@@ -295,6 +301,32 @@ class Patcher(Adapter):
         if ctx.max_epochs is not None and steps * batch_bytes > ctx.max_epochs * len(fit):
             epoch_cap = {"max_epochs": ctx.max_epochs, "budget_steps": steps}
             steps = max(1, int(ctx.max_epochs * len(fit) // batch_bytes))
+        cache = self._entropy_cache(fit, held_out, steps, ctx)
+        cached = read_cache_entry(cache)
+        if cached is not None:  # the same training on the same bytes: its weights and facts, charged alike
+            model.load_state_dict(load_tensors(base64.b64decode(cached["weights"])))
+            model.requires_grad_(False)
+            model.eval()
+            return cached["facts"] | {"cache_hit": True, "cache_file": str(cache)}
+        facts = json.loads(json.dumps(self._fit_entropy_model(fit, held_out, steps, epoch_cap, fpb, ctx)))  # as a hit reads them
+        weights = save_tensors({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+        write_json_atomic(cache, {"facts": facts, "weights": base64.b64encode(weights).decode()}, hashed=True)
+        return facts | {"cache_hit": False, "cache_file": str(cache)}
+
+    def _entropy_cache(self, fit: bytes, held_out: bytes, steps: int, ctx: RunContext) -> Path:
+        """Where the entropy model trained from these bytes with these settings is cached: its key
+        is everything the training reads (bench and a rerun of a run then reuse it)."""
+        c = self.config
+        key = {"format": 1, "torch": torch.__version__, "device": ctx.device.type, "window": ctx.window,
+               "seed": ctx.seed, "steps": steps, "config": c.entropy_model.model_dump(), "lr": c.entropy_lr,
+               "batch_windows": c.entropy_batch_windows, "fit": hashlib.sha256(fit).hexdigest(),
+               "held_out": hashlib.sha256(held_out).hexdigest()}
+        return cache_dir("entropy_models") / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]}.json"
+
+    def _fit_entropy_model(self, fit: bytes, held_out: bytes, steps: int, epoch_cap: dict | None, fpb: float,
+                           ctx: RunContext) -> dict:
+        """Train the entropy model for `steps` and score the held-out bytes: the facts prepare() records."""
+        c, model = self.config, self.entropy_model
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed)  # the same entropy model for a seed, however this module was built
             init_weights(model)
