@@ -37,7 +37,7 @@ def django_root() -> Path:
     try:
         import django
     except ImportError:
-        raise CorpusError("parallel", "the `django` package is not installed (pip install 'django>=5.2,<6'); "
+        raise CorpusError("parallel", "the `django` package is not installed (pip install 'django==5.2.20', the version the project pins); "
                                       "its translation catalogues are the corpus") from None
     return Path(django.__file__).parent
 
