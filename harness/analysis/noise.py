@@ -49,15 +49,19 @@ def noise_table(records: list[RunRecord]) -> pd.DataFrame | None:
     return pd.DataFrame(rows).sort_values(["budget", "rule", "model"]) if rows else None
 
 
+def noised_language(record: RunRecord) -> str | None:
+    """The language whose test text of a parallel corpus the rules noised, or None: the test split."""
+    return record.eval.noise.language if record.eval.noise is not None else None
+
+
 def noised_text(record: RunRecord) -> str:
-    """What the rules noised: one language's test text of a parallel corpus, or the test split."""
-    language = record.eval.noise.language if record.eval.noise is not None else None
+    language = noised_language(record)
     return "the test split" if language is None else f"the {language} test text"
 
 
 def clean_bpb(record: RunRecord) -> float:
     """The clean bpb of the text the rules noised, on the same windows."""
-    language = record.eval.noise.language if record.eval.noise is not None else None
+    language = noised_language(record)
     return record.test.bpb if language is None else record.test_sets[f"lang:{language}"].bpb
 
 
