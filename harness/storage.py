@@ -37,7 +37,12 @@ def file_mode() -> int:
 
 def write_json_atomic(path: Path, payload: dict, hashed: bool = False) -> None:
     """`payload` as JSON at `path`, all or nothing; with `hashed`, its sha256 beside it."""
-    temporary = _write_temporary(path, json.dumps(payload, indent=1, sort_keys=False))
+    write_text_atomic(path, json.dumps(payload, indent=1, sort_keys=False), hashed)
+
+
+def write_text_atomic(path: Path, text: str, hashed: bool = False) -> None:
+    """`text` at `path`, all or nothing; with `hashed`, its sha256 beside it."""
+    temporary = _write_temporary(path, text)
     try:
         if hashed:
             replace_hashed(temporary, path)

@@ -27,16 +27,46 @@ print("imported:", *sorted(m for m in {heavy!r} if m in sys.modules))
 """
 
 
+def probe(argv, env_extra=None):
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])} | (env_extra or {})
+    done = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), *argv], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["report", "--help"], ["init", "--help"],
                                   ["export", "--help"], ["segment", "--help"], ["bench", "--help"]])
 def test_help_imports_no_heavy_library(argv):
     """The command line answers --help without torch and friends (they take seconds to import)."""
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), *argv], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "usage: harness" in done.stdout
-    assert done.stdout.splitlines()[-1] == "imported:"
+    out = probe(argv)
+    assert "usage: harness" in out and out.splitlines()[-1] == "imported:"
+
+
+def test_list_answers_from_its_cache_without_torch(tmp_path):
+    """`harness list` imports every adapter once; later calls print the cached text, torch-free."""
+    first = probe(["list"], {"HARNESS_CACHE_DIR": str(tmp_path)}).splitlines()
+    second = probe(["list"], {"HARNESS_CACHE_DIR": str(tmp_path)}).splitlines()
+    assert "torch" in first[-1] and second[-1] == "imported:"
+    assert first[:-1] == second[:-1] and any(line.startswith("byteflow: ") for line in second)
+
+
+def test_the_list_cache_follows_the_adapter_sources(tmp_path, monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    from harness.api import registry
+    from harness.commands import listing
+
+    assert listing.ENTRY_POINT_GROUP == registry.ENTRY_POINT_GROUP
+    package = tmp_path / "my_adapters"
+    package.mkdir()
+    (package / "model.py").write_text("WIDTH = 64\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(listing, "entry_points", lambda group: [EntryPoint("mine", "my_adapters", group)])
+    before = listing.listing_key()
+    assert listing.listing_key() == before
+    (package / "model.py").write_text("WIDTH = 96\n")
+    assert listing.listing_key() != before
 
 
 def write_text(path, size):
