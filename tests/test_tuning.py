@@ -176,3 +176,43 @@ def test_confirm_seeds_overturn_a_choice_one_lucky_seed_made(write_suite, tmp_pa
     assert run.tuning["confirm_seeds"] == [1] and len(run.tuning["trials"]) == 6
     with pytest.raises(HarnessError, match=r"tune: .*confirm_seeds must be distinct and not among seeds"):
         load_suite(write_suite(tiny_suite(tune={**tune, "confirm_seeds": [0]})))
+
+
+def test_a_centred_grid_starts_each_larger_budget_at_the_previous_choice(write_suite, tmp_path, monkeypatch):
+    """grid: centred tries the previous budget's choice and its grid neighbours (3 trials, not 4);
+    past the grid's ends a neighbour is computed as an extension would, so its trial is found again."""
+    tune = {"budgets": [8e9, 2e9], "lr": [1e-3, 3e-3, 1e-2, 3e-2], "grid": "centred"}
+    suite = load_suite(write_suite(tiny_suite(tune=tune)))
+    calls = []
+
+    def execute(run, *args):  # the optimum moves down with the budget: 1e-2 at 2e9, 8e-3 at 8e9
+        calls.append(run.run_id)
+        return SimpleNamespace(val=SimpleNamespace(bpb=3.0 + bowl(1e-2 if run.budget < 4e9 else 8e-3)(run.trainer.lr)))
+
+    monkeypatch.setattr(tuning, "execute", execute)
+    small, large = tune_suite(suite, tmp_path, {"pydoc-topics": None}, torch.device("cpu"), 1.0)
+    assert small["budget"] == 2e9 and small["chosen"] == {"lr": 1e-2} and len(small["trials"]) == 4
+    assert large["chosen"] == {"lr": 1e-2} and [t["lr"] for t in large["trials"]] == [3e-3, 1e-2, 3e-2]
+    assert not any(t["extension"] for t in large["trials"]) and len(calls) == 7
+    assert json.loads((tmp_path / "tuning.json").read_text())["settings"]["grid"] == "centred"
+    lattice = SimpleNamespace(grid="centred", lr=[1e-3, 3e-3, 1e-2], factor=3.0)
+    assert tuning.lr_grid(lattice, 1e-3) == [1e-3 / 3, 1e-3, 3e-3]  # the extension's own value, to the bit
+    assert tuning.lr_grid(lattice, 1e-3 / 3) == [1e-3 / 3 / 3, 1e-3 / 3, 1e-3]
+    assert tuning.lr_grid(lattice, None) == [1e-3, 3e-3, 1e-2]
+
+
+def test_confirm_within_skips_the_second_seed_for_a_clear_winner(write_suite, tmp_path, monkeypatch):
+    tune = {"budgets": [2e9], "lr": [1e-3, 3e-3, 1e-2], "confirm_seeds": [1], "confirm_within": 0.1}
+    suite = load_suite(write_suite(tiny_suite(tune=tune)))
+    calls = []
+
+    def execute(run, *args):  # 3e-3 wins by 0.23 bpb: no confirmation
+        calls.append(run.run_id)
+        return SimpleNamespace(val=SimpleNamespace(bpb=3.0 + bowl(3e-3)(run.trainer.lr)))
+
+    monkeypatch.setattr(tuning, "execute", execute)
+    (entry,) = tune_suite(suite, tmp_path, {"pydoc-topics": None}, torch.device("cpu"), 1.0)
+    assert entry["chosen"] == {"lr": 3e-3} and len(calls) == 3 and not any(t["confirmed"] for t in entry["trials"])
+    # with the default (no confirm_within) the two best are trained again, and tuning.json keeps the old settings
+    default = load_suite(write_suite(tiny_suite(tune={k: v for k, v in tune.items() if k != "confirm_within"})))
+    assert "confirm_within" not in default.tune.recorded() and "grid" not in default.tune.recorded()

@@ -120,11 +120,36 @@ def tune_suite(suite: Suite, out: Path, corpora: dict, device, peak, show_progre
         return _val_bpb(run, suite, out, corpora[run.corpus.label], device, peak, show_progress, save_every_s,
                         retry_failed, failures)
 
-    entries = [_tune_model(suite, corpus, entry, budget, trial)
-               for corpus in suite.corpora for entry in suite.rows for budget in tune.budgets]
-    write_json_atomic(out / TUNING_FILE, {"selected_on": "val", "settings": tune.model_dump(mode="json"),
+    entries = tune_entries(suite, trial)
+    write_json_atomic(out / TUNING_FILE, {"selected_on": "val", "settings": tune.recorded(),
                                           "entries": entries}, hashed=True)
     return entries
+
+
+def tune_entries(suite: Suite, trial_bpb: Callable[[TrialRun, list[RunFailure]], float]) -> list[dict]:
+    """The tuning entries of every (corpus, model, tuning budget), budgets in increasing order (a
+    centred grid starts from the previous budget's choice); `trial_bpb` scores one trial."""
+    entries = []
+    for corpus in suite.corpora:
+        for entry in suite.rows:
+            previous = None
+            for budget in sorted(suite.tune.budgets):
+                entries.append(_tune_model(suite, corpus, entry, budget, trial_bpb, previous))
+                previous = entries[-1]["chosen"]["lr"]
+    return entries
+
+
+def lr_grid(tune, previous: float | None) -> list[float]:
+    """The starting lr values of one search: the suite's grid, or with `grid: centred` and a choice
+    at the previous budget, that choice and its neighbours on the grid. Past the grid's ends a
+    neighbour is the choice x or / `factor`, as an extension computes it, so a trial an extension
+    ran before is found again by its config hash."""
+    if tune.grid == "fixed" or previous is None:
+        return list(tune.lr)
+    lattice = sorted(tune.lr)
+    below = max((v for v in lattice if v < previous), default=previous / tune.factor)
+    above = min((v for v in lattice if v > previous), default=previous * tune.factor)
+    return [below, previous, above]
 
 
 def _entries_for_a_dry_run(out: Path, tune) -> list[dict]:
@@ -136,7 +161,7 @@ def _entries_for_a_dry_run(out: Path, tune) -> list[dict]:
     if existing is None:
         log("tuning: no tuning.json yet; the runs below show untuned settings (dry run)")
         return []
-    stale = existing["settings"] != tune.model_dump(mode="json")
+    stale = existing["settings"] != tune.recorded()
     log("tuning: using the choices in tuning.json (dry run)" + (
         "; it was made for other tune: settings, so a real run tunes again first and the runs "
         "below may change" if stale else ""))
@@ -144,9 +169,10 @@ def _entries_for_a_dry_run(out: Path, tune) -> list[dict]:
 
 
 def _tune_model(suite: Suite, corpus, entry, budget: float,
-                trial_bpb: Callable[[TrialRun, list[RunFailure]], float]) -> dict:
+                trial_bpb: Callable[[TrialRun, list[RunFailure]], float], previous: float | None = None) -> dict:
     """The tuning entry of one (corpus, model, budget): the bracketed search over lr for each
-    combination of the other settings, confirmed on fresh seeds when the suite asks."""
+    combination of the other settings, confirmed on fresh seeds when the suite asks. `previous`:
+    the lr chosen at the next smaller tuning budget, where a centred grid starts."""
     tune = suite.tune
     others = {k: v for k, v in (("warmup_fraction", tune.warmup_fraction), ("batch_windows", tune.batch_windows)) if v}
     base = suite.trainer.model_copy(update=entry.trainer.model_dump(exclude_none=True))
@@ -176,20 +202,23 @@ def _tune_model(suite: Suite, corpus, entry, budget: float,
 
         what = f"{corpus.label} {entry.name} at {budget:.2e} FLOPs" + "".join(f", {k} {v}" for k, v in fixed.items())
         try:
-            search = bracketed_search(lambda lr: val_bpbs(lr, tune.seeds), tune.lr, tune.factor, tune.max_extensions,
-                                      what="lr")
+            search = bracketed_search(lambda lr: val_bpbs(lr, tune.seeds), lr_grid(tune, previous), tune.factor,
+                                      tune.max_extensions, what="lr")
         except HarnessError as e:
             why = f" (first: {failures[0].run_id} {describe(failures[0])})" if failures else ""
             raise HarnessError(f"tuning {what}: {e}{why}") from None
         scores = search.scores
         if tune.confirm_seeds:  # the front-runners again on fresh seeds; the mean over all decides
             top = sorted(scores, key=lambda v: _key(scores[v]))[:tune.confirm_top]
-            scores = {lr: val_bpbs(lr, tune.confirm_seeds) for lr in top}
+            if tune.confirm_within is not None:  # a clear winner needs no second seed
+                top = [v for v in top if _key(scores[v]) <= _key(scores[top[0]]) + tune.confirm_within]
+            if len(top) > 1:
+                scores = {lr: val_bpbs(lr, tune.confirm_seeds) for lr in top}
         lr = min(scores, key=lambda v: _key(scores[v]))
         if best is None or _key(scores[lr]) < _key(best[1]):
             best = ({"lr": lr, **fixed}, scores[lr], search.extensions)
     for trial in trials:
-        trial["extension"] = trial["lr"] not in tune.lr
+        trial["extension"] = trial["lr"] not in lr_grid(tune, previous)
         trial["confirmed"] = len(trial["run_ids"]) > len(tune.seeds)
     chosen, score, extensions = best
     log(f"tuning {corpus.label} {entry.name} at {budget:.2e} FLOPs: chose " + ", ".join(f"{k} {v:.3g}" for k, v in chosen.items())

@@ -337,6 +337,13 @@ class TuneSettings(Strict):
     confirm_top: int = Field(2, ge=2, description="how many of the search's best values the confirm_seeds rescore")
     factor: float = Field(3.0, gt=1, description="an optimum at an edge adds lr x factor (or / factor) beyond it")
     max_extensions: int = Field(2, ge=0, description="grid extensions per model and budget before giving up")
+    grid: Literal["fixed", "centred"] = Field(
+        "fixed", description="fixed: every tuning budget starts from `lr`; centred: each budget after the smallest "
+                             "starts from the previous budget's choice and its two neighbours on the lr grid (extended "
+                             "by `factor` past its ends), three trials where `lr` may hold more")
+    confirm_within: float | None = Field(
+        None, gt=0, description="confirm only the front-runners within this many bpb of the best on the search's "
+                                "seeds (none: always the best `confirm_top`); a clear winner is not trained again")
     warmup_fraction: list[Annotated[float, Field(ge=0, lt=1)]] | None = Field(
         None, min_length=1, description="optional: also search these warmup fractions (crossed with lr)")
     batch_windows: list[Annotated[int, Field(gt=0)]] | None = Field(
@@ -347,6 +354,11 @@ class TuneSettings(Strict):
         if set(self.confirm_seeds) & set(self.seeds) or len(set(self.confirm_seeds)) < len(self.confirm_seeds):
             raise ValueError("confirm_seeds must be distinct and not among seeds")
         return self
+
+    def recorded(self) -> dict:
+        """The settings as tuning.json keeps them; the search options added later are left out at
+        their defaults, so a tuning.json written before them still matches its suite."""
+        return self.model_dump(mode="json", exclude=_unset(self, grid="fixed", confirm_within=None))
 
 
 class ExecutorSettings(Strict):
