@@ -10,10 +10,13 @@ import argparse
 import os
 import sys
 
-# torch's OpenMP threads wait for work asleep, not spinning: on cores that other jobs share, a spinning
-# thread holds a core the working ones need, and a run slows many times over (docs/speed.md, "Threads").
-# libgomp reads this once, when torch loads, so it is set before any command imports torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# torch's OpenMP threads spin briefly for work, then sleep. Spinning for long (libgomp's default) holds
+# a core that other jobs' working threads need, and a run beside them slows many times over; sleeping at
+# once (OMP_WAIT_POLICY=PASSIVE) makes every one of the small models' many short operators wait for a
+# wake-up, and a run on a quiet machine about twice as slow (docs/speed.md, "Threads"). libgomp reads
+# this once, when torch loads, so it is set before any command imports torch; a user's own setting wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 from harness.commands import bench, export, init, listing, lm_eval, report, run, segment
 from harness.errors import HarnessError

@@ -2,6 +2,9 @@
 records, the matmul peak's spread, torch.compile in the trainer, fused AdamW only on CUDA."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,13 +12,13 @@ import torch
 from harness.api import build
 from harness.cli import main
 from harness.run import data
-from harness.run.device import Peak, busy_machine_warning, choose_threads, measure_matmul_peak
+from harness.run.device import Peak, busy_machine_warning, choose_threads, measure_matmul_peak, spins_long
 from harness.run.records import read_record
 from harness.run.spec import TrainerSettings, expand
 from harness.orchestrate.suite import load_suite
 from harness.run.train import adamw_options, make_optimizer, train
 from tests.checks import record_for
-from tests.conftest import tiny_suite
+from tests.conftest import ROOT, tiny_suite
 
 BYTEFLOW = {"name": "byteflow", "adapter": "byteflow",
             "config": {"d_local": 32, "d_global": 32, "n_heads": 2, "global_heads": 2, "global_layers": 1, "attn_window": 16,
@@ -84,12 +87,32 @@ def test_threads_by_default_are_the_usable_cores_and_threads_or_omp_num_threads_
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
     monkeypatch.setattr("os.getloadavg", lambda: (9.0, 0.0, 0.0))
     count, reason = choose_threads(None)
-    assert count == 4 and "load average 9.00" in reason  # said, not used: waiting is passive (docs/speed.md)
+    assert count == 4 and "load average 9.00" in reason  # said, not used: threads spin briefly (docs/speed.md)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes of one run share the cores
     assert choose_threads(None)[0] == 2
     assert choose_threads(3) == (3, "3 (--threads)")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert "OMP_NUM_THREADS" in choose_threads(None)[1]
+
+
+def test_threads_spin_briefly_then_sleep_unless_the_user_says_otherwise(monkeypatch):
+    """harness/cli.py sets GOMP_SPINCOUNT=1000 before torch loads (docs/speed.md, "Threads"); a
+    user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins, and a long spin is named in the busy warning."""
+    probe = "import os, harness.cli; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    for extra, expected in (({}, "None 1000"), ({"OMP_WAIT_POLICY": "PASSIVE"}, "PASSIVE None"),
+                            ({"GOMP_SPINCOUNT": "50"}, "None 50")):
+        done = subprocess.run([sys.executable, "-c", probe], env=clean | extra, capture_output=True, text=True, cwd=ROOT)
+        assert done.stdout.strip() == expected, done.stderr
+    for env, long_spin in (({"GOMP_SPINCOUNT": "1000"}, False), ({"OMP_WAIT_POLICY": "PASSIVE"}, False),
+                           ({"OMP_WAIT_POLICY": "ACTIVE"}, True), ({}, True)):
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert spins_long() is long_spin
+        warning = busy_machine_warning(torch.device("cpu"), Peak(100.0, 95.0, 105.0), load=3.0)
+        assert ("spin long" in warning) is long_spin
 
 
 def test_records_without_threads_or_peak_range_still_load():

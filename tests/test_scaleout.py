@@ -1,6 +1,7 @@
 """Scale-out (issue 19): a suite's runs as submitit jobs (local workers here, Slurm checked through
 the submission it makes), and one run across processes (DDP, gloo on the CPU)."""
 
+import json
 import os
 import stat
 import sys
@@ -202,3 +203,24 @@ def test_each_rank_trains_on_its_own_share_of_the_batch(monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     with pytest.raises(HarnessError, match="8 windows does not split evenly over 3 processes"):
         distributed.shard(batch)
+
+
+def test_tuning_fans_out_by_model_and_chooses_as_the_sequential_search(write_suite, tmp_path, one_thread, capsys):
+    """Each model's search is a unit of work: with 2 local workers the models' searches go out as
+    jobs, every trial trains once (in a job), and tuning.json is the sequential one."""
+    second = {"name": "bytes-wide", "adapter": "bytes", "config": {"d_model": 48, "n_layers": 1, "n_heads": 2}}
+    tune = {"budgets": [1e9], "lr": [1e-3, 3e-3, 1e-2], "max_extensions": 2}
+    path = write_suite(tiny_suite(budgets=[1e9], tune=tune, models=[*tiny_suite()["models"], second]))
+    run_suite(path, tmp_path / "sequential", "cpu", show_progress=False)
+
+    capsys.readouterr()
+    assert cli(["run", path, "--results", tmp_path / "jobs", "--device", "cpu", "--quiet",
+                "--executor", "local", "--workers", "2"]) == 0
+    assert "tuning: 2 model searches sent out as 2 local jobs" in capsys.readouterr().out
+    entries = [json.loads((tmp_path / where / "tiny" / "tuning.json").read_text())["entries"]
+               for where in ("sequential", "jobs")]
+    assert entries[0] == entries[1] and [e["model"] for e in entries[0]] == ["bytes", "bytes-wide"]
+    logs = "".join(p.read_text() for p in (tmp_path / "jobs" / "tiny" / "jobs").glob("*_log.out"))
+    trained = [line.split("tuning ")[1].split(":")[0] for line in logs.splitlines()
+               if "tuning tune__" in line and line.endswith(": training")]
+    assert sorted(trained) == sorted(i for e in entries[1] for t in e["trials"] for i in t["run_ids"])

@@ -1,7 +1,9 @@
 """Fan-out: a suite's runs as jobs through submitit (docs/scale-out.md).
 
 The shared preparation happens once, in the process that dispatches: the reference rows
-(suite.json), the sizing check, tuning and the tokenizer cache. Then:
+(suite.json), the sizing check and the tokenizer cache. Tuning goes out first, each model's
+search (on each corpus) a unit of work, and the dispatching process writes tuning.json from the
+trials' records. Then the runs:
 
 - local: `workers` submitit jobs on this machine, each the runner's own loop over the pending
   runs. The per-run locks share the runs out between them, exactly as between processes
@@ -26,6 +28,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from harness.orchestrate.attempts import check_shares, failure_summary, run_all, warm_caches
+from harness.orchestrate.tuning import trial_scorer, tune_row
 from harness.run import distributed
 from harness.run.distributed import log
 from harness.run.pipeline import load_corpus_data
@@ -73,6 +76,45 @@ class RunJob:
     def checkpoint(self, *args, **kwargs):
         """Called by submitit when Slurm preempts the job or its time runs out: the same job again.
         Nothing to save here: the training state on disk is at most --save-every seconds old."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+class TuneJob:
+    """One submitit job of the tuning fan-out: each of `rows` (corpus label, model name) whose
+    lock it can take, searched through tuning.tune_row. The trials' records are its result: the
+    dispatching process then reads them back into tuning.json (tuning.tune_suite)."""
+
+    def __init__(self, suite: Suite, rows: list[tuple[str, str]], out: Path, device_name: str, save_every_s: float,
+                 retry_failed: bool, threads: int | None = None):
+        self.suite, self.rows, self.out, self.device_name = suite, rows, out, device_name
+        self.save_every_s, self.retry_failed, self.threads = save_every_s, retry_failed, threads
+
+    def __call__(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        device = pick_device(self.device_name)
+        peak = measure_matmul_peak(device)
+        corpora: dict = {}
+        scorer = trial_scorer(self.suite, self.out, corpora, device, peak, False, self.save_every_s, self.retry_failed)
+        (self.out / "tuning" / "locks").mkdir(parents=True, exist_ok=True)
+        for label, name in self.rows:
+            lock = FileLock(self.out / "tuning" / "locks" / f"{label}__{name}.lock")
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue  # another job is tuning this row
+            try:
+                if label not in corpora:
+                    corpora[label] = load_corpus_data(self.suite, label, device)
+                corpus = next(c for c in self.suite.corpora if c.label == label)
+                tune_row(self.suite, corpus, next(r for r in self.suite.rows if r.name == name), scorer)
+            finally:
+                lock.release()
+
+    def checkpoint(self, *args, **kwargs):
+        """Requeued by Slurm: the same job again; finished trials are skipped, a trial resumes."""
         import submitit
 
         return submitit.helpers.DelayedSubmission(self)
@@ -150,6 +192,51 @@ def submit(executor, settings: ExecutorSettings, runs: list[Run], job_for) -> li
     return jobs
 
 
+def job_threads(settings: ExecutorSettings, jobs: int, threads: int | None) -> int | None:
+    """torch threads per job: `threads` if given; local CPU jobs share the cores out between the
+    jobs that run at once (unless OMP_NUM_THREADS is set); else the job's own default."""
+    if threads is None and settings.kind == "local" and not settings.gpus_per_run and "OMP_NUM_THREADS" not in os.environ:
+        return max(1, (os.cpu_count() or 1) // min(settings.workers, jobs))
+    return threads
+
+
+def tune_as_jobs(suite: Suite, out: Path, settings: ExecutorSettings, device_name: str, save_every_s: float,
+                 retry_failed: bool, threads: int | None = None) -> None:
+    """Tuning fanned out: each model's search on each corpus is independent of the others, so
+    the rows go out as jobs like the runs (local: `workers` jobs sharing the rows through locks;
+    slurm: a job per row). The dispatching process waits, then writes tuning.json from the
+    trials' records (tuning.tune_suite), training there any trial a stopped job left undone.
+    Runs of several processes each (gpus_per_run > 1) tune in the dispatching process instead."""
+    settings = check_executor(settings, device_name, suite)
+    rows = [(corpus.label, row.name) for corpus in suite.corpora for row in suite.rows]
+    if settings.gpus_per_run > 1 or not rows:
+        return
+    folder = out / "jobs"
+    executor = make_executor(settings, folder, f"harness-{suite.name}-tune")
+    device = device_name if settings.gpus_per_run else "cpu"
+    per_job = job_threads(settings, len(rows), threads)
+    if settings.kind == "local":
+        jobs = [executor.submit(TuneJob(suite, rows, out, device, save_every_s, retry_failed, per_job))
+                for _ in range(min(settings.workers, len(rows)))]
+    else:
+        with executor.batch():
+            jobs = [executor.submit(TuneJob(suite, [row], out, device, save_every_s, retry_failed, per_job))
+                    for row in rows]
+    log(f"tuning: {len(rows)} model searches sent out as {len(jobs)} {settings.kind} jobs (logs in {folder})")
+    shown = None
+    while True:
+        ended = all(job.done() for job in jobs)
+        line = f"tuning progress: {sum(1 for _ in (out / 'tuning' / 'runs').glob('*/record.json'))} trials recorded"
+        if line != shown:
+            log(line)
+            shown = line
+        if ended:
+            break
+        time.sleep(POLL_S)
+    for why in filter(None, map(job_error, jobs)):
+        log(f"warning: a tuning job stopped ({why}); the trials it left undone are trained here")
+
+
 def dispatch(suite: Suite, runs: list[Run], corpora: dict, out: Path, settings: ExecutorSettings, device_name: str,
              save_every_s: float, retry_failed: bool, tensorboard_dir: Path | None, threads: int | None = None) -> None:
     """Prepare what the runs share, send the pending runs out as jobs, show progress until every
@@ -168,8 +255,7 @@ def dispatch(suite: Suite, runs: list[Run], corpora: dict, out: Path, settings: 
         folder = out / "jobs"
         executor = make_executor(settings, folder, f"harness-{suite.name}")
         device = device_name if settings.gpus_per_run else "cpu"
-        if threads is None and settings.kind == "local" and not settings.gpus_per_run and "OMP_NUM_THREADS" not in os.environ:
-            threads = max(1, (os.cpu_count() or 1) // min(settings.workers, len(pending)))  # CPU workers share cores
+        threads = job_threads(settings, len(pending), threads)
 
         def job_for(some: list[Run]) -> RunJob:
             return RunJob(suite, some, out, device, save_every_s, retry_failed, tensorboard_dir, threads)

@@ -19,7 +19,7 @@ from harness import RECORD_FORMAT_VERSION
 from harness.storage import write_json_atomic
 from harness.errors import HarnessError
 from harness.orchestrate.attempts import check_shares, failure_summary, finished, run_all
-from harness.orchestrate.dispatch import check_executor, dispatch
+from harness.orchestrate.dispatch import check_executor, dispatch, tune_as_jobs
 from harness.orchestrate.suite import load_suite
 from harness.orchestrate.tuning import apply_tuning, refresh_provenance, tune_suite
 from harness.run import distributed
@@ -66,6 +66,8 @@ def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "au
         write_suite_summary(out, suite, corpora, device, peak)
     runs = expand(suite)
     if suite.tune is not None:  # each model's trainer settings chosen on validation first (harness.orchestrate.tuning)
+        if executor is not None and not dry_run:
+            tune_as_jobs(suite, out, executor, device_name, save_every_s, retry_failed, threads)
         runs = apply_tuning(runs, tune_suite(suite, out, corpora, device, peak, show_progress, save_every_s,
                                                 dry_run, retry_failed))
         if not dry_run and distributed.is_main():
@@ -105,7 +107,8 @@ def write_suite_summary(out: Path, suite: Suite, corpora: dict[str, CorpusData],
         "matmul_peak_flops_per_s": peak.flops_per_s,
         "matmul_peak_range": [peak.low, peak.high],
         "threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # PASSIVE from harness/cli.py unless set
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # unset by harness/cli.py: it sets GOMP_SPINCOUNT
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "versions": versions(),
     }, hashed=True)
 

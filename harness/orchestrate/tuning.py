@@ -115,27 +115,35 @@ def tune_suite(suite: Suite, out: Path, corpora: dict, device, peak, show_progre
     tune = suite.tune
     if dry_run:
         return _entries_for_a_dry_run(out, tune)
-
-    def trial(run: TrialRun, failures: list[RunFailure]) -> float:
-        return _val_bpb(run, suite, out, corpora[run.corpus.label], device, peak, show_progress, save_every_s,
-                        retry_failed, failures)
-
-    entries = tune_entries(suite, trial)
+    entries = tune_entries(suite, trial_scorer(suite, out, corpora, device, peak, show_progress, save_every_s,
+                                               retry_failed))
     write_json_atomic(out / TUNING_FILE, {"selected_on": "val", "settings": tune.recorded(),
                                           "entries": entries}, hashed=True)
     return entries
 
 
+def trial_scorer(suite: Suite, out: Path, corpora: dict, device, peak, show_progress: bool, save_every_s: float,
+                 retry_failed: bool) -> Callable[[TrialRun, list[RunFailure]], float]:
+    """Scores one trial: its val bpb, from its record or trained now (_val_bpb)."""
+    def trial(run: TrialRun, failures: list[RunFailure]) -> float:
+        return _val_bpb(run, suite, out, corpora[run.corpus.label], device, peak, show_progress, save_every_s,
+                        retry_failed, failures)
+    return trial
+
+
 def tune_entries(suite: Suite, trial_bpb: Callable[[TrialRun, list[RunFailure]], float]) -> list[dict]:
     """The tuning entries of every (corpus, model, tuning budget), budgets in increasing order (a
     centred grid starts from the previous budget's choice); `trial_bpb` scores one trial."""
-    entries = []
-    for corpus in suite.corpora:
-        for entry in suite.rows:
-            previous = None
-            for budget in sorted(suite.tune.budgets):
-                entries.append(_tune_model(suite, corpus, entry, budget, trial_bpb, previous))
-                previous = entries[-1]["chosen"]["lr"]
+    return [e for corpus in suite.corpora for entry in suite.rows for e in tune_row(suite, corpus, entry, trial_bpb)]
+
+
+def tune_row(suite: Suite, corpus, entry, trial_bpb: Callable[[TrialRun, list[RunFailure]], float]) -> list[dict]:
+    """The tuning entries of one model on one corpus, one per tuning budget, smallest first. Rows
+    are independent of each other: the unit that tuning fans out in (harness.orchestrate.dispatch)."""
+    entries, previous = [], None
+    for budget in sorted(suite.tune.budgets):
+        entries.append(_tune_model(suite, corpus, entry, budget, trial_bpb, previous))
+        previous = entries[-1]["chosen"]["lr"]
     return entries
 
 

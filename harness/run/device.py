@@ -101,8 +101,25 @@ def choose_threads(requested: int | None) -> tuple[int, str]:
     cores, load = usable_cores(), load_average()
     count = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     seen = "" if load is None else f", load average {load:.2f}"
-    policy = os.environ.get("OMP_WAIT_POLICY", "unset")
-    return count, f"{count} ({cores} usable cores{seen}; OMP_WAIT_POLICY {policy}; --threads overrides)"
+    return count, f"{count} ({cores} usable cores{seen}; OpenMP wait: {openmp_wait()}; --threads overrides)"
+
+
+LONG_SPIN = 100_000  # spins (GOMP_SPINCOUNT) past which a waiting thread holds its core against other jobs
+
+
+def openmp_wait() -> str:
+    """How torch's OpenMP threads wait for work, as the environment sets it (harness/cli.py)."""
+    policy, spins = os.environ.get("OMP_WAIT_POLICY", ""), os.environ.get("GOMP_SPINCOUNT", "")
+    return ", ".join(f"{k}={v}" for k, v in (("OMP_WAIT_POLICY", policy), ("GOMP_SPINCOUNT", spins)) if v) or \
+        "libgomp's default (a long spin)"
+
+
+def spins_long() -> bool:
+    """Whether waiting threads spin long enough to hold cores that other jobs need."""
+    policy, spins = os.environ.get("OMP_WAIT_POLICY", "").upper(), os.environ.get("GOMP_SPINCOUNT", "")
+    if spins.isdigit():
+        return int(spins) > LONG_SPIN
+    return policy != "PASSIVE"
 
 
 def busy_machine_warning(device: torch.device, peak: Peak | None = None, load: float | None = None) -> str | None:
@@ -118,7 +135,6 @@ def busy_machine_warning(device: torch.device, peak: Peak | None = None, load: f
                        "GFLOP/s")
     if not reasons:
         return None
-    spinning = os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"  # the `harness` command sets PASSIVE
     return (f"warning: the machine looks busy ({'; '.join(reasons)}); speed and MFU figures will read low"
-            + ("; OMP_WAIT_POLICY is not PASSIVE, so torch's threads spin while they wait and can slow the run many "
-               "times over (docs/speed.md, \"Threads\")" if spinning else ""))
+            + (f"; torch's threads spin long while they wait ({openmp_wait()}), which beside other jobs can slow "
+               "the run many times over (docs/speed.md, \"Threads\")" if spins_long() else ""))
