@@ -59,6 +59,19 @@ def test_bench_writes_the_figures_of_each_model_as_json_and_markdown(write_suite
     assert "train B/s" in printed and "float32 matmul peak" in printed
 
 
+def test_a_profiled_bench_names_where_the_step_time_goes(write_suite, tmp_path, capsys, restore_threads):
+    out = tmp_path / "profiled.json"
+    assert main(["bench", str(write_suite(tiny_suite())), "--steps", "2", "--warmup", "1", "--threads", "1",
+                 "--device", "cpu", "--profile", "--out", str(out)]) == 0
+    (model,) = json.loads(out.read_text())["models"]
+    shares = model["operator_shares"]
+    assert 0 < shares["matmul"] < 1 and 0 < shares["attention"] < 1
+    named = [name for name, _ in shares["top_other"]]
+    assert named and not {"aten::mm", "aten::addmm"} & set(named) and all(name in model["profile"] for name in named)
+    assert shares["matmul"] + shares["attention"] + sum(share for _, share in shares["top_other"]) <= 1 + 1e-9
+    assert "profile of bytes" in capsys.readouterr().out
+
+
 def test_bench_of_an_unknown_model_is_one_line_naming_the_suite_s_models(write_suite, capsys):
     assert main(["bench", str(write_suite(tiny_suite())), "--models", "bytes", "gpt5"]) == 2
     err = capsys.readouterr().err.strip()

@@ -150,6 +150,7 @@ def bench_model(run: Run, suite: Suite, corpus: CorpusData, device: torch.device
         figures["mfu_bf16"] = flops_per_s / measured["bfloat16"].flops_per_s
     if train["profile"] is not None:
         figures["profile"] = train["profile"]
+        figures["operator_shares"] = train["operator_shares"]
     return figures
 
 
@@ -199,11 +200,28 @@ def time_training(model: Adapter, settings, train: bytes, window: int, per_byte:
             phases[phase] += end - start
         bytes_seen += batch.numel()
         flops += TRAIN_MULTIPLIER * float(out.forward_flops) if out.forward_flops is not None else per_byte * batch.numel()
-    table = None
+    table = shares = None
     if profiler is not None:
         profiler.__exit__(None, None, None)
         table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
-    return {"phases": phases, "seconds": sum(phases.values()), "flops": flops, "bytes": bytes_seen, "profile": table}
+        shares = operator_shares(profiler.key_averages())
+    return {"phases": phases, "seconds": sum(phases.values()), "flops": flops, "bytes": bytes_seen, "profile": table,
+            "operator_shares": shares}
+
+
+MATMUL_OPERATORS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+
+
+def operator_shares(averages, top: int = 5) -> dict:
+    """Where the watched steps' self CPU time went: the matrix products (what MFU counts), attention
+    (CPU flash attention, far below the matmul peak at small heads), and the largest other
+    operators by name: what holds a small model below the peak."""
+    total = sum(e.self_cpu_time_total for e in averages) or 1.0
+    share = {e.key: e.self_cpu_time_total / total for e in averages}
+    attention = {k for k in share if "scaled_dot_product" in k or "flash_attention" in k}
+    others = sorted((k for k in share if k not in MATMUL_OPERATORS | attention), key=share.get, reverse=True)
+    return {"matmul": sum(share.get(k, 0.0) for k in MATMUL_OPERATORS), "attention": sum(share[k] for k in attention),
+            "top_other": [[k, share[k]] for k in others[:top]]}
 
 
 def auxiliary_part(model: Adapter, train: bytes, window: int, batch_windows: int, device: torch.device) -> dict | None:
