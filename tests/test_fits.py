@@ -265,10 +265,10 @@ def test_on_points_with_curvature_the_curved_form_predicts_better_and_gives_the_
     assert power.error > 0.1 and not power.inside  # a power law with a floor only flattens: it runs above
     assert scaling.form is fits.CURVED and scaling.scores[0].mean_abs_error < scaling.scores[1].mean_abs_error
     assert all(f.form is fits.CURVED for f in scaling.best.values())
-    table = fits.held_out_table(scaling).set_index(["model", "form"])
+    table = fits.held_out_table(scaling.predictions).set_index(["model", "form"])
     assert table.loc[("bytes", "curved"), "closest"] == "yes" and table.loc[("bytes", "curved"), "inside?"] == "yes"
     assert table.loc[("bytes", "power law"), "inside?"] == "no"
-    assert fits.score_table(scaling).loc[0, "form"] == "curved"
+    assert fits.score_table(scaling.predictions).loc[0, "form"] == "curved"
     sentence = fits.summary_sentence(scaling)
     assert sentence.startswith(f"- Fitted crossovers ({fits.CURVED.formula} per model, the form whose fit to the "
                                "lower rungs predicted the held-out top rung best: mean absolute error ")
@@ -296,3 +296,39 @@ def test_a_crossover_whose_held_out_prediction_failed_is_not_predictable_from_th
     sentence = fits.summary_sentence(scaling)
     assert "): bytes, static-4: not predictable from these rungs (the held-out prediction for bpe missed by " in sentence
     assert sentence.count("not predictable") == 1 and "so no crossing with bpe is tested" in sentence
+
+
+def test_a_rung_held_out_beyond_the_ladder_is_predicted_by_fits_that_never_saw_it(tmp_path):
+    """The suite's `holdout` rung: left out of every fit (the ladder's own held-out test is what it
+    would be without it) and predicted by each form fitted to every ladder rung."""
+    beyond = float(LADDER[-1] * 3)
+    bpe, _ = law(1.7, 3.0, 0.15)
+    byte, _ = law(1.5, 4.0, 0.2)
+
+    observed = []
+
+    def report(folder, holdout_runs: bool) -> str:
+        folder.mkdir()
+        corpus, tokenizer = ladder_suite(folder, {"holdout": {"budget": beyond, "rows": ["bytes"], "seeds": [0, 1]}})
+        budgets = [*LADDER, beyond] if holdout_runs else LADDER
+        for name, curve in (("bpe", bpe), ("bytes", byte)):
+            for c in budgets if name == "bytes" else LADDER:
+                for seed in range(2):
+                    made = record(name, float(curve(c)) + 0.004 * seed, budget=float(c), seed=seed,
+                                  tokenized=name == "bpe", corpus=corpus)
+                    if name == "bpe":
+                        made = made.model_copy(update={"tokenizer": tokenizer})
+                    if c == beyond:
+                        observed.append(made.test.bpb)
+                    write_record(folder / "runs" / made.run_id / "record.json", made)
+        return build_report(folder, folder)
+
+    with_rung, without = report(tmp_path / "with", True), report(tmp_path / "without", False)
+    held_out = lambda text: text.split("#### Held-out rung")[1].split("####")[0].strip()
+    assert held_out(with_rung) == held_out(without) and "#### Beyond the ladder" not in without
+    section = with_rung.split("#### Beyond the ladder")[1]
+    row = [cell.strip() for cell in next(line for line in section.splitlines()
+                                         if line.startswith("| bytes ") and "| power law " in line).split("|")]
+    assert row[2] == f"{beyond:.3g}" and row[5] == f"{np.mean(observed):.3f}" and row[7] == "yes"  # the true law: inside
+    assert re.search(rf"- Beyond the ladder, at {re.escape(f'{beyond:.3g}')} training FLOPs \(held out of every fit\): .*power law by "
+                     r"[0-9.]+ bpb on average \(1 of 1 inside", with_rung.split("## Summary")[1])

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -216,3 +217,34 @@ def test_confirm_within_skips_the_second_seed_for_a_clear_winner(write_suite, tm
     # with the default (no confirm_within) the two best are trained again, and tuning.json keeps the old settings
     default = load_suite(write_suite(tiny_suite(tune={k: v for k, v in tune.items() if k != "confirm_within"})))
     assert "confirm_within" not in default.tune.recorded() and "grid" not in default.tune.recorded()
+
+
+def test_a_held_out_rung_runs_its_rows_and_is_tuned_for_them_alone(write_suite, tmp_path, monkeypatch):
+    """`holdout`: the named rows run one rung beyond the ladder on its own seeds; `tune_budget` tunes
+    them for it, and that choice serves the held-out runs only."""
+    second = {"name": "bytes-wide", "adapter": "bytes", "config": {"d_model": 48, "n_layers": 1, "n_heads": 2}}
+    spec = tiny_suite(budgets=[1e9, 3e9], models=[*tiny_suite()["models"], second],
+                      tune={"budgets": [1e9], "lr": [1e-3, 3e-3, 1e-2]},
+                      holdout={"budget": 9e9, "rows": ["bytes"], "seeds": [0, 1], "tune_budget": 3e9})
+    suite = load_suite(write_suite(spec))
+    runs = expand(suite)
+    held = [r for r in runs if r.held_out]
+    assert [(r.model.name, r.budget, r.seed) for r in held] == [("bytes", 9e9, 0), ("bytes", 9e9, 1)]
+    assert len(runs) == 2 * 2 + 2
+
+    def execute(run, *args):  # the optimum falls with the budget: 1e-2 at 1e9, 3e-3 at 3e9
+        return SimpleNamespace(val=SimpleNamespace(bpb=3.0 + bowl(1e-2 if run.budget < 2e9 else 3e-3)(run.trainer.lr)))
+
+    monkeypatch.setattr(tuning, "execute", execute)
+    entries = tune_suite(suite, tmp_path, {"pydoc-topics": None}, torch.device("cpu"), 1.0)
+    assert [(e["model"], e["budget"], e.get("holdout", False)) for e in entries] == [
+        ("bytes", 1e9, False), ("bytes", 3e9, True), ("bytes-wide", 1e9, False)]
+    chosen = {(r.model.name, r.budget): r.trainer.lr for r in apply_tuning(runs, entries)}
+    assert chosen[("bytes", 9e9)] == 3e-3  # from its own tuning budget, 3e9
+    assert chosen[("bytes", 3e9)] == 1e-2  # the ladder keeps the ladder's tuning, though 3e9 is nearer
+    for bad, message in (({"budget": 3e9}, "holdout.budget: 3e+09 is not beyond the ladder"),
+                         ({"rows": ["bpe"]}, "holdout.rows: bpe not among the rows"),):
+        with pytest.raises(HarnessError, match=re.escape(message)):
+            load_suite(write_suite({**spec, "holdout": {**spec["holdout"], **bad}}))
+    with pytest.raises(HarnessError, match="holdout.tune_budget: the suite has no tune: settings"):
+        load_suite(write_suite({**spec, "tune": None}))

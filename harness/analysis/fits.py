@@ -277,21 +277,39 @@ def pooled_sd(points: dict[float, list[float]]) -> tuple[float, int]:
     return (float(np.sqrt(sum(d * s for d, s in spread) / df)) if df else 0.0), df
 
 
-def predict_top_rung(f: ModelFit, form: Form, resamples: int = RESAMPLES) -> Prediction | None:
-    """`form` fitted to every rung of `f` but the top predicts the top rung's mean, with the
-    module's interval (None: too few rungs below the top for the form)."""
-    top = max(f.points)
-    below = {b: v for b, v in f.points.items() if b != top}
-    fitted = fit_model(f.model, f.adapter, f.kind, below, resamples, form)
+def predict_rung(f: ModelFit, form: Form, budget: float, observed: list[float],
+                 resamples: int = RESAMPLES) -> Prediction | None:
+    """`form` fitted to every rung of `f` other than `budget` predicts the mean of `observed`, the
+    test bpb of the runs at `budget`, with the module's interval (None: too few rungs for the form)."""
+    fitted_on = {b: v for b, v in f.points.items() if b != budget}
+    fitted = fit_model(f.model, f.adapter, f.kind, fitted_on, resamples, form)
     if fitted.curve is None:
         return None
     interval = None
     if fitted.replicates:
-        sd, df = pooled_sd(below)
+        sd, df = pooled_sd(fitted_on)
         rng = np.random.default_rng(zlib.crc32(f"{f.model} {form.name}".encode()))
-        noise = sd / np.sqrt(len(f.points[top])) * rng.standard_t(df, len(fitted.replicates))
-        interval = _interval(np.array([float(r(top)) for r in fitted.replicates]) + noise)
-    return Prediction(f.model, form, top, float(fitted.curve(top)), interval, float(np.mean(f.points[top])))
+        noise = sd / np.sqrt(len(observed)) * rng.standard_t(df, len(fitted.replicates))
+        interval = _interval(np.array([float(r(budget)) for r in fitted.replicates]) + noise)
+    return Prediction(f.model, form, budget, float(fitted.curve(budget)), interval, float(np.mean(observed)))
+
+
+def predict_top_rung(f: ModelFit, form: Form, resamples: int = RESAMPLES) -> Prediction | None:
+    """`form` fitted to every rung of `f` but the top predicts the top rung's mean."""
+    top = max(f.points)
+    return predict_rung(f, form, top, f.points[top], resamples)
+
+
+def predict_beyond(fits: dict[str, ModelFit], records: list[RunRecord],
+                   resamples: int = RESAMPLES) -> dict[Form, dict[str, Prediction]]:
+    """Each form fitted to every ladder rung of a model predicts its held-out rung beyond the ladder
+    (Suite.holdout; `records`: that rung's runs, one budget), for each model that ran it."""
+    observed: dict[str, list[float]] = {}
+    for r in sorted(records, key=lambda r: (r.model.name, r.seed)):
+        observed.setdefault(r.model.name, []).append(r.test.bpb)
+    budget = records[0].budget_flops
+    return {form: {name: p for name, values in observed.items() if name in fits
+                   and (p := predict_rung(fits[name], form, budget, values, resamples))} for form in FORMS}
 
 
 @dataclass(frozen=True)
@@ -504,12 +522,12 @@ def _inside_label(p: Prediction) -> str:
     return "no interval (one seed per budget)" if p.interval is None else ("yes" if p.inside else "no")
 
 
-def held_out_table(scaling: ScalingFits) -> pd.DataFrame:
-    """One row per model and form that could predict its top rung; `closest`: the form with the
+def held_out_table(predictions: dict[Form, dict[str, Prediction]]) -> pd.DataFrame:
+    """One row per model and form that could predict its held-out rung; `closest`: the form with the
     smallest error for that model, where more than one form predicted it."""
     rows = []
-    for name in scaling.power_law:
-        made = [found[name] for found in scaling.predictions.values() if name in found]
+    for name in sorted({name for found in predictions.values() for name in found}):
+        made = [found[name] for found in predictions.values() if name in found]
         closest = min(made, key=lambda p: abs(p.error)).form if len(made) > 1 else None
         rows += [{"model": name, "held-out rung": f"{p.budget:.3g}", "form": p.form.name,
                   "predicted [95%]": f"{p.predicted:.3f}"
@@ -519,12 +537,12 @@ def held_out_table(scaling: ScalingFits) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def score_table(scaling: ScalingFits) -> pd.DataFrame:
+def score_table(predictions: dict[Form, dict[str, Prediction]]) -> pd.DataFrame:
     """One row per form that could be tested, best first."""
     return pd.DataFrame([{"form": s.form.name, "formula": s.form.formula,
-                          "models tested": len(scaling.predictions[s.form]), "compared on": len(s.models),
+                          "models tested": len(predictions[s.form]), "compared on": len(s.models),
                           "mean absolute error": f"{s.mean_abs_error:.3f}", "mean error": f"{s.mean_error:+.3f}",
-                          "inside 95% interval": f"{s.inside} of {len(s.models)}"} for s in scaling.scores])
+                          "inside 95% interval": f"{s.inside} of {len(s.models)}"} for s in scores(predictions)])
 
 
 def _short(c: Crossover) -> str:
@@ -618,8 +636,40 @@ def held_out_lines(scaling: ScalingFits) -> list[str]:
                "rung. A passed test vouches for one rung of extrapolation; a crossover further out is extrapolated "
                "further than any test reached.")
     return ["#### Held-out rung", "", method, "",
-            held_out_table(scaling).to_markdown(index=False, disable_numparse=True), "", ranking, "",
-            score_table(scaling).to_markdown(index=False, disable_numparse=True), ""]
+            held_out_table(scaling.predictions).to_markdown(index=False, disable_numparse=True), "", ranking, "",
+            score_table(scaling.predictions).to_markdown(index=False, disable_numparse=True), ""]
+
+
+def beyond_lines(scaling: ScalingFits, records: list[RunRecord]) -> list[str]:
+    """The rung held out beyond the ladder (Suite.holdout): each form fitted to every ladder rung
+    predicts it; the table per model and form, the forms' scores, and which form the ladder's own
+    held-out test had chosen. None without such runs."""
+    if not records:
+        return []
+    predictions = predict_beyond(scaling.power_law, records)
+    if not scores(predictions):
+        return ["#### Beyond the ladder", "", "No row that ran the held-out rung has enough ladder rungs for a fit.",
+                ""]
+    budget = records[0].budget_flops
+    return ["#### Beyond the ladder", "",
+            f"The rung at {budget:.3g} training FLOPs, run by {len({r.model.name for r in records})} rows and "
+            "left out of every fit above, predicted by each form fitted to every ladder rung (intervals as in the "
+            "held-out test, with this rung's seeds). The ladder's own held-out test chose "
+            f"{scaling.form.name}; this is the test of that choice one rung further out.", "",
+            held_out_table(predictions).to_markdown(index=False, disable_numparse=True), "",
+            score_table(predictions).to_markdown(index=False, disable_numparse=True), ""]
+
+
+def beyond_sentence(scaling: ScalingFits, records: list[RunRecord]) -> str | None:
+    """The summary's line on the rung beyond the ladder: how each form predicted it."""
+    ranked = scores(predict_beyond(scaling.power_law, records)) if records else []
+    if not ranked:
+        return None
+    said = [f"{s.form.name} by {s.mean_abs_error:.3f} bpb on average ({s.inside} of {len(s.models)} inside the 95% "
+            "interval)" for s in ranked]
+    return (f"- Beyond the ladder, at {records[0].budget_flops:.3g} training FLOPs (held out of every fit): the "
+            f"fits to all rungs missed it, best first, {'; '.join(said)}. The ladder's held-out test had chosen "
+            f"{scaling.form.name}.")
 
 
 def crossover_lines(scaling: ScalingFits) -> list[str]:

@@ -632,11 +632,14 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
     rankings = {label: ranking_table(at_matched_cost(runs)) for label, runs in by_corpus.items()}
     colours = model_colours([m["name"] for m in spec["models"]] + [r.model.name for r in records])  # one per model, every plot
     lines = suite_header(spec, records)
-    fitted = {label: scaling.scaling_fits(scaling.fit_records(at_matched_cost(runs), model_kinds(runs)))
-              for label, runs in by_corpus.items()}
+    held = {label: held_out_runs(runs, spec) for label, runs in by_corpus.items()}
+    fitted = {label: scaling.scaling_fits(scaling.fit_records(
+        [r for r in at_matched_cost(runs) if r.run_id not in {h.run_id for h in held[label]}], model_kinds(runs)))
+        for label, runs in by_corpus.items()}
     lines += ["## Summary", ""]
     for label, ranking in rankings.items():
-        notes = [scaling.summary_sentence(fitted[label]), unmatched_sentence(by_corpus[label])]
+        notes = [scaling.summary_sentence(fitted[label]), scaling.beyond_sentence(fitted[label], held[label]),
+                 unmatched_sentence(by_corpus[label])]
         lines += [f"Corpus `{label}`:", "", *summary_sentences(ranking, model_kinds(by_corpus[label]),
                                                                 suite["corpora"][label], parameter_phrases(by_corpus[label])),
                   *factor_sentences(at_matched_cost(by_corpus[label]), base_levels(spec)),
@@ -653,8 +656,18 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
         left_out = ("Rows not at matched inference cost are not fitted (Summary)." if unmatched_runs(runs) else "")
         lines += scaling.fits_section(fitted[label], label, plot_dir, colours, bool(spec.get("inference_scaling")),
                                       left_out)
+        lines += scaling.beyond_lines(fitted[label], held[label])
     lines += tuning_section(results_dir, plot_dir, colours)
     return "\n".join(lines)
+
+
+def held_out_runs(records: list[RunRecord], spec: dict) -> list[RunRecord]:
+    """The runs of the rung held out beyond the ladder (the suite's `holdout`), at matched cost:
+    left out of the fits, which predict them."""
+    holdout = spec.get("holdout")
+    if not holdout:
+        return []
+    return [r for r in at_matched_cost(records) if r.budget_flops == holdout["budget"]]
 
 
 def summary_shown(summary: pd.DataFrame, measured_cost: bool) -> pd.DataFrame:

@@ -93,7 +93,7 @@ def write_suite_summary(out: Path, suite: Suite, corpora: dict[str, CorpusData],
                         peak: Peak) -> None:
     """suite.json: the suite as run, and per corpus its hash and the reference rows."""
     prime_bytes = suite.references.prime_bytes if suite.references is not None else None
-    unset = {key for key in ("executor", "references", "factors") if getattr(suite, key) is None}  # as before them
+    unset = {key for key in ("executor", "references", "factors", "holdout") if getattr(suite, key) is None}  # as before them
     write_json_atomic(out / "suite.json", {
         "format_version": RECORD_FORMAT_VERSION,
         "suite": suite.model_dump(mode="json", exclude=unset or None),
@@ -134,7 +134,8 @@ def _size_every_model(suite: Suite, corpora: dict[str, CorpusData], device: torc
             model, _, sizing = prepare(run, suite, corpus, context(suite, run, device), resize_model=False)
             log(f"sizing {label} {run.model.name}: {sizing['chosen']} -> {sizing['achieved_flops_per_byte']:.4g} "
                 f"forward FLOPs/byte ({sizing['relative_error']:+.1%} of the target)")
-            for budget in sorted(set(suite.budgets) - {run.budget}):
+            held = [suite.holdout.budget] if suite.holdout is not None and run.model.name in suite.holdout.rows else []
+            for budget in sorted(set(suite.budgets + held) - {run.budget}):
                 _, facts = size_to_target(model, suite.inference_target(budget), suite.eval.window,
                                           suite.count_auxiliary_flops, run.model.name, suite.sizing.widths)
                 log(f"sizing {label} {run.model.name} at {budget:.3g} FLOPs: {facts['chosen']} -> "

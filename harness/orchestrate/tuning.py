@@ -144,6 +144,9 @@ def tune_row(suite: Suite, corpus, entry, trial_bpb: Callable[[TrialRun, list[Ru
     for budget in sorted(suite.tune.budgets):
         entries.append(_tune_model(suite, corpus, entry, budget, trial_bpb, previous))
         previous = entries[-1]["chosen"]["lr"]
+    holdout = suite.holdout
+    if holdout is not None and holdout.tune_budget is not None and entry.name in holdout.rows:
+        entries.append(_tune_model(suite, corpus, entry, holdout.tune_budget, trial_bpb, previous) | {"holdout": True})
     return entries
 
 
@@ -290,10 +293,12 @@ def read_tuning(out: Path) -> dict | None:
 
 def apply_tuning(runs: list[Run], entries: list[dict]) -> list[Run]:
     """Each run with its model's chosen settings from the tuning budget nearest its own (in log
-    FLOPs), and the provenance: which trials chose them, on which split."""
+    FLOPs), and the provenance: which trials chose them, on which split. The entries tuned for a
+    held-out rung (Suite.holdout) serve its runs only."""
     tuned = []
     for run in runs:
-        candidates = [e for e in entries if e["model"] == run.model.name and e["corpus"] == run.corpus.label]
+        candidates = [e for e in entries if e["model"] == run.model.name and e["corpus"] == run.corpus.label
+                      and (run.held_out or not e.get("holdout"))]  # a held-out rung's tuning is its own
         if not candidates:
             tuned.append(run)
             continue

@@ -361,6 +361,20 @@ class TuneSettings(Strict):
         return self.model_dump(mode="json", exclude=_unset(self, grid="fixed", confirm_within=None))
 
 
+class Holdout(Strict):
+    """A rung beyond the ladder for some rows, left out of the scaling fits: the report predicts it
+    from each form fitted to every ladder rung and says by how much each missed (docs/study.md,
+    "Held-out rung")."""
+
+    budget: float = Field(gt=0, description="training FLOPs of the held-out rung; above every budget of the ladder")
+    rows: list[str] = Field(min_length=1, description="the rows that run it, by name (model, or model+factor=level)")
+    seeds: list[Annotated[int, Field(ge=0, lt=2**32)]] = Field([0, 1], min_length=1, description="its seeds")
+    tune_budget: float | None = Field(
+        None, gt=0, description="tune these rows for the held-out rung at this budget (with the suite's tune: "
+                                "settings; used by the held-out runs only); none: the nearest of the suite's "
+                                "tuning budgets")
+
+
 class ExecutorSettings(Strict):
     """Where a suite's runs go (harness.orchestrate.dispatch; README, "Scale-out"): as jobs through submitit,
     on this machine or on a Slurm cluster. Not part of any run's config hash: it changes where a
@@ -425,6 +439,7 @@ class Suite(Strict):
         None, description="choices crossed with the models they name: every such model becomes one row per "
                           "level, named model+factor=level (Suite.rows)")
     tune: TuneSettings | None = Field(None, description="choose each model's trainer settings on validation first")
+    holdout: Holdout | None = Field(None, description="a rung beyond the ladder for some rows, held out of the fits")
     executor: ExecutorSettings | None = Field(None, description="run the suite's runs as jobs (harness.orchestrate.dispatch)")
     references: ReferenceSettings | None = Field(
         None, description="cap on the bytes the reference compressors are primed with; none: the whole training split")
@@ -459,12 +474,25 @@ class Suite(Strict):
         if language is not None and not all(language in getattr(c, "languages", ()) for c in self.corpora):
             raise ValueError(f"eval.noise.language: {language!r} is not a language of every corpus (a parallel "
                              "corpus's languages)")
+        if self.holdout is not None:
+            self._check_holdout(self.holdout)
         for split in ("val", "test"):
             size = getattr(self.split, f"{split}_bytes")
             if self.eval.window > size:
                 raise ValueError(f"eval.window: {self.eval.window} bytes is longer than the {split} split "
                                  f"(split.{split}_bytes {size}); it would hold no window to score")
         return self
+
+    def _check_holdout(self, holdout: Holdout) -> None:
+        if holdout.budget <= max(self.budgets):
+            raise ValueError(f"holdout.budget: {holdout.budget:.3g} is not beyond the ladder (its top budget is "
+                             f"{max(self.budgets):.3g})")
+        names = [row.name for row in self.rows]
+        unknown = [name for name in holdout.rows if name not in names]
+        if unknown:
+            raise ValueError(f"holdout.rows: {', '.join(unknown)} not among the rows ({', '.join(names)})")
+        if holdout.tune_budget is not None and self.tune is None:
+            raise ValueError("holdout.tune_budget: the suite has no tune: settings to tune with")
 
     @property
     def source(self) -> str:
@@ -534,6 +562,7 @@ class Run(BaseModel):
     trainer: TrainerSettings
     name_corpus: bool = Field(False, description="put the corpus label in the run id (suites with several corpora)")
     tuning: dict | None = Field(None, description="which tuning trials chose the trainer settings (harness.orchestrate.tuning)")
+    held_out: bool = Field(False, description="a run of the held-out rung (Suite.holdout): not fitted, predicted")
 
     @property
     def run_id(self) -> str:
@@ -592,6 +621,10 @@ def expand(suite: Suite) -> list[Run]:
                 for seed in suite.seeds:
                     runs.append(Run(suite=suite.name, corpus=corpus, model=entry, budget=budget, seed=seed,
                                     trainer=trainer, name_corpus=len(suite.corpora) > 1))
+            if suite.holdout is not None and entry.name in suite.holdout.rows:
+                runs += [Run(suite=suite.name, corpus=corpus, model=entry, budget=suite.holdout.budget, seed=seed,
+                             trainer=trainer, name_corpus=len(suite.corpora) > 1, held_out=True)
+                         for seed in suite.holdout.seeds]
     return runs
 
 
