@@ -5,6 +5,7 @@ import json
 import os
 import stat
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,3 +225,19 @@ def test_tuning_fans_out_by_model_and_chooses_as_the_sequential_search(write_sui
     trained = [line.split("tuning ")[1].split(":")[0] for line in logs.splitlines()
                if "tuning tune__" in line and line.endswith(": training")]
     assert sorted(trained) == sorted(i for e in entries[1] for t in e["trials"] for i in t["run_ids"])
+
+
+def test_jobs_take_the_cheapest_rungs_first(write_suite, monkeypatch):
+    """A study stopped part way has whole rungs: the pending runs go out smallest budget first."""
+    from harness.orchestrate import dispatch
+
+    suite = load_suite(write_suite(tiny_suite(budgets=[4e9, 1e9, 2e9], seeds=[0, 1])))
+    sent = []
+    monkeypatch.setattr(dispatch, "warm_caches", lambda *args: None)
+    monkeypatch.setattr(dispatch, "make_executor", lambda *args: None)
+    monkeypatch.setattr(dispatch, "submit", lambda executor, settings, runs, job_for: sent.extend(runs) or [])
+    monkeypatch.setattr(dispatch, "wait", lambda *args: None)
+    with pytest.raises(HarnessError, match="6 of 6 runs did not finish"):
+        dispatch.dispatch(suite, expand(suite), {}, Path("/nonexistent"), ExecutorSettings(kind="local"), "cpu", 60.0,
+                          False, None)
+    assert [run.budget for run in sent] == [1e9, 1e9, 2e9, 2e9, 4e9, 4e9] and [r.seed for r in sent[:2]] == [0, 1]

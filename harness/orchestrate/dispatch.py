@@ -245,7 +245,9 @@ def dispatch(suite: Suite, runs: list[Run], corpora: dict, out: Path, settings: 
     settings = check_executor(settings, device_name, suite)
     started = time.time()
     states = {run.run_id: state(suite, run, out, retry_failed, started) for run in runs}
-    pending = [run for run in runs if states[run.run_id] == "queued"]  # a held run is left to the job holding it
+    # a held run is left to the job holding it; the cheapest budgets first, so that a study stopped
+    # part way has whole rungs (every row) rather than whole rows
+    pending = sorted((run for run in runs if states[run.run_id] == "queued"), key=lambda run: run.budget)
     held_now = [run for run in runs if states[run.run_id] == "running"]
     log(f"{len(runs) - len(pending) - len(held_now)} of {len(runs)} runs done or failed before, {len(held_now)} "
         f"running in other processes; {len(pending)} to run")
