@@ -330,5 +330,6 @@ def test_a_rung_held_out_beyond_the_ladder_is_predicted_by_fits_that_never_saw_i
     row = [cell.strip() for cell in next(line for line in section.splitlines()
                                          if line.startswith("| bytes ") and "| power law " in line).split("|")]
     assert row[2] == f"{beyond:.3g}" and row[5] == f"{np.mean(observed):.3f}" and row[7] == "yes"  # the true law: inside
+    assert f"At {beyond:.3g} training FLOPs, the rung held out beyond the ladder (run by 1 row only), **bytes**" in with_rung
     assert re.search(rf"- Beyond the ladder, at {re.escape(f'{beyond:.3g}')} training FLOPs \(held out of every fit\): .*power law by "
                      r"[0-9.]+ bpb on average \(1 of 1 inside", with_rung.split("## Summary")[1])

@@ -191,19 +191,24 @@ def _aside(*notes: str | None) -> str:
 
 
 def summary_sentences(ranking: pd.DataFrame, kinds: dict[str, str], corpus: dict | None = None,
-                      parameters: dict[tuple[float, str], str] | None = None) -> list[str]:
+                      parameters: dict[tuple[float, str], str] | None = None,
+                      held_out_budget: float | None = None) -> list[str]:
     """One generated sentence per budget, saying each fact once: who leads and by how much over
     the runner-up; over the best model of the other kind (tokenized / tokenizer-free) when
     that is not the runner-up; and where the best compressor primed with the training split
     stands (none for a record without primed references). `parameters` ((budget, model) -> a
-    phrase) puts each named model's parameters beside it."""
+    phrase) puts each named model's parameters beside it. At `held_out_budget` (the suite's
+    holdout rung) only some rows ran, and the sentence says so."""
     lines = []
     for budget, group in ranking.groupby("budget"):
         size = {m: (parameters or {}).get((budget, m)) for m in group["model"]}
         best = group.iloc[0]
         both_kinds = len({kinds.get(m) for m in group["model"]}) > 1
         kind = _aside(kinds[best["model"]] if both_kinds else None, size[best["model"]])
-        sentence = f"- At {budget:.3g} training FLOPs, **{best['model']}**{kind} leads with {best['test bpb']:.4f} bpb"
+        among = (f", the rung held out beyond the ladder (run by {len(group)} row{'s' if len(group) != 1 else ''} only)"
+                 if budget == held_out_budget else "")
+        sentence = (f"- At {budget:.3g} training FLOPs{among}, **{best['model']}**{kind} leads with "
+                    f"{best['test bpb']:.4f} bpb")
         clauses = []
         if len(group) > 1:
             second = group.iloc[1]
@@ -641,7 +646,8 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
         notes = [scaling.summary_sentence(fitted[label]), scaling.beyond_sentence(fitted[label], held[label]),
                  unmatched_sentence(by_corpus[label])]
         lines += [f"Corpus `{label}`:", "", *summary_sentences(ranking, model_kinds(by_corpus[label]),
-                                                                suite["corpora"][label], parameter_phrases(by_corpus[label])),
+                                                                suite["corpora"][label], parameter_phrases(by_corpus[label]),
+                                                                (spec.get("holdout") or {}).get("budget")),
                   *factor_sentences(at_matched_cost(by_corpus[label]), base_levels(spec)),
                   *[note for note in notes if note], ""]
     if failures:
