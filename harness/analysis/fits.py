@@ -640,36 +640,35 @@ def held_out_lines(scaling: ScalingFits) -> list[str]:
             score_table(scaling.predictions).to_markdown(index=False, disable_numparse=True), ""]
 
 
-def beyond_lines(scaling: ScalingFits, records: list[RunRecord]) -> list[str]:
-    """The rung held out beyond the ladder (Suite.holdout): each form fitted to every ladder rung
-    predicts it; the table per model and form, the forms' scores, and which form the ladder's own
-    held-out test had chosen. None without such runs."""
+def beyond_lines(scaling: ScalingFits, predictions: dict[Form, dict[str, Prediction]],
+                 records: list[RunRecord]) -> list[str]:
+    """The rung held out beyond the ladder (Suite.holdout; `records`, its runs): each form fitted
+    to every ladder rung predicts it (`predictions`, predict_beyond); the table per model and form,
+    the forms' scores, and which form the ladder's own held-out test had chosen. None without runs."""
     if not records:
         return []
-    predictions = predict_beyond(scaling.power_law, records)
     if not scores(predictions):
         return ["#### Beyond the ladder", "", "No row that ran the held-out rung has enough ladder rungs for a fit.",
                 ""]
-    budget = records[0].budget_flops
     return ["#### Beyond the ladder", "",
-            f"The rung at {budget:.3g} training FLOPs, run by {len({r.model.name for r in records})} rows and "
-            "left out of every fit above, predicted by each form fitted to every ladder rung (intervals as in the "
-            "held-out test, with this rung's seeds). The ladder's own held-out test chose "
+            f"The rung at {records[0].budget_flops:.3g} training FLOPs, run by {len({r.model.name for r in records})} "
+            "rows and left out of every fit above, predicted by each form fitted to every ladder rung (intervals as in "
+            "the held-out test, with this rung's seeds). The ladder's own held-out test chose "
             f"{scaling.form.name}; this is the test of that choice one rung further out.", "",
             held_out_table(predictions).to_markdown(index=False, disable_numparse=True), "",
             score_table(predictions).to_markdown(index=False, disable_numparse=True), ""]
 
 
-def beyond_sentence(scaling: ScalingFits, records: list[RunRecord]) -> str | None:
+def beyond_sentence(scaling: ScalingFits, predictions: dict[Form, dict[str, Prediction]]) -> str | None:
     """The summary's line on the rung beyond the ladder: how each form predicted it."""
-    ranked = scores(predict_beyond(scaling.power_law, records)) if records else []
+    ranked = scores(predictions)
     if not ranked:
         return None
+    budget = next(p.budget for found in predictions.values() for p in found.values())
     said = [f"{s.form.name} by {s.mean_abs_error:.3f} bpb on average ({s.inside} of {len(s.models)} inside the 95% "
             "interval)" for s in ranked]
-    return (f"- Beyond the ladder, at {records[0].budget_flops:.3g} training FLOPs (held out of every fit): the "
-            f"fits to all rungs missed it, best first, {'; '.join(said)}. The ladder's held-out test had chosen "
-            f"{scaling.form.name}.")
+    return (f"- Beyond the ladder, at {budget:.3g} training FLOPs (held out of every fit): the fits to all rungs "
+            f"missed it, best first, {'; '.join(said)}. The ladder's held-out test had chosen {scaling.form.name}.")
 
 
 def crossover_lines(scaling: ScalingFits) -> list[str]:

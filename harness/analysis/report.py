@@ -634,21 +634,26 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
     spec = suite["suite"]
     by_corpus = {label: [r for r in records if r.corpus.label == label] for label in suite["corpora"]}
     by_corpus = {label: runs for label, runs in by_corpus.items() if runs}
-    rankings = {label: ranking_table(at_matched_cost(runs)) for label, runs in by_corpus.items()}
+    matched = {label: at_matched_cost(runs) for label, runs in by_corpus.items()}
+    rankings = {label: ranking_table(runs) for label, runs in matched.items()}
     colours = model_colours([m["name"] for m in spec["models"]] + [r.model.name for r in records])  # one per model, every plot
     lines = suite_header(spec, records)
-    held = {label: held_out_runs(runs, spec) for label, runs in by_corpus.items()}
+    # the rung held out beyond the ladder (the suite's `holdout`): left out of the fits, which predict it
+    held_budget = (spec.get("holdout") or {}).get("budget")
+    held = {label: [r for r in runs if r.budget_flops == held_budget] for label, runs in matched.items()}
     fitted = {label: scaling.scaling_fits(scaling.fit_records(
-        [r for r in at_matched_cost(runs) if r.run_id not in {h.run_id for h in held[label]}], model_kinds(runs)))
-        for label, runs in by_corpus.items()}
+        [r for r in runs if r.budget_flops != held_budget], model_kinds(by_corpus[label])))
+        for label, runs in matched.items()}
+    beyond = {label: scaling.predict_beyond(fitted[label].power_law, runs) if runs else {}
+              for label, runs in held.items()}
     lines += ["## Summary", ""]
     for label, ranking in rankings.items():
-        notes = [scaling.summary_sentence(fitted[label]), scaling.beyond_sentence(fitted[label], held[label]),
+        notes = [scaling.summary_sentence(fitted[label]), scaling.beyond_sentence(fitted[label], beyond[label]),
                  unmatched_sentence(by_corpus[label])]
         lines += [f"Corpus `{label}`:", "", *summary_sentences(ranking, model_kinds(by_corpus[label]),
                                                                 suite["corpora"][label], parameter_phrases(by_corpus[label]),
-                                                                (spec.get("holdout") or {}).get("budget")),
-                  *factor_sentences(at_matched_cost(by_corpus[label]), base_levels(spec)),
+                                                                held_budget),
+                  *factor_sentences(matched[label], base_levels(spec)),
                   *[note for note in notes if note], ""]
     if failures:
         lines += ["## Runs that did not finish", "",
@@ -662,18 +667,9 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
         left_out = ("Rows not at matched inference cost are not fitted (Summary)." if unmatched_runs(runs) else "")
         lines += scaling.fits_section(fitted[label], label, plot_dir, colours, bool(spec.get("inference_scaling")),
                                       left_out)
-        lines += scaling.beyond_lines(fitted[label], held[label])
+        lines += scaling.beyond_lines(fitted[label], beyond[label], held[label])
     lines += tuning_section(results_dir, plot_dir, colours)
     return "\n".join(lines)
-
-
-def held_out_runs(records: list[RunRecord], spec: dict) -> list[RunRecord]:
-    """The runs of the rung held out beyond the ladder (the suite's `holdout`), at matched cost:
-    left out of the fits, which predict them."""
-    holdout = spec.get("holdout")
-    if not holdout:
-        return []
-    return [r for r in at_matched_cost(records) if r.budget_flops == holdout["budget"]]
 
 
 def summary_shown(summary: pd.DataFrame, measured_cost: bool) -> pd.DataFrame:

@@ -42,7 +42,19 @@ SLURM_COMMANDS = ("srun", "sbatch")  # what submitit runs to start and submit jo
 LOCAL_TIMEOUT_MIN = 60 * 24 * 365  # a local job has no time limit (submitit's local default is 2 minutes)
 
 
-class RunJob:
+class Requeued:
+    """A submitit job that Slurm may preempt or time out: requeued as the same job, it skips what
+    is recorded and resumes a run from its saved training state."""
+
+    def checkpoint(self, *args, **kwargs):
+        """Called by submitit when Slurm preempts the job or its time runs out: the same job again.
+        Nothing to save here: the training state on disk is at most --save-every seconds old."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+class RunJob(Requeued):
     """One submitit job: these runs through the runner's steps, each under its lock. A callable
     class, so that submitit can checkpoint it on Slurm: requeued, it resumes each unfinished run
     from its last saved training state."""
@@ -73,15 +85,8 @@ class RunJob:
             distributed.stop()
         return [f.run_id for f in failures]
 
-    def checkpoint(self, *args, **kwargs):
-        """Called by submitit when Slurm preempts the job or its time runs out: the same job again.
-        Nothing to save here: the training state on disk is at most --save-every seconds old."""
-        import submitit
 
-        return submitit.helpers.DelayedSubmission(self)
-
-
-class TuneJob:
+class TuneJob(Requeued):
     """One submitit job of the tuning fan-out: each of `rows` (corpus label, model name) whose
     lock it can take, searched through tuning.tune_row. The trials' records are its result: the
     dispatching process then reads them back into tuning.json (tuning.tune_suite)."""
@@ -112,12 +117,6 @@ class TuneJob:
                 tune_row(self.suite, corpus, next(r for r in self.suite.rows if r.name == name), scorer)
             finally:
                 lock.release()
-
-    def checkpoint(self, *args, **kwargs):
-        """Requeued by Slurm: the same job again; finished trials are skipped, a trial resumes."""
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(self)
 
 
 def resolved(settings: ExecutorSettings) -> ExecutorSettings:
@@ -176,10 +175,10 @@ def make_executor(settings: ExecutorSettings, folder: Path, job_name: str):
     return executor
 
 
-def submit(executor, settings: ExecutorSettings, runs: list[Run], job_for) -> list:
-    """Send the runs out; `job_for(runs)` makes a RunJob. Local: `workers` jobs, each over all
-    the runs (the locks share them out), job i on GPUs i*g .. (i+1)*g-1. Slurm: a job per run,
-    all in one job array."""
+def submit(executor, settings: ExecutorSettings, runs: list, job_for) -> list:
+    """Send the runs (or tuning rows) out; `job_for(some)` makes the job. Local: `workers` jobs,
+    each over all of them (the locks share them out), job i on GPUs i*g .. (i+1)*g-1. Slurm: a job
+    per run, all in one job array."""
     if settings.kind == "local":
         jobs, g = [], settings.gpus_per_run
         for i in range(min(settings.workers, len(runs))):
@@ -215,24 +214,11 @@ def tune_as_jobs(suite: Suite, out: Path, settings: ExecutorSettings, device_nam
     executor = make_executor(settings, folder, f"harness-{suite.name}-tune")
     device = device_name if settings.gpus_per_run else "cpu"
     per_job = job_threads(settings, len(rows), threads)
-    if settings.kind == "local":
-        jobs = [executor.submit(TuneJob(suite, rows, out, device, save_every_s, retry_failed, per_job))
-                for _ in range(min(settings.workers, len(rows)))]
-    else:
-        with executor.batch():
-            jobs = [executor.submit(TuneJob(suite, [row], out, device, save_every_s, retry_failed, per_job))
-                    for row in rows]
+    jobs = submit(executor, settings, rows,
+                  lambda some: TuneJob(suite, some, out, device, save_every_s, retry_failed, per_job))
     log(f"tuning: {len(rows)} model searches sent out as {len(jobs)} {settings.kind} jobs (logs in {folder})")
-    shown = None
-    while True:
-        ended = all(job.done() for job in jobs)
-        line = f"tuning progress: {sum(1 for _ in (out / 'tuning' / 'runs').glob('*/record.json'))} trials recorded"
-        if line != shown:
-            log(line)
-            shown = line
-        if ended:
-            break
-        time.sleep(POLL_S)
+    watch(lambda: (f"tuning progress: {sum(1 for _ in (out / 'tuning' / 'runs').glob('*/record.json'))} trials "
+                   "recorded", all(job.done() for job in jobs)))
     for why in filter(None, map(job_error, jobs)):
         log(f"warning: a tuning job stopped ({why}); the trials it left undone are trained here")
 
@@ -285,18 +271,26 @@ def wait(jobs: list, suite: Suite, runs: list[Run], out: Path, retry_failed: boo
     """Until every job has ended and no run is held (by these jobs or others), a plain line of
     counts whenever they change."""
 
-    shown = None
-    while True:
+    def progress() -> tuple[str, bool]:
         ended = all(job.done() for job in jobs)
         counts = {key: 0 for key in ("done", "running", "failed", "queued")}
         for run in runs:
             counts[state(suite, run, out, retry_failed, since)] += 1
-        ended = ended and counts["running"] == 0
         line = "progress: " + ", ".join(f"{n} {key}" for key, n in counts.items()) + f" (of {len(runs)})"
+        return line, ended and counts["running"] == 0
+
+    watch(progress)
+
+
+def watch(progress) -> None:
+    """Log `progress()`'s line whenever it changes, every POLL_S seconds, until it says finished."""
+    shown = None
+    while True:
+        line, finished = progress()
         if line != shown:
             log(line)
             shown = line
-        if ended:
+        if finished:
             return
         time.sleep(POLL_S)
 

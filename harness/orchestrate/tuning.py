@@ -187,6 +187,7 @@ def _tune_model(suite: Suite, corpus, entry, budget: float,
     tune = suite.tune
     others = {k: v for k, v in (("warmup_fraction", tune.warmup_fraction), ("batch_windows", tune.batch_windows)) if v}
     base = suite.trainer.model_copy(update=entry.trainer.model_dump(exclude_none=True))
+    grid = lr_grid(tune, previous)
     best, trials, failures = None, [], []
     for combo in itertools.product(*others.values()):
         fixed = dict(zip(others, combo))
@@ -213,23 +214,21 @@ def _tune_model(suite: Suite, corpus, entry, budget: float,
 
         what = f"{corpus.label} {entry.name} at {budget:.2e} FLOPs" + "".join(f", {k} {v}" for k, v in fixed.items())
         try:
-            search = bracketed_search(lambda lr: val_bpbs(lr, tune.seeds), lr_grid(tune, previous), tune.factor,
-                                      tune.max_extensions, what="lr")
+            search = bracketed_search(lambda lr: val_bpbs(lr, tune.seeds), grid, tune.factor, tune.max_extensions,
+                                      what="lr")
         except HarnessError as e:
             why = f" (first: {failures[0].run_id} {describe(failures[0])})" if failures else ""
             raise HarnessError(f"tuning {what}: {e}{why}") from None
         scores = search.scores
         if tune.confirm_seeds:  # the front-runners again on fresh seeds; the mean over all decides
-            top = sorted(scores, key=lambda v: _key(scores[v]))[:tune.confirm_top]
-            if tune.confirm_within is not None:  # a clear winner needs no second seed
-                top = [v for v in top if _key(scores[v]) <= _key(scores[top[0]]) + tune.confirm_within]
+            top = _front_runners(scores, tune)
             if len(top) > 1:
                 scores = {lr: val_bpbs(lr, tune.confirm_seeds) for lr in top}
         lr = min(scores, key=lambda v: _key(scores[v]))
         if best is None or _key(scores[lr]) < _key(best[1]):
             best = ({"lr": lr, **fixed}, scores[lr], search.extensions)
     for trial in trials:
-        trial["extension"] = trial["lr"] not in lr_grid(tune, previous)
+        trial["extension"] = trial["lr"] not in grid
         trial["confirmed"] = len(trial["run_ids"]) > len(tune.seeds)
     chosen, score, extensions = best
     log(f"tuning {corpus.label} {entry.name} at {budget:.2e} FLOPs: chose " + ", ".join(f"{k} {v:.3g}" for k, v in chosen.items())
@@ -239,6 +238,15 @@ def _tune_model(suite: Suite, corpus, entry, budget: float,
             "trials": sorted(trials, key=lambda t: tuple(t[k] for k in ("lr", *others))),
             "chosen": chosen, "val_bpb": score, "extensions": extensions,
             "untuned": {"lr": base.lr} | {k: getattr(base, k) for k in others}}
+
+
+def _front_runners(scores: dict[float, float], tune) -> list[float]:
+    """The values the confirm seeds train again: the best `confirm_top`, and with `confirm_within`
+    only those that close to the best (a clear winner needs no second seed)."""
+    top = sorted(scores, key=lambda v: _key(scores[v]))[:tune.confirm_top]
+    if tune.confirm_within is None:
+        return top
+    return [v for v in top if _key(scores[v]) <= _key(scores[top[0]]) + tune.confirm_within]
 
 
 def _val_bpb(run: TrialRun, suite: Suite, out: Path, corpus, device, peak, show_progress: bool,
