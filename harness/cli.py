@@ -9,14 +9,45 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 # torch's OpenMP threads spin briefly for work, then sleep. Spinning for long (libgomp's default) holds
 # a core that other jobs' working threads need, and a run beside them slows many times over; sleeping at
 # once (OMP_WAIT_POLICY=PASSIVE) makes every one of the small models' many short operators wait for a
-# wake-up, and a run on a quiet machine about twice as slow (docs/speed.md, "Threads"). libgomp reads
-# this once, when torch loads, so it is set before any command imports torch; a user's own setting wins.
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+# wake-up, and a run on a quiet machine about twice as slow, but beside other jobs it is the faster of the
+# two (docs/speed.md, "Threads"): so the policy follows the threads other jobs have ready to run. libgomp
+# reads it once, when torch loads, so it is set before any command imports torch; a user's own setting wins.
+LOADAVG = "/proc/loadavg"
+
+
+def other_runnable_threads(path: str = LOADAVG, looks: int = 3) -> int | None:
+    """Threads of other processes ready to run now (Linux's running count, less this one), the
+    least of a few looks 10 ms apart, so that a passing process is not taken for a busy machine.
+    None where the system does not say."""
+    counts = []
+    for look in range(looks):
+        try:
+            with open(path) as f:
+                counts.append(int(f.read().split()[3].split("/")[0]) - 1)
+        except (OSError, ValueError, IndexError):
+            return None
+        if look + 1 < looks:
+            time.sleep(0.01)
+    return max(0, min(counts))
+
+
+def openmp_wait(others: int | None, cores: int) -> dict[str, str]:
+    """The OpenMP wait settings for a machine where `others` threads of other jobs are ready to run
+    on `cores`: sleep at once where they leave no core free, else spin briefly first."""
+    if others is not None and others >= cores:
+        return {"OMP_WAIT_POLICY": "PASSIVE",
+                "HARNESS_OPENMP_WAIT": f"passive: {others} threads of other jobs ready to run on {cores} cores"}
+    return {"GOMP_SPINCOUNT": "1000", "HARNESS_OPENMP_WAIT": "a short spin: a core was free"}
+
+
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.update(openmp_wait(other_runnable_threads(), _cores))
 
 from harness.commands import bench, export, init, listing, lm_eval, report, run, segment
 from harness.errors import HarnessError

@@ -107,8 +107,9 @@ def write_suite_summary(out: Path, suite: Suite, corpora: dict[str, CorpusData],
         "matmul_peak_flops_per_s": peak.flops_per_s,
         "matmul_peak_range": [peak.low, peak.high],
         "threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # unset by harness/cli.py: it sets GOMP_SPINCOUNT
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # harness/cli.py sets this or GOMP_SPINCOUNT,
         "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+        "openmp_wait_reason": os.environ.get("HARNESS_OPENMP_WAIT"),  # and says why here
         "versions": versions(),
     }, hashed=True)
 

@@ -61,7 +61,7 @@ def machine() -> dict:
     facts = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
              "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-             "gomp_spincount": os.environ.get("GOMP_SPINCOUNT")}
+             "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"), "openmp_wait_reason": os.environ.get("HARNESS_OPENMP_WAIT")}
     if torch.cuda.is_available():
         facts["gpu"] = torch.cuda.get_device_name()
     return facts

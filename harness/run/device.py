@@ -91,9 +91,9 @@ def usable_cores() -> int:
 def choose_threads(requested: int | None) -> tuple[int, str]:
     """torch's CPU threads and why: `requested` (--threads), else OMP_NUM_THREADS when set, else
     every usable core (shared out between the processes of a run on this machine), whatever the
-    load. With OpenMP waiting passively (harness/cli.py) threads beside other jobs' do not spin,
-    and on a shared machine two threads measured faster than one (docs/speed.md, "Threads"),
-    so the load average is only said, not used."""
+    load: where other jobs fill the cores, harness/cli.py has the threads wait passively, and so
+    two threads measured faster than one beside them (docs/speed.md, "Threads"); the load
+    average is only said."""
     if requested is not None:
         return requested, f"{requested} (--threads)"
     if os.environ.get("OMP_NUM_THREADS"):
@@ -110,8 +110,9 @@ LONG_SPIN = 100_000  # spins (GOMP_SPINCOUNT) past which a waiting thread holds 
 def openmp_wait() -> str:
     """How torch's OpenMP threads wait for work, as the environment sets it (harness/cli.py)."""
     policy, spins = os.environ.get("OMP_WAIT_POLICY", ""), os.environ.get("GOMP_SPINCOUNT", "")
-    return ", ".join(f"{k}={v}" for k, v in (("OMP_WAIT_POLICY", policy), ("GOMP_SPINCOUNT", spins)) if v) or \
-        "libgomp's default (a long spin)"
+    said = ", ".join(f"{k}={v}" for k, v in (("OMP_WAIT_POLICY", policy), ("GOMP_SPINCOUNT", spins)) if v)
+    why = os.environ.get("HARNESS_OPENMP_WAIT")
+    return (said + (f" ({why})" if why else "")) if said else "libgomp's default (a long spin)"
 
 
 def spins_long() -> bool:
