@@ -1,5 +1,6 @@
-"""The README's headline figures come from the committed study records: recompute them here, so a
-headline that drifts from results/study_v2 (new records, an edited sentence) fails."""
+"""The headline figures come from the committed study records: recompute them here, so a headline
+that drifts from its records (new records, an edited sentence) fails. The README's is study v3's;
+study v2's, with its correction, is in docs/study.md."""
 
 import json
 import statistics
@@ -18,6 +19,12 @@ def headline() -> str:
     return text[start:text.index("\n## ", start + 1)]
 
 
+def v2_headline() -> str:
+    text = (ROOT / "docs" / "study.md").read_text()
+    start = text.index("### What it reported, and the correction")
+    return text[start:text.index("\n### ", start + 1)]
+
+
 def mean_test_bpb() -> dict[float, dict[str, float]]:
     runs = defaultdict(lambda: defaultdict(list))
     for path in (STUDY / "runs").glob("*/record.json"):
@@ -27,8 +34,8 @@ def mean_test_bpb() -> dict[float, dict[str, float]]:
 
 
 @pytest.mark.skipif(not STUDY.exists(), reason="the study's records are not in this checkout")
-def test_headline_leaders_and_primed_gap_match_the_records():
-    text = " ".join(headline().split())
+def test_v2_headline_leaders_and_primed_gap_match_the_records():
+    text = " ".join(v2_headline().split())
     means = mean_test_bpb()
     assert sorted(means) == [1e11, 3e11, 9e11, 2.7e12, 8.1e12]
     for budget, models in means.items():
@@ -48,8 +55,8 @@ ABLATION = ROOT / "results" / "hash_ablation"
 
 @pytest.mark.skipif(not ABLATION.exists(), reason="the ablation's records are not in this checkout")
 def test_the_correction_table_is_what_the_ablation_records_give():
-    """Each row of the README's hashed n-gram ablation: both seeds and the mean, with and without."""
-    text = " ".join(headline().split())
+    """Each row of the hashed n-gram ablation: both seeds and the mean, with and without."""
+    text = " ".join(v2_headline().split())
     runs = defaultdict(dict)
     for path in (ABLATION / "runs").glob("*/record.json"):
         record = json.loads(path.read_text())
@@ -63,12 +70,12 @@ def test_the_correction_table_is_what_the_ablation_records_give():
 
 
 @pytest.mark.skipif(not STUDY.exists(), reason="the study's records are not in this checkout")
-def test_the_fits_prediction_figures_are_the_committed_report_s():
-    """The README's held-out errors and stated crossovers are those of results/study_v2/report.md,
+def test_the_v2_fits_prediction_figures_are_the_committed_report_s():
+    """Study v2's held-out errors and stated crossovers are those of results/study_v2/report.md,
     which the report tests rebuild from the records."""
     import re
 
-    text = " ".join(headline().split())
+    text = " ".join(v2_headline().split())
     sentence = next(line for line in (STUDY / "report.md").read_text().splitlines()
                     if line.startswith("- Fitted crossovers ("))
     best, count, inside, curved, power = re.search(
@@ -79,6 +86,113 @@ def test_the_fits_prediction_figures_are_the_committed_report_s():
     for model, at in re.findall(r"(\S+) crosses bpe at ([\d.e+]+) training FLOPs", sentence):
         mantissa, exponent = f"{float(at):.1e}".split("e")
         assert f"{mantissa}e{int(exponent)}" in text, (model, at)
+
+
+STUDY_V3 = ROOT / "results" / "study_v3"
+
+
+def v3_rows() -> tuple[dict, dict, dict]:
+    """The ladder's runs of study_v3 (the held-out rung apart): test bpb per budget, row and seed;
+    whether every seed of a row was at its rung's matched cost; each row's parameters."""
+    holdout = json.loads((STUDY_V3 / "suite.json").read_text())["suite"]["holdout"]["budget"]
+    bpb, matched, params = defaultdict(lambda: defaultdict(dict)), defaultdict(lambda: defaultdict(lambda: True)), {}
+    for path in (STUDY_V3 / "runs").glob("*/record.json"):
+        r = json.loads(path.read_text())
+        budget, name = r["budget_flops"], r["model"]["name"]
+        if budget == holdout:
+            continue
+        bpb[budget][name][r["seed"]] = r["test"]["bpb"]
+        matched[budget][name] &= r["cost_check"]["matched"]
+        params[(budget, name)] = (r["parameters"]["total"], r["parameters"]["embedding"])
+    return bpb, matched, params
+
+
+def millions(count: int) -> str:
+    return f"{count / 1e6:.2f} M"
+
+
+def rung(budget: float) -> str:
+    """A budget as the README writes it: 1e11, 2.7e12."""
+    return f"{budget:.2g}".replace("e+", "e")
+
+
+@pytest.mark.skipif(not STUDY_V3.exists(), reason="the study's records are not in this checkout")
+def test_the_v3_headline_leaders_factor_effects_and_parameters_are_the_records():
+    """Per rung: the leader among the rows at matched cost, its mean and p against the runner-up
+    (Welch t over seeds), the leader without the tables, the tables' paired effect over the byte
+    models, and the leaders' parameters; the primed PPMd gap at the top rung."""
+    from scipy import stats
+
+    text = " ".join(headline().split())
+    bpb, matched, params = v3_rows()
+    assert sorted(bpb) == [1e11, 3e11, 9e11, 2.7e12, 8.1e12]
+    assert all(len(seeds) == 3 for rows in bpb.values() for seeds in rows.values())
+    for budget, rows in bpb.items():
+        means = {m: statistics.mean(s.values()) for m, s in rows.items() if matched[budget][m]}
+        first, second = sorted(means, key=means.get)[:2]
+        p = stats.ttest_ind(list(rows[first].values()), list(rows[second].values()), equal_var=False).pvalue
+        total, embedding = params[(budget, first)]
+        assert f"{first} at {rung(budget)} ({means[first]:.3f}" in text, (budget, first)
+        assert f"p = {p:.2g} over {second}" in text, (budget, second)
+        assert f"{millions(total)} parameters, {millions(embedding)} of them embeddings" in text, (budget, first)
+        plain = min((m for m in means if not m.endswith("+hash=on")), key=means.get)
+        assert f"{plain} {means[plain]:.3f}" in text, (budget, plain)
+        effect = [statistics.mean(rows[m][s] - rows[m.replace("=on", "=off")][s] for s in rows[m])
+                  for m in rows if m.endswith("+hash=on")]
+        assert f"{min(effect):+.2f} to {max(effect):+.2f} at {rung(budget)}" in text, budget
+    tables = [statistics.mean(s.values()) for m, s in bpb[8.1e12].items() if m.endswith("+hash=on")]
+    assert f"the six byte models span {min(tables):.3f} to {max(tables):.3f} bpb at the top rung" in text
+    top = {m: statistics.mean(s.values()) for m, s in bpb[8.1e12].items() if matched[8.1e12][m]}
+    best = min(top, key=top.get)
+    ppmd = json.loads((STUDY_V3 / "suite.json").read_text())["corpora"]["stdlib-docstrings"]["references"]["test"][
+        "primed_bpb"]["PPMd order 16"]
+    assert f"{top[best] - ppmd:.2f} bpb behind PPMd order 16 primed with the training split ({ppmd:.3f})" in text
+
+
+@pytest.mark.skipif(not STUDY_V3.exists(), reason="the study's records are not in this checkout")
+def test_the_v3_rung_beyond_the_ladder_is_what_its_records_give():
+    """The held-out rung's means, their change from the top ladder rung, and the two gaps to BPE
+    with their p (Welch t over seeds)."""
+    from scipy import stats
+
+    text = " ".join(headline().split())
+    runs = defaultdict(lambda: defaultdict(list))
+    for path in (STUDY_V3 / "runs").glob("*/record.json"):
+        r = json.loads(path.read_text())
+        runs[r["budget_flops"]][r["model"]["name"]].append(r["test"]["bpb"])
+    beyond, top = runs[2.4e13], runs[8.1e12]
+    assert sorted(beyond) == ["bpe", "bytes+hash=off", "bytes+hash=on", "hnet+hash=on"]
+    mean = {m: statistics.mean(v) for m, v in beyond.items()}
+    assert (f"bytes+hash=on {mean['bytes+hash=on']:.3f}, hnet+hash=on {mean['hnet+hash=on']:.3f}, BPE "
+            f"{mean['bpe']:.3f} and bytes+hash=off {mean['bytes+hash=off']:.3f}") in text
+    moved = [mean[m] - statistics.mean(top[m]) for m in ("bytes+hash=on", "hnet+hash=on")]
+    assert f"({moved[0]:.3f} and {moved[1]:.3f} bpb) while BPE gained {statistics.mean(top['bpe']) - mean['bpe']:.3f}" in text
+    lead = stats.ttest_ind(beyond["bytes+hash=on"], beyond["bpe"], equal_var=False).pvalue
+    behind = stats.ttest_ind(beyond["bytes+hash=off"], beyond["bpe"], equal_var=False).pvalue
+    before = statistics.mean(top["bpe"]) - statistics.mean(top["bytes+hash=on"])
+    assert f"shrank from {before:.2f} to {mean['bpe'] - mean['bytes+hash=on']:.3f} bpb (p = {lead:.2g})" in text
+    assert f"by {mean['bytes+hash=off'] - mean['bpe']:.3f} (p = {behind:.2g})" in text
+
+
+@pytest.mark.skipif(not STUDY_V3.exists(), reason="the study's records are not in this checkout")
+def test_the_v3_headline_fits_and_the_rung_beyond_are_the_committed_report_s():
+    """The held-out errors, the rung beyond the ladder and the unmatched runs as
+    results/study_v3/report.md states them (the report tests rebuild it from the records)."""
+    import re
+
+    text = " ".join(headline().split())
+    lines = (STUDY_V3 / "report.md").read_text().splitlines()
+    fitted = next(line for line in lines if line.startswith("- Fitted crossovers ("))
+    error, count, inside = re.search(r"mean absolute error ([\d.]+) bpb over (\d+) models, (\d+) of them inside",
+                                     fitted).groups()
+    assert f"by {error} bpb on average ({inside} of {count} inside" in text
+    beyond = next(line for line in lines if line.startswith("- Beyond the ladder, at "))
+    for form, error, inside, count in re.findall(r"(\w[\w ]*?) by ([\d.]+) bpb on average \((\d+) of (\d+) inside",
+                                                 beyond):
+        assert f"{form} by {error} ({inside} of {count} inside)" in text, form
+    off, total = re.search(r"(\d+) of (\d+) runs are more than 5% off", next(
+        line for line in lines if line.startswith("- Not at matched inference cost"))).groups()
+    assert f"{off} of the {total} runs" in text
 
 
 MULTILINGUAL = ROOT / "results" / "multilingual"
