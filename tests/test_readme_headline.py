@@ -127,9 +127,12 @@ def test_the_v3_headline_leaders_factor_effects_and_parameters_are_the_records()
     bpb, matched, params = v3_rows()
     assert sorted(bpb) == [1e11, 3e11, 9e11, 2.7e12, 8.1e12]
     assert all(len(seeds) == 3 for rows in bpb.values() for seeds in rows.values())
+    byte_leads = {}
     for budget, rows in bpb.items():
         means = {m: statistics.mean(s.values()) for m, s in rows.items() if matched[budget][m]}
         first, second = sorted(means, key=means.get)[:2]
+        if first not in ("bpe", "sentencepiece"):
+            byte_leads[budget] = first
         p = stats.ttest_ind(list(rows[first].values()), list(rows[second].values()), equal_var=False).pvalue
         total, embedding = params[(budget, first)]
         assert f"{first} at {rung(budget)} ({means[first]:.3f}" in text, (budget, first)
@@ -140,6 +143,8 @@ def test_the_v3_headline_leaders_factor_effects_and_parameters_are_the_records()
         effect = [statistics.mean(rows[m][s] - rows[m.replace("=on", "=off")][s] for s in rows[m])
                   for m in rows if m.endswith("+hash=on")]
         assert f"{min(effect):+.2f} to {max(effect):+.2f} at {rung(budget)}" in text, budget
+    assert all(m.endswith("+hash=on") for m in byte_leads.values())
+    assert f"({rung(min(byte_leads))} to {rung(max(byte_leads))}, all `+hash=on` rows)" in text
     tables = [statistics.mean(s.values()) for m, s in bpb[8.1e12].items() if m.endswith("+hash=on")]
     assert f"the six byte models span {min(tables):.3f} to {max(tables):.3f} bpb at the top rung" in text
     top = {m: statistics.mean(s.values()) for m, s in bpb[8.1e12].items() if matched[8.1e12][m]}
