@@ -25,12 +25,17 @@ def v2_headline() -> str:
     return text[start:text.index("\n### ", start + 1)]
 
 
-def mean_test_bpb() -> dict[float, dict[str, float]]:
+def bpb_by_rung(study: Path) -> dict[float, dict[str, list[float]]]:
+    """A study's test bpb per budget and row, one value per seed."""
     runs = defaultdict(lambda: defaultdict(list))
-    for path in (STUDY / "runs").glob("*/record.json"):
+    for path in (study / "runs").glob("*/record.json"):
         record = json.loads(path.read_text())
         runs[record["budget_flops"]][record["model"]["name"]].append(record["test"]["bpb"])
-    return {budget: {name: statistics.mean(v) for name, v in models.items()} for budget, models in runs.items()}
+    return runs
+
+
+def mean_test_bpb() -> dict[float, dict[str, float]]:
+    return {budget: {name: statistics.mean(v) for name, v in models.items()} for budget, models in bpb_by_rung(STUDY).items()}
 
 
 @pytest.mark.skipif(not STUDY.exists(), reason="the study's records are not in this checkout")
@@ -161,10 +166,7 @@ def test_the_v3_rung_beyond_the_ladder_is_what_its_records_give():
     from scipy import stats
 
     text = " ".join(headline().split())
-    runs = defaultdict(lambda: defaultdict(list))
-    for path in (STUDY_V3 / "runs").glob("*/record.json"):
-        r = json.loads(path.read_text())
-        runs[r["budget_flops"]][r["model"]["name"]].append(r["test"]["bpb"])
+    runs = bpb_by_rung(STUDY_V3)
     beyond, top = runs[2.4e13], runs[8.1e12]
     assert sorted(beyond) == ["bpe", "bytes+hash=off", "bytes+hash=on", "hnet+hash=on"]
     mean = {m: statistics.mean(v) for m, v in beyond.items()}
