@@ -3,13 +3,16 @@
 import json
 import math
 import re
+import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from harness.orchestrate import runner, tuning
-from harness.run.records import read_suite_records
+from harness.run.checkpoint import WEIGHTS_FILE
+from harness.run.records import read_record, read_suite_records
+from harness.storage import file_damage
 from harness.orchestrate.suite import load_suite
 from harness.orchestrate.tuning import apply_tuning, bracketed_search, tune_suite
 from harness.run.spec import expand
@@ -76,7 +79,7 @@ def test_a_dry_run_says_when_tuning_json_is_for_other_tune_settings(write_suite,
     assert len(entries) == 1 and "a real run tunes again first" in capsys.readouterr().out
 
 
-def test_runs_use_the_chosen_settings_and_record_which_trials_chose_them(write_suite, tmp_path):
+def test_runs_use_the_chosen_settings_and_record_which_trials_chose_them(write_suite, tmp_path, capsys):
     # a bad untuned lr (3e-4); at 1e9 FLOPs the tiny bytes model's val optimum is near 3e-2
     # (measured: val 6.67 / 5.11 / 4.95 / 4.96 bpb at lr 3e-3 / 1e-2 / 3e-2 / 9e-2)
     suite = tiny_suite(budgets=[1e9], trainer={"batch_windows": 8, "log_every": 2, "lr": 3e-4},
@@ -92,6 +95,14 @@ def test_runs_use_the_chosen_settings_and_record_which_trials_chose_them(write_s
     assert len(record.tuning["trials"]) == 3
     for run_id in record.tuning["trials"]:
         assert (out / "tuning" / "runs" / run_id / "record.json").exists()
+    # the trial at the chosen lr on this budget and seed is this run: taken from it, not trained twice
+    trial = f"tune__bytes__lr{entry['chosen']['lr']:.2e}__C1.00e09__s0".replace("+", "")
+    trial_dir, run_dir = out / "tuning" / "runs" / trial, out / "runs" / record.run_id
+    assert record.trained_as == trial and record.config_hash == read_record(trial_dir / "record.json").config_hash
+    assert (record.val, record.test) == (read_record(trial_dir / "record.json").val,
+                                         read_record(trial_dir / "record.json").test)
+    assert (run_dir / WEIGHTS_FILE).read_bytes() == (trial_dir / WEIGHTS_FILE).read_bytes()
+    assert file_damage(run_dir / WEIGHTS_FILE) is None
     # resumable: a second pass trains nothing
     before = {p: p.stat().st_mtime for p in out.glob("**/record.json")}
     runner.run_suite(path, tmp_path, "cpu", show_progress=False)
@@ -104,7 +115,19 @@ def test_runs_use_the_chosen_settings_and_record_which_trials_chose_them(write_s
     record_path.write_text(json.dumps(stale))
     runner.run_suite(path, tmp_path, "cpu", show_progress=False)
     (again,) = read_suite_records(out)
-    assert again.tuning == record.tuning and again.test.bpb == record.test.bpb
+    assert again.tuning == record.tuning and again.test.bpb == record.test.bpb and again.trained_as == trial
+    # a trial whose weights were changed since is not taken: the dry run says the run is to be
+    # taken from it, the real run finds the damage and trains the run itself
+    shutil.rmtree(run_dir)
+    runner.run_suite(path, tmp_path, "cpu", show_progress=False, dry_run=True)
+    assert f"to take from tuning trial {trial}" in capsys.readouterr().out
+    with open(trial_dir / WEIGHTS_FILE, "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
+    runner.run_suite(path, tmp_path, "cpu", show_progress=False)
+    assert "trains instead of taking its tuning trial's result" in capsys.readouterr().out
+    (trained,) = read_suite_records(out)
+    assert trained.trained_as is None and "trained_as" not in json.loads((run_dir / "record.json").read_text())
 
 
 def test_the_report_shows_the_tuning_table_plot_and_gap(tmp_path):

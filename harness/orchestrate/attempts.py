@@ -1,27 +1,32 @@
 """Each run of a suite once: under its lock (runs/RUN_ID/run.lock), so processes that share a
 results folder never train one run twice; skipped when its record exists with the same config
-hash; a run that diverges or fails with an error that names its cause leaves
-runs/RUN_ID/failure.json (records.RunFailure) instead of a record, and the suite goes on. In a
-process group (harness/run/distributed.py), rank 0 alone takes the lock, decides and writes; the
-other ranks follow its decisions.
+hash; taken from the finished tuning trial of the same config hash (the trial at the chosen
+settings on a ladder budget and seed is that run: trained once, its record `trained_as` the
+trial, its weights copied once their hash is checked); a run that diverges or fails with an
+error that names its cause leaves runs/RUN_ID/failure.json (records.RunFailure) instead of a
+record, and the suite goes on. In a process group (harness/run/distributed.py), rank 0 alone
+takes the lock, decides and writes; the other ranks follow its decisions.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
 from filelock import FileLock, Timeout
 
 from harness.api import get as adapter_class
-from harness.storage import remove_hashed, write_json_atomic
+from harness.storage import file_damage, remove_hashed, replace_hashed, write_json_atomic
 from harness.errors import HarnessError
 from harness.run import distributed
 from harness.run.device import Peak
 from harness.run.distributed import log
 from harness.run.pipeline import CorpusData, context, execute, prepare
-from harness.run.records import RunFailure, read_failure, read_record, remove_temporaries, versions
-from harness.run.spec import Run, Suite
+from harness.run.checkpoint import WEIGHTS_FILE
+from harness.run.records import RunFailure, RunRecord, read_failure, read_record, remove_temporaries, versions, write_record
+from harness.run.spec import Run, Suite, budget_label
 from harness.run.train import Diverged
 
 
@@ -103,6 +108,65 @@ def claim(run_dir: Path, config_hash: str, retry_failed: bool, tag: str, failure
     remove_temporaries(run_dir)  # left by a process killed while writing; no one else writes here now
     (run_dir / "failure.json").unlink(missing_ok=True)
     return lock
+
+
+def same_trial(run: Run, suite: Suite, out: Path) -> tuple[str, RunRecord] | None:
+    """The finished tuning trial that is this run (same config hash: its chosen settings, budget
+    and seed), with its record; None when no trial is."""
+    if run.tuning is None:
+        return None
+    config_hash = run.config_hash(suite)
+    for trial_id in run.tuning["trials"]:
+        if not trial_id.endswith(f"__{budget_label(run.budget)}__s{run.seed}"):
+            continue
+        try:
+            record = read_record(out / "tuning" / "runs" / trial_id / "record.json")
+        except HarnessError:
+            continue  # not finished, or unreadable: it is no run's result
+        if record.config_hash == config_hash:
+            return trial_id, record
+    return None
+
+
+def adopt_trials(runs: list[Run], suite: Suite, out: Path, retry_failed: bool) -> None:
+    """Before the runs: each run that a finished tuning trial is (same config hash) is recorded as
+    that trial, under the run's lock, unless it has its record already, another process holds it,
+    or the trial's weights do not match their recorded hash (then it trains)."""
+    for run in runs:
+        found = same_trial(run, suite, out)
+        if found is None:
+            continue
+        trial_id, record = found
+        run_dir = out / "runs" / run.run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(run_dir / "run.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue  # the process that holds it decides
+        try:
+            if not finished(run_dir, run.config_hash(suite), retry_failed, run.run_id, [], "done already", quiet=True):
+                _take(run, run_dir, trial_id, record, out)
+        finally:
+            lock.release()
+
+
+def _take(run: Run, run_dir: Path, trial_id: str, record: RunRecord, out: Path) -> None:
+    weights = out / "tuning" / "runs" / trial_id / WEIGHTS_FILE
+    damage = file_damage(weights)
+    if damage:
+        log(f"warning: {weights}: {damage}; {run.run_id} trains instead of taking its tuning trial's result")
+        return
+    remove_temporaries(run_dir)
+    (run_dir / "failure.json").unlink(missing_ok=True)
+    if weights.exists():
+        copy = run_dir / f".{WEIGHTS_FILE}.tmp{os.getpid()}"  # a copy cut short is a temporary (remove_temporaries)
+        shutil.copyfile(weights, copy)
+        replace_hashed(copy, run_dir / WEIGHTS_FILE)
+    write_record(run_dir / "record.json", record.model_copy(update={"run_id": run.run_id, "tuning": run.tuning,
+                                                                    "trained_as": trial_id}))
+    log(f"{run.run_id}: is tuning trial {trial_id} (same config), not trained again: val {record.val.bpb:.4f} "
+        f"bpb, test {record.test.bpb:.4f} bpb")
 
 
 def finished(run_dir: Path, config_hash: str, retry_failed: bool, tag: str, failures: list[RunFailure],

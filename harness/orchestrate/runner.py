@@ -18,7 +18,7 @@ import torch
 from harness import RECORD_FORMAT_VERSION
 from harness.storage import write_json_atomic
 from harness.errors import HarnessError
-from harness.orchestrate.attempts import check_shares, failure_summary, finished, run_all
+from harness.orchestrate.attempts import check_shares, failure_summary, adopt_trials, finished, run_all, same_trial
 from harness.orchestrate.dispatch import check_executor, dispatch, tune_as_jobs
 from harness.orchestrate.suite import load_suite
 from harness.orchestrate.tuning import apply_tuning, refresh_provenance, tune_suite
@@ -72,12 +72,15 @@ def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "au
                                                 dry_run, retry_failed))
         if not dry_run and distributed.is_main():
             refresh_provenance(runs, suite, out)
+            adopt_trials(runs, suite, out, retry_failed)
     failures: list[RunFailure] = []
     if dry_run:
         for index, run in enumerate(runs, 1):
             tag = f"[{index}/{len(runs)}] {run.run_id}"
             if not finished(out / "runs" / run.run_id, run.config_hash(suite), retry_failed, tag, failures, "done already"):
-                log(f"{tag}: to run (dry run)")
+                trial = same_trial(run, suite, out)
+                log(f"{tag}: " + (f"to take from tuning trial {trial[0]}, the same config (dry run)" if trial
+                                  else "to run (dry run)"))
         return out
     if executor is not None:
         dispatch(suite, runs, corpora, out, executor, device_name, save_every_s, retry_failed, tensorboard_dir, threads)

@@ -184,6 +184,7 @@ class RunRecord(Typed):
     warnings: list[str]
     versions: dict[str, str]
     tuning: dict | None = None  # the tuning trials that chose the trainer settings (harness.orchestrate.tuning)
+    trained_as: str | None = None  # the tuning trial of this very config whose training this run is (trained once)
 
 
 class RunFailure(Typed):
@@ -277,9 +278,11 @@ def read_hashed_json(path: Path, remedy: str) -> dict:
 
 
 def write_record(path: Path, record: RunRecord) -> None:
-    # a single-process record, or one of a model no factor crosses, keeps exactly the keys it always had
-    exclude = ({"processes": True} if record.processes is None else {}) | ({} if record.model.factors
-                                                                           else {"model": {"factors"}})
+    # a single-process record, one of a model no factor crosses, or one trained as itself keeps
+    # exactly the keys it always had
+    exclude: dict = {key: True for key in ("processes", "trained_as") if getattr(record, key) is None}
+    if not record.model.factors:
+        exclude["model"] = {"factors"}
     write_json_atomic(path, record.model_dump(mode="json", exclude=exclude or None))
 
 

@@ -7,7 +7,10 @@ of training. A trial no record holds is listed as missing (the method would have
 
 Cost is counted two ways: the trials' own recorded wall time, and, since study_v2's tuning ran on a
 busier machine than its ladder, each trial priced at its (model, budget) ladder run's mean wall
-time, so that tuning and ladder are compared under the same conditions.
+time, so that tuning and ladder are compared under the same conditions. A trial whose config hash
+is a ladder run's (the chosen lr on a ladder budget and seed) is that run: the harness takes the
+run from it (harness.orchestrate.attempts: adopt_trials), so what tuning adds to the study is the
+other trials, the "added" columns.
 
     python results/tuning_method/replay.py   # writes results/tuning_method/replay.json and replay.md
 """
@@ -20,8 +23,9 @@ import math
 from pathlib import Path
 
 from harness.orchestrate.suite import load_suite
-from harness.orchestrate.tuning import tune_entries
+from harness.orchestrate.tuning import apply_tuning, tune_entries
 from harness.run.records import read_record
+from harness.run.spec import expand
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDY = ROOT / "results" / "study_v2"
@@ -69,20 +73,31 @@ def replay(settings: dict, ladder: dict) -> dict:
 
     def trial_bpb(run, failures) -> float:
         path = STUDY / "tuning" / "runs" / run.run_id / "record.json"
+        config_hash = run.config_hash(suite)
         if not path.exists():  # the method would train it: priced, and scored as losing here
             missing.append(run.run_id)
-            used.append((run.model.name, run.budget, math.nan))
+            used.append((run.model.name, run.budget, math.nan, config_hash))
             return math.nan
         record = read_record(path)
-        assert record.config_hash == run.config_hash(suite), run.run_id
-        used.append((run.model.name, run.budget, record.wall_seconds))
+        assert record.config_hash == config_hash, run.run_id
+        used.append((run.model.name, run.budget, record.wall_seconds, config_hash))
         return record.val.bpb
 
     entries = tune_entries(suite, trial_bpb)
-    return {"settings": settings, "trials": len(used), "missing": missing,
-            "recorded_hours": sum(s for *_, s in used if not math.isnan(s)) / 3600,
-            "ladder_priced_hours": sum(ladder[(m, b)] for m, b, _ in used) / 3600,
+    runs = {run.config_hash(suite) for run in apply_tuning(expand(suite), entries)}
+    added = [trial for trial in used if trial[3] not in runs]  # the trials no ladder run is
+    return {"settings": settings, "trials": len(used), "missing": missing, "ladder_runs": len(used) - len(added),
+            "recorded_hours": _recorded(used), "ladder_priced_hours": _priced(used, ladder),
+            "added_recorded_hours": _recorded(added), "added_ladder_priced_hours": _priced(added, ladder),
             "chosen": {f"{e['model']} {e['budget']:.1e}": [e["chosen"]["lr"], e["val_bpb"]] for e in entries}}
+
+
+def _recorded(trials: list) -> float:
+    return sum(seconds for _, _, seconds, _ in trials if not math.isnan(seconds)) / 3600
+
+
+def _priced(trials: list, ladder: dict) -> float:
+    return sum(ladder[(model, budget)] for model, budget, _, _ in trials) / 3600
 
 
 def main() -> None:
@@ -91,15 +106,20 @@ def main() -> None:
     results = {name: replay(settings, ladder) for name, settings in METHODS.items()}
     base = results["fixed grid (study_v2)"]["chosen"]
     lines = [f"Ladder (study_v2's 180 runs): {ladder_hours:.2f} h of wall time.", "",
-             "| method | trials | missing | recorded h | ladder-priced h | / ladder | choices as study_v2 |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | trials | missing | recorded h | ladder-priced h | / ladder | ladder runs among them "
+             "| added: recorded h | added: ladder-priced h | added / ladder | choices as study_v2 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         same = sum(r["chosen"][k][0] == base[k][0] for k in base)
         lines.append(f"| {name} | {r['trials']} | {len(r['missing'])} | {r['recorded_hours']:.2f} | "
-                     f"{r['ladder_priced_hours']:.2f} | {r['ladder_priced_hours'] / ladder_hours:.2f}x | {same} of {len(base)} |")
+                     f"{r['ladder_priced_hours']:.2f} | {r['ladder_priced_hours'] / ladder_hours:.2f}x | "
+                     f"{r['ladder_runs']} | {r['added_recorded_hours']:.2f} | {r['added_ladder_priced_hours']:.2f} | "
+                     f"{r['added_ladder_priced_hours'] / ladder_hours:.2f}x | {same} of {len(base)} |")
     searches, first, two = early_ranking()
     lines += ["", "Missing: trials no record holds; the method would train them (they are priced at their ladder run "
               "and scored as losing here, so that row's choices are not final).", "",
+              "Added: the trials that are no ladder run. A trial at the chosen lr on a ladder budget and seed has that "
+              "run's config hash; `harness run` records the run from it instead of training it again.", "",
               f"Successive halving under the cosine schedule, ranked by training bpb at {EARLY:.2f} of the run: the "
               f"final best trial ranks first in {first} and among the two best in {two} of {searches} searches."]
     (Path(__file__).parent / "replay.json").write_text(json.dumps({"ladder_hours": ladder_hours, **results,
