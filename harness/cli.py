@@ -15,8 +15,9 @@ import time
 # a core that other jobs' working threads need, and a run beside them slows many times over; sleeping at
 # once (OMP_WAIT_POLICY=PASSIVE) makes every one of the small models' many short operators wait for a
 # wake-up, and a run on a quiet machine about twice as slow, but beside other jobs it is the faster of the
-# two (docs/speed.md, "Threads"): so the policy follows the threads other jobs have ready to run. libgomp
-# reads it once, when torch loads, so it is set before any command imports torch; a user's own setting wins.
+# two (docs/speed.md, "Threads"): so the policy follows the threads other jobs have ready to run, and so
+# does the default thread count. libgomp reads the policy once, when torch loads, so it is set before any
+# command imports torch; a user's own setting wins.
 LOADAVG = "/proc/loadavg"
 
 
@@ -45,9 +46,12 @@ def openmp_wait(others: int | None, cores: int) -> dict[str, str]:
     return {"GOMP_SPINCOUNT": "1000", "HARNESS_OPENMP_WAIT": "a short spin: a core was free"}
 
 
+_others = other_runnable_threads()
+if _others is not None:  # the default thread count takes the cores they leave free (harness.run.device.choose_threads)
+    os.environ["HARNESS_OTHER_THREADS"] = str(_others)
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    os.environ.update(openmp_wait(other_runnable_threads(), _cores))
+    os.environ.update(openmp_wait(_others, _cores))
 
 from harness.commands import bench, export, init, listing, lm_eval, report, run, segment
 from harness.errors import HarnessError

@@ -94,13 +94,20 @@ def test_threads_are_recorded_in_the_run_record(write_suite, tmp_path, restore_t
     assert summary["threads"] == 1
 
 
-def test_threads_by_default_are_the_usable_cores_and_threads_or_omp_num_threads_override(monkeypatch):
+def test_threads_by_default_are_the_free_usable_cores_and_threads_or_omp_num_threads_override(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("HARNESS_OTHER_THREADS", "0")  # what harness/cli.py saw when it started
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
     monkeypatch.setattr("os.getloadavg", lambda: (9.0, 0.0, 0.0))
     count, reason = choose_threads(None)
-    assert count == 4 and "load average 9.00" in reason  # said, not used: threads spin briefly (docs/speed.md)
+    assert count == 4 and "load average 9.00" in reason  # the average is said; the ready threads decide
+    monkeypatch.setenv("HARNESS_OTHER_THREADS", "3")  # other jobs' threads ready to run leave one core free
+    count, reason = choose_threads(None)
+    assert count == 1 and "3 threads of other jobs ready to run" in reason
+    monkeypatch.setenv("HARNESS_OTHER_THREADS", "9")
+    assert choose_threads(None)[0] == 1  # at least one
+    monkeypatch.setenv("HARNESS_OTHER_THREADS", "0")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes of one run share the cores
     assert choose_threads(None)[0] == 2
     assert choose_threads(3) == (3, "3 (--threads)")
@@ -127,8 +134,11 @@ def test_threads_spin_briefly_on_a_free_core_and_sleep_beside_busy_ones_unless_t
     for extra, expected in (({"OMP_WAIT_POLICY": "PASSIVE"}, "PASSIVE None"), ({"GOMP_SPINCOUNT": "50"}, "None 50")):
         done = subprocess.run([sys.executable, "-c", probe], env=clean | extra, capture_output=True, text=True, cwd=ROOT)
         assert done.stdout.strip() == expected, done.stderr
-    done = subprocess.run([sys.executable, "-c", probe], env=clean, capture_output=True, text=True, cwd=ROOT)
-    assert done.stdout.strip() in ("None 1000", "PASSIVE None"), done.stderr  # which one: the machine's load now
+    done = subprocess.run([sys.executable, "-c", probe + "; print(os.environ['HARNESS_OTHER_THREADS'])"],
+                          env=clean | {"HARNESS_OTHER_THREADS": "stale"}, capture_output=True, text=True, cwd=ROOT)
+    wait, others = done.stdout.strip().splitlines()
+    assert wait in ("None 1000", "PASSIVE None"), done.stderr  # which one: the machine's load now
+    assert others.isdigit()  # looked at again by each harness process, for the default thread count
     for env, long_spin in (({"GOMP_SPINCOUNT": "1000"}, False), ({"OMP_WAIT_POLICY": "PASSIVE"}, False),
                            ({"OMP_WAIT_POLICY": "ACTIVE"}, True), ({}, True)):
         monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)

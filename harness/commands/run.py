@@ -47,7 +47,7 @@ def check_threads(threads: int | None) -> None:
 
 
 def pick_threads(requested: int | None) -> int:
-    """--threads, else every usable core (harness.run.device.choose_threads), said in one line."""
+    """--threads, else the free usable cores (harness.run.device.choose_threads), said in one line."""
     from harness.run.device import choose_threads
     from harness.run.distributed import log
 
@@ -61,8 +61,9 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto takes CUDA when present (bf16 autocast), else CPU")
     parser.add_argument("--threads", type=int, metavar="N",
-                        help="torch CPU threads (torch.set_num_threads; recorded). By default every usable core, the threads "
-                             "waiting passively so that other jobs on the cores do not stall the run (docs/speed.md)")
+                        help="torch CPU threads (torch.set_num_threads; recorded). By default the usable cores that other "
+                             "jobs' ready threads leave free (at least one), waiting passively where they fill every core "
+                             "(docs/speed.md, \"Threads\")")
 
 
 def raise_error(message: str):

@@ -89,19 +89,21 @@ def usable_cores() -> int:
 
 
 def choose_threads(requested: int | None) -> tuple[int, str]:
-    """torch's CPU threads and why: `requested` (--threads), else OMP_NUM_THREADS when set, else
-    every usable core (shared out between the processes of a run on this machine), whatever the
-    load: where other jobs fill the cores, harness/cli.py has the threads wait passively, and so
-    two threads measured faster than one beside them (docs/speed.md, "Threads"); the load
-    average is only said."""
+    """torch's CPU threads and why: `requested` (--threads), else OMP_NUM_THREADS when set, else the
+    usable cores that other jobs' ready threads leave free when harness started (at least one;
+    shared out between the processes of a run on this machine): beside jobs that fill the cores
+    one thread finishes sooner than two that wait for each other (docs/speed.md, "Threads")."""
     if requested is not None:
         return requested, f"{requested} (--threads)"
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads(), f"{torch.get_num_threads()} (OMP_NUM_THREADS)"
     cores, load = usable_cores(), load_average()
-    count = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    others = int(os.environ["HARNESS_OTHER_THREADS"]) if os.environ.get("HARNESS_OTHER_THREADS", "").isdigit() else 0
+    count = max(1, min(cores, cores - others) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     seen = "" if load is None else f", load average {load:.2f}"
-    return count, f"{count} ({cores} usable cores{seen}; OpenMP wait: {openmp_wait()}; --threads overrides)"
+    busy = f", {others} threads of other jobs ready to run" if others else ""
+    return count, (f"{count} ({cores} usable cores{busy}{seen}; OpenMP wait: {openmp_wait()}; "
+                   "--threads overrides)")
 
 
 LONG_SPIN = 100_000  # spins (GOMP_SPINCOUNT) past which a waiting thread holds its core against other jobs
