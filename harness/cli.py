@@ -66,7 +66,7 @@ EPILOG = """examples:
                                            one Slurm job per run; preempted jobs requeue and resume
   harness run suites/smoke.yaml --nproc 2  each run across 2 processes (DDP; gloo on the CPU)
   harness run suites/smoke.yaml --threads 2
-                                           torch on 2 CPU threads (default: every usable core; docs/speed.md)
+                                           torch on 2 CPU threads (default: the cores other jobs leave free; docs/speed.md)
   harness bench suites/smoke.yaml --steps 10 --out results/bench/cpu_smoke.json
                                            bytes/s, FLOP/s, MFU and step phases of each model on this machine
   harness report results/smoke             results/smoke/report.md, plots in results/smoke/plots

@@ -182,6 +182,35 @@ def test_the_v3_rung_beyond_the_ladder_is_what_its_records_give():
 
 
 @pytest.mark.skipif(not STUDY_V3.exists(), reason="the study's records are not in this checkout")
+def test_the_v3_run_time_and_the_runs_its_trials_already_were_are_the_records():
+    """The hours the README gives, and the runs whose config hash a tuning trial has (trained twice
+    then; `harness run` now takes them from the trials)."""
+    def records(folder: str) -> list[dict]:
+        return [json.loads(p.read_text()) for p in (STUDY_V3 / folder).glob("*/record.json")]
+
+    runs, trials = records("runs"), records("tuning/runs")
+    twice = [r for r in runs if r["config_hash"] in {t["config_hash"] for t in trials}]
+    hours = {name: sum(r["wall_seconds"] for r in rs) / 3600 for name, rs in (("runs", runs), ("trials", trials),
+                                                                              ("twice", twice))}
+    text = " ".join(headline().split())
+    assert (f"The {len(runs)} runs took {hours['runs']:.2f} h of run time and the {len(trials)} tuning trials "
+            f"{hours['trials']:.2f} h: {hours['runs'] + hours['trials']:.2f} h") in text
+    assert (f"{len(twice)} of the runs were trainings of a trial's very config; `harness run` now takes those from "
+            f"the trials, which would make it {hours['runs'] + hours['trials'] - hours['twice']:.2f} h") in text
+    # docs/study.md: how close the second trainings came, and what the ladder's own searches add
+    trial_of = {t["config_hash"]: t for t in trials}
+    gaps = [abs(r["test"]["bpb"] - trial_of[r["config_hash"]]["test"]["bpb"]) for r in twice]
+    ladder = [r for r in runs if r["budget_flops"] != 2.4e13]  # the rung beyond apart
+    searches = [t for t in trials if t["budget_flops"] in (3e11, 2.7e12)]
+    added = sum(t["wall_seconds"] for t in searches if t["config_hash"] not in {r["config_hash"] for r in runs}) / 3600
+    doc = " ".join((ROOT / "docs" / "study.md").read_text().split())
+    assert (f"trained a second time: {hours['twice']:.2f} h, with test bpb within {max(gaps):.1e} of their trials' "
+            f"({sum(g == 0 for g in gaps)} identical)").replace("e-05", "e-5") in doc
+    ladder_hours = sum(r["wall_seconds"] for r in ladder) / 3600
+    assert f"the ladder's own searches add {added:.2f} h, {added / ladder_hours:.2f}x the ladder" in doc
+
+
+@pytest.mark.skipif(not STUDY_V3.exists(), reason="the study's records are not in this checkout")
 def test_the_v3_headline_fits_and_the_rung_beyond_are_the_committed_report_s():
     """The held-out errors, the rung beyond the ladder and the unmatched runs as
     results/study_v3/report.md states them (the report tests rebuild it from the records)."""

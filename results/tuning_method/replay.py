@@ -57,6 +57,22 @@ def early_ranking() -> tuple[int, int, int]:
     return len(searches), first, two
 
 
+def trained_twice() -> list[tuple[str, float]]:
+    """study_v2 trained each ladder run that a trial already was (same config hash) a second time:
+    per such run, the larger of its val and test bpb differences from the trial."""
+    trials = {}
+    for path in (STUDY / "tuning" / "runs").glob("*/record.json"):
+        record = read_record(path)
+        trials[record.config_hash] = record
+    gaps = []
+    for path in sorted((STUDY / "runs").glob("*/record.json")):
+        run = read_record(path)
+        trial = trials.get(run.config_hash)
+        if trial is not None:
+            gaps.append((run.run_id, max(abs(run.val.bpb - trial.val.bpb), abs(run.test.bpb - trial.test.bpb))))
+    return gaps
+
+
 def ladder_seconds() -> dict:
     """Mean wall seconds of a ladder run per (model, budget)."""
     times = collections.defaultdict(list)
@@ -115,6 +131,12 @@ def main() -> None:
                      f"{r['ladder_priced_hours']:.2f} | {r['ladder_priced_hours'] / ladder_hours:.2f}x | "
                      f"{r['ladder_runs']} | {r['added_recorded_hours']:.2f} | {r['added_ladder_priced_hours']:.2f} | "
                      f"{r['added_ladder_priced_hours'] / ladder_hours:.2f}x | {same} of {len(base)} |")
+    twice = trained_twice()
+    apart = sorted((gap, run_id) for run_id, gap in twice if gap > 0)
+    lines += ["", f"Trained twice: {len(twice)} of study_v2's ladder runs have a trial's config hash; "
+              f"{len(twice) - len(apart)} have the trial's val and test bpb exactly, "
+              f"{sum(gap < 1e-4 for gap, _ in apart)} within 1e-4, and "
+              + ", ".join(f"{run_id} by {gap:.3f}" for gap, run_id in apart if gap >= 1e-4) + "."]
     searches, first, two = early_ranking()
     lines += ["", "Missing: trials no record holds; the method would train them (they are priced at their ladder run "
               "and scored as losing here, so that row's choices are not final).", "",
@@ -123,6 +145,7 @@ def main() -> None:
               f"Successive halving under the cosine schedule, ranked by training bpb at {EARLY:.2f} of the run: the "
               f"final best trial ranks first in {first} and among the two best in {two} of {searches} searches."]
     (Path(__file__).parent / "replay.json").write_text(json.dumps({"ladder_hours": ladder_hours, **results,
+                                                                   "trained_twice": dict(twice),
                                                                    "early_ranking": [searches, first, two]}, indent=1))
     (Path(__file__).parent / "replay.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
