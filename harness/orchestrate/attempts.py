@@ -130,14 +130,16 @@ def same_trial(run: Run, suite: Suite, out: Path) -> tuple[str, RunRecord] | Non
 
 def adopt_trials(runs: list[Run], suite: Suite, out: Path, retry_failed: bool) -> None:
     """Before the runs: each run that a finished tuning trial is (same config hash) is recorded as
-    that trial, under the run's lock, unless it has its record already, another process holds it,
-    or the trial's weights do not match their recorded hash (then it trains)."""
+    that trial, under the run's lock, unless it needs no attempt (its record, or a failure not to
+    be retried), another process holds it, or the trial's weights do not match their recorded hash
+    (then it trains)."""
     for run in runs:
+        run_dir, config_hash = out / "runs" / run.run_id, run.config_hash(suite)
+        if finished(run_dir, config_hash, retry_failed, run.run_id, [], None, quiet=True):
+            continue  # the run's attempt says so
         found = same_trial(run, suite, out)
         if found is None:
             continue
-        trial_id, record = found
-        run_dir = out / "runs" / run.run_id
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = FileLock(run_dir / "run.lock")
         try:
@@ -145,8 +147,8 @@ def adopt_trials(runs: list[Run], suite: Suite, out: Path, retry_failed: bool) -
         except Timeout:
             continue  # the process that holds it decides
         try:
-            if not finished(run_dir, run.config_hash(suite), retry_failed, run.run_id, [], "done already", quiet=True):
-                _take(run, run_dir, trial_id, record, out)
+            if not finished(run_dir, config_hash, retry_failed, run.run_id, [], None, quiet=True):
+                _take(run, run_dir, *found, out)
         finally:
             lock.release()
 
@@ -170,15 +172,17 @@ def _take(run: Run, run_dir: Path, trial_id: str, record: RunRecord, out: Path) 
 
 
 def finished(run_dir: Path, config_hash: str, retry_failed: bool, tag: str, failures: list[RunFailure],
-             done: str, quiet: bool = False) -> bool:
+             done: str | None, quiet: bool = False) -> bool:
     """Whether the run needs no attempt: its record is there with this config, or it diverged or
     failed with this config and is not to be retried (its marker is added to `failures`). A
-    record that cannot be read is run again, with a warning (unless `quiet`: said already)."""
+    record that cannot be read is run again, with a warning (unless `quiet`: said already). The
+    skip is said as `done` (None: not said, nor a failure's)."""
     record_path = run_dir / "record.json"
     if record_path.exists():
         try:
             if read_record(record_path).config_hash == config_hash:
-                log(f"{tag}: {done}, skipped")
+                if done is not None:
+                    log(f"{tag}: {done}, skipped")
                 return True
             if not quiet:
                 log(f"{tag}: the suite changed since this record; running again")
@@ -188,7 +192,8 @@ def finished(run_dir: Path, config_hash: str, retry_failed: bool, tag: str, fail
     failure = read_failure(run_dir / "failure.json")
     if failure is not None and failure.config_hash == config_hash and not retry_failed:
         failures.append(failure)
-        log(f"{tag}: {describe(failure)} before, skipped (--retry-failed runs it again)")
+        if done is not None:
+            log(f"{tag}: {describe(failure)} before, skipped (--retry-failed runs it again)")
         return True
     return False
 
