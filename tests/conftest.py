@@ -11,6 +11,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # trained tokenizers are cached; keep the tests' cache out of the working tree
 os.environ.setdefault("HARNESS_CACHE_DIR", tempfile.mkdtemp(prefix="harness-test-cache-"))
+# a run's process does not turn into local workers when the test machine is busy (tests that start
+# several harness processes make it so); tests/test_scaleout.py checks the switch itself
+os.environ["HARNESS_WORKERS_WHEN_BUSY"] = "0"
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

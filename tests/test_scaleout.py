@@ -70,6 +70,39 @@ def test_two_local_workers_give_the_sequential_records_and_train_each_run_once(w
     assert "3 of 3 runs done or failed before, 0 running in other processes; 0 to run" in capsys.readouterr().out
 
 
+def test_on_busy_cores_a_plain_run_goes_out_as_one_thread_workers(write_suite, tmp_path, monkeypatch, capsys):
+    """docs/speed.md, "Threads": where other jobs' ready threads fill every core, `harness run` sends
+    the runs out as one-thread local workers, one per core; a core free, or the threads given, and
+    they stay in this process."""
+    monkeypatch.delenv("HARNESS_WORKERS_WHEN_BUSY")  # tests/conftest.py keeps runs in their process
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setenv("HARNESS_OTHER_THREADS", "4")
+    threads = torch.get_num_threads()
+    path = write_suite(tiny_suite(seeds=[0, 1], budgets=[1e9]))
+    try:
+        assert cli(["run", path, "--results", tmp_path / "busy", "--device", "cpu", "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "4 threads of other jobs are ready to run on 2, so the runs go out as 2 one-thread local workers" in out
+    assert "2 runs sent out as 2 local jobs" in out
+    records = read_suite_records(tmp_path / "busy" / "tiny")
+    assert len(records) == 2 and {r.threads for r in records} == {1}
+    for env, args in (({"HARNESS_OTHER_THREADS": "1"}, []), ({}, ["--threads", "1"]),
+                      ({"HARNESS_WORKERS_WHEN_BUSY": "0"}, [])):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        try:
+            assert cli(["run", path, "--results", tmp_path / "here", "--device", "cpu", "--quiet", *args]) == 0
+        finally:
+            torch.set_num_threads(threads)
+        assert "local workers" not in capsys.readouterr().out
+        monkeypatch.setenv("HARNESS_OTHER_THREADS", "4")
+
+
 def test_a_killed_local_worker_resumes_its_run_when_the_suite_starts_again(write_suite, tmp_path, one_thread):
     path = write_suite(tiny_suite(budgets=[1e10]))
     results = tmp_path / "results"

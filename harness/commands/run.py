@@ -31,6 +31,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise_error(f"--nproc {args.nproc}: one GPU per process, and {torch.cuda.device_count()} are visible")
         return launch(args.nproc, args.main, args.argv)
     executor = executor_settings(args)
+    if executor is None and args.executor is None and not args.dry_run:
+        executor = workers_when_busy(args.threads, args.device)
     threads = args.threads if executor is not None else pick_threads(args.threads)  # an executor shares the cores itself
     out = run_suite(args.suite, Path(args.results), args.device, show_progress=not args.quiet,
                     save_every_s=args.save_every, retry_failed=args.retry_failed, dry_run=args.dry_run,
@@ -44,6 +46,28 @@ def cmd_run(args: argparse.Namespace) -> int:
 def check_threads(threads: int | None) -> None:
     if threads is not None and threads < 1:
         raise_error(f"--threads: {threads}; give 1 or more")
+
+
+def workers_when_busy(threads: int | None, device: str):
+    """Where other jobs' ready threads fill every core, a run's threads wait for each other at every
+    operator (docs/speed.md, "Threads"): the runs go out as one-thread local workers, one per usable
+    core, rather than one process on those cores; else None. Not when the user set the threads
+    (--threads, OMP_NUM_THREADS), the runs use a GPU, or HARNESS_WORKERS_WHEN_BUSY=0."""
+    from harness.run.device import other_threads, usable_cores
+    from harness.run.distributed import log
+    from harness.run.spec import ExecutorSettings
+
+    cores, others = usable_cores(), other_threads()
+    if (threads is not None or os.environ.get("OMP_NUM_THREADS") or os.environ.get("HARNESS_WORKERS_WHEN_BUSY") == "0"
+            or cores < 2 or others < cores or "WORLD_SIZE" in os.environ):
+        return None
+    import torch
+
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return None
+    log(f"busy cores: {others} threads of other jobs are ready to run on {cores}, so the runs go out as {cores} "
+        "one-thread local workers (--executor none or --threads keeps them in this process)")
+    return ExecutorSettings(kind="local", workers=cores)
 
 
 def pick_threads(requested: int | None) -> int:

@@ -88,6 +88,12 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def other_threads() -> int:
+    """Threads of other jobs that were ready to run when harness started (harness/cli.py; 0 unknown)."""
+    seen = os.environ.get("HARNESS_OTHER_THREADS", "")
+    return int(seen) if seen.isdigit() else 0
+
+
 def choose_threads(requested: int | None) -> tuple[int, str]:
     """torch's CPU threads and why: `requested` (--threads), else OMP_NUM_THREADS when set, else the
     usable cores that other jobs' ready threads leave free when harness started (at least one;
@@ -97,8 +103,7 @@ def choose_threads(requested: int | None) -> tuple[int, str]:
         return requested, f"{requested} (--threads)"
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads(), f"{torch.get_num_threads()} (OMP_NUM_THREADS)"
-    cores, load = usable_cores(), load_average()
-    others = int(os.environ["HARNESS_OTHER_THREADS"]) if os.environ.get("HARNESS_OTHER_THREADS", "").isdigit() else 0
+    cores, load, others = usable_cores(), load_average(), other_threads()
     count = max(1, min(cores, cores - others) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     seen = "" if load is None else f", load average {load:.2f}"
     busy = f", {others} threads of other jobs ready to run" if others else ""
