@@ -104,7 +104,7 @@ def choose_threads(requested: int | None) -> tuple[int, str]:
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads(), f"{torch.get_num_threads()} (OMP_NUM_THREADS)"
     cores, load, others = usable_cores(), load_average(), other_threads()
-    count = max(1, min(cores, cores - others) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    count = max(1, (cores - others) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     seen = "" if load is None else f", load average {load:.2f}"
     busy = f", {others} threads of other jobs ready to run" if others else ""
     return count, (f"{count} ({cores} usable cores{busy}{seen}; OpenMP wait: {openmp_wait()}; "
