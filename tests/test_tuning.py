@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from harness.analysis.report import build_report
 from harness.orchestrate import runner, tuning
 from harness.run.checkpoint import WEIGHTS_FILE
 from harness.run.records import read_record, read_suite_records
@@ -103,6 +104,7 @@ def test_runs_use_the_chosen_settings_and_record_which_trials_chose_them(write_s
                                          read_record(trial_dir / "record.json").test)
     assert (run_dir / WEIGHTS_FILE).read_bytes() == (trial_dir / WEIGHTS_FILE).read_bytes()
     assert file_damage(run_dir / WEIGHTS_FILE) is None
+    assert "1 of the suite's runs are tuning trials" in build_report(out, tmp_path / "report")
     # resumable: a second pass trains nothing
     before = {p: p.stat().st_mtime for p in out.glob("**/record.json")}
     runner.run_suite(path, tmp_path, "cpu", show_progress=False)

@@ -668,7 +668,7 @@ def build_report(results_dir: Path, report_dir: Path) -> str:
         lines += scaling.fits_section(fitted[label], label, plot_dir, colours, bool(spec.get("inference_scaling")),
                                       left_out)
         lines += scaling.beyond_lines(fitted[label], beyond[label], held[label])
-    lines += tuning_section(results_dir, plot_dir, colours)
+    lines += tuning_section(results_dir, plot_dir, colours, sum(r.trained_as is not None for r in records))
     return "\n".join(lines)
 
 

@@ -56,9 +56,10 @@ def drift_lines(entries: list[dict]) -> list[str]:
     return lines
 
 
-def tuning_section(results_dir: Path, plot_dir: Path, colours: dict[str, tuple] | None = None) -> list[str]:
+def tuning_section(results_dir: Path, plot_dir: Path, colours: dict[str, tuple] | None = None,
+                   taken: int = 0) -> list[str]:
     """Markdown lines of the tuning section; none when the suite was not tuned, or (with a warning)
-    when tuning.json is damaged."""
+    when tuning.json is damaged. `taken`: how many of the suite's runs were taken from their trials."""
     path = results_dir / "tuning.json"
     if not path.exists():
         return []
@@ -82,6 +83,10 @@ def tuning_section(results_dir: Path, plot_dir: Path, colours: dict[str, tuple] 
              "tuning budget nearest its own and records which trials chose it. The last column is the validation "
              "gain of tuning at the tuning budget, where the untuned setting was among the trials.", "",
              _markdown(tuning_table(entries)), ""]
+    if taken:
+        lines += [f"{taken} of the suite's runs are tuning trials (the chosen settings on a tuning budget and seed the "
+                  "suite runs: the same config hash), recorded from them rather than trained again; their records "
+                  "name the trial (`trained_as`).", ""]
     for corpus in sorted({e["corpus"] for e in entries}):
         for budget in sorted({e["budget"] for e in entries if e["corpus"] == corpus}):
             name = f"tuning_{corpus}_{budget:.2e}.png".replace("+", "")
