@@ -189,7 +189,9 @@ def test_the_v3_run_time_and_the_runs_its_trials_already_were_are_the_records():
         return [json.loads(p.read_text()) for p in (STUDY_V3 / folder).glob("*/record.json")]
 
     runs, trials = records("runs"), records("tuning/runs")
-    twice = [r for r in runs if r["config_hash"] in {t["config_hash"] for t in trials}]
+    trial_of = {t["config_hash"]: t for t in trials}
+    run_hashes = {r["config_hash"] for r in runs}
+    twice = [r for r in runs if r["config_hash"] in trial_of]
     hours = {name: sum(r["wall_seconds"] for r in rs) / 3600 for name, rs in (("runs", runs), ("trials", trials),
                                                                               ("twice", twice))}
     text = " ".join(headline().split())
@@ -198,11 +200,11 @@ def test_the_v3_run_time_and_the_runs_its_trials_already_were_are_the_records():
     assert (f"{len(twice)} of the runs were trainings of a trial's very config; `harness run` now takes those from "
             f"the trials, which would make it {hours['runs'] + hours['trials'] - hours['twice']:.2f} h") in text
     # docs/study.md: how close the second trainings came, and what the ladder's own searches add
-    trial_of = {t["config_hash"]: t for t in trials}
     gaps = [abs(r["test"]["bpb"] - trial_of[r["config_hash"]]["test"]["bpb"]) for r in twice]
-    ladder = [r for r in runs if r["budget_flops"] != 2.4e13]  # the rung beyond apart
-    searches = [t for t in trials if t["budget_flops"] in (3e11, 2.7e12)]
-    added = sum(t["wall_seconds"] for t in searches if t["config_hash"] not in {r["config_hash"] for r in runs}) / 3600
+    holdout = json.loads((STUDY_V3 / "suite.json").read_text())["suite"]["holdout"]
+    ladder = [r for r in runs if r["budget_flops"] != holdout["budget"]]  # the rung beyond apart
+    searches = [t for t in trials if t["budget_flops"] != holdout["tune_budget"]]  # the ladder's own
+    added = sum(t["wall_seconds"] for t in searches if t["config_hash"] not in run_hashes) / 3600
     doc = " ".join((ROOT / "docs" / "study.md").read_text().split())
     assert (f"trained a second time: {hours['twice']:.2f} h, with test bpb within {max(gaps):.1e} of their trials' "
             f"({sum(g == 0 for g in gaps)} identical)").replace("e-05", "e-5") in doc
@@ -251,7 +253,7 @@ def test_the_languages_and_noise_lines_are_what_the_multilingual_records_give():
     assert len(runs) == 60
     tokens = {(r["model"]["name"], code): s["tokenizer"]["tokens"] for r in runs if r["budget_flops"] == 1e11
               and r["seed"] == 0 for code, s in r["test_sets"].items() if s.get("tokenizer")}
-    premium = lambda model, code: tokens[(model, f"lang:{code}")] / tokens[(model, "lang:en")]  # noqa: E731
+    premium = lambda model, code: tokens[(model, f"lang:{code}")] / tokens[(model, "lang:en")]
     assert f"{premium('bpe', 'ru'):.2f}x on Russian, {premium('bpe', 'ml'):.2f}x on Malayalam" in text
     assert f"SentencePiece {premium('sentencepiece', 'ru'):.2f}x on Russian" in text
     assert f"{premium('sentencepiece', 'zh_Hans'):.2f}x on Chinese" in text

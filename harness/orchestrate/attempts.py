@@ -110,12 +110,11 @@ def claim(run_dir: Path, config_hash: str, retry_failed: bool, tag: str, failure
     return lock
 
 
-def same_trial(run: Run, suite: Suite, out: Path) -> tuple[str, RunRecord] | None:
-    """The finished tuning trial that is this run (same config hash: its chosen settings, budget
+def same_trial(run: Run, config_hash: str, out: Path) -> tuple[str, RunRecord] | None:
+    """The finished tuning trial that is this run (its `config_hash`: the chosen settings, budget
     and seed), with its record; None when no trial is."""
     if run.tuning is None:
         return None
-    config_hash = run.config_hash(suite)
     for trial_id in run.tuning["trials"]:
         if not trial_id.endswith(f"__{budget_label(run.budget)}__s{run.seed}"):
             continue
@@ -137,7 +136,7 @@ def adopt_trials(runs: list[Run], suite: Suite, out: Path, retry_failed: bool) -
         run_dir, config_hash = out / "runs" / run.run_id, run.config_hash(suite)
         if finished(run_dir, config_hash, retry_failed, run.run_id, [], None, quiet=True):
             continue  # the run's attempt says so
-        found = same_trial(run, suite, out)
+        found = same_trial(run, config_hash, out)
         if found is None:
             continue
         run_dir.mkdir(parents=True, exist_ok=True)

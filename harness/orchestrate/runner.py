@@ -77,8 +77,9 @@ def run_suite(suite_path: str | Path, results_root: Path, device_name: str = "au
     if dry_run:
         for index, run in enumerate(runs, 1):
             tag = f"[{index}/{len(runs)}] {run.run_id}"
-            if not finished(out / "runs" / run.run_id, run.config_hash(suite), retry_failed, tag, failures, "done already"):
-                trial = same_trial(run, suite, out)
+            config_hash = run.config_hash(suite)
+            if not finished(out / "runs" / run.run_id, config_hash, retry_failed, tag, failures, "done already"):
+                trial = same_trial(run, config_hash, out)
                 log(f"{tag}: " + (f"to take from tuning trial {trial[0]}, the same config (dry run)" if trial
                                   else "to run (dry run)"))
         return out
